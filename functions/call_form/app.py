@@ -1,0 +1,22 @@
+"""call-form: QStash delivers a form's deadline here; claim the form, call the patient, record it."""
+
+from formcall import clients, settings
+from formcall.calls import call_form
+from formcall.models import CallFormRequest
+from formcall.web import Incoming, Reply, create_app, lambda_handler, verify_qstash
+
+
+def handle(request: Incoming) -> Reply:
+    verify_qstash(request, public_url=settings.load(settings.PublicUrlSettings).CALL_FORM_URL)
+    form_id = str(CallFormRequest.parse(request.body).formId)
+    result = call_form(form_id, store=clients.store(), vapi=clients.vapi())
+    if result.status == "called":
+        return Reply({"status": "called", "formId": form_id, "callId": result.call_id})
+    if result.status == "unknown":
+        # Accepted: the sweep reconciles it against Vapi's call list; a retry could only skip.
+        return Reply({"status": "unknown", "formId": form_id, "reason": result.reason}, 202)
+    return Reply({"status": "skipped", "formId": form_id, "reason": result.reason})
+
+
+app = create_app(handle, paths=["/api/jobs/call-form"], methods=["POST"])
+handler = lambda_handler(app)

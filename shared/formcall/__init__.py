@@ -1,0 +1,1 @@
+"""formcall: deadline-driven patient calls (the Lambda layer package)."""

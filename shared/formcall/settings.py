@@ -1,0 +1,132 @@
+"""Settings: one pydantic model per concern, field names are the environment variable names.
+
+Read when first needed (never at import), validated once per container, and a missing or
+malformed value raises ConfigurationError naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from formcall.errors import ConfigurationError
+
+T = TypeVar("T", bound=BaseModel)
+
+_SETTINGS = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=True)
+_URL = r"^https?://[^\s/]+(/\S*)?$"
+
+
+class ReceiverSettings(BaseModel):
+    """Verifying QStash deliveries (current key, then next key for rotation)."""
+
+    model_config = _SETTINGS
+    QSTASH_CURRENT_SIGNING_KEY: SecretStr = Field(min_length=16)
+    QSTASH_NEXT_SIGNING_KEY: SecretStr = Field(min_length=16)
+    # Seconds of clock skew tolerated on `exp`/`nbf`/`iat`.
+    QSTASH_CLOCK_TOLERANCE: int = Field(default=5, ge=0, le=300)
+
+
+class PublisherSettings(BaseModel):
+    """Publishing to QStash (messages, batches, schedules)."""
+
+    model_config = _SETTINGS
+    QSTASH_URL: str = Field(default="https://qstash.upstash.io", pattern=_URL)
+    QSTASH_TOKEN: SecretStr = Field(min_length=1)
+
+
+class CronSettings(BaseModel):
+    """The shared secret of the manual sweep trigger and the setup call."""
+
+    model_config = _SETTINGS
+    CRON_SECRET: SecretStr = Field(min_length=16)
+
+
+class DatabaseSettings(BaseModel):
+    """Either DATABASE_URL (direct Postgres) or Supabase's URL and service-role key."""
+
+    model_config = _SETTINGS
+    DATABASE_URL: SecretStr | None = None
+    SUPABASE_URL: str | None = Field(default=None, pattern=_URL)
+    SUPABASE_SERVICE_ROLE_KEY: SecretStr | None = None
+    # How many attempts a form gets before it is marked failed for good.
+    MAX_CALL_ATTEMPTS: int = Field(default=5, ge=1, le=50)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _public_supabase_url(cls, values: dict) -> dict:
+        if not values.get("SUPABASE_URL") and values.get("NEXT_PUBLIC_SUPABASE_URL"):
+            values = {**values, "SUPABASE_URL": values["NEXT_PUBLIC_SUPABASE_URL"]}
+        for name in ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"):
+            if values.get(name) == "":
+                values = {**values, name: None}
+        return values
+
+    @model_validator(mode="after")
+    def _one_path(self) -> DatabaseSettings:
+        if self.DATABASE_URL is None and (self.SUPABASE_URL is None
+                                          or self.SUPABASE_SERVICE_ROLE_KEY is None):
+            missing = [n for n in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY")
+                       if getattr(self, n) is None]
+            raise ConfigurationError(
+                missing, f"{' and '.join(missing)} must be set (or DATABASE_URL)")
+        return self
+
+
+class VapiSettings(BaseModel):
+    """Placing calls with Vapi."""
+
+    model_config = _SETTINGS
+    VAPI_PRIVATE_KEY: SecretStr = Field(min_length=1)
+    VAPI_ASSISTANT_ID: str = Field(min_length=1)
+    VAPI_PHONE_NUMBER_ID: str = Field(min_length=1)
+    VAPI_BASE_URL: str = Field(default="https://api.vapi.ai", pattern=_URL)
+    # Create-call read timeout; past it the outcome is unknown and the call is never re-sent blindly.
+    VAPI_TIMEOUT_SECONDS: float = Field(default=15.0, gt=0, le=120)
+
+
+class CallFormUrlSettings(BaseModel):
+    """Where call-form messages go (the call-form Function URL)."""
+
+    model_config = _SETTINGS
+    CALL_FORM_URL: str = Field(pattern=_URL)
+
+
+class CheckFormsUrlSettings(BaseModel):
+    """Where the hourly schedule points (the check-forms Function URL)."""
+
+    model_config = _SETTINGS
+    CHECK_FORMS_URL: str = Field(pattern=_URL)
+
+
+class PublicUrlSettings(BaseModel):
+    """Optional public URLs, accepted as QStash subjects beside the URL derived from the request."""
+
+    model_config = _SETTINGS
+    CALL_FORM_URL: str | None = Field(default=None, pattern=_URL)
+    CHECK_FORMS_URL: str | None = Field(default=None, pattern=_URL)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, values: dict) -> dict:
+        return {k: (None if v == "" else v) for k, v in values.items()}
+
+
+@cache
+def load(model: type[T]) -> T:
+    """Validate `model` from the environment once per container."""
+    try:
+        return model.model_validate(dict(os.environ))
+    except ValidationError as exc:
+        names = sorted({str(err["loc"][0]) for err in exc.errors() if err["loc"]})
+        if not names:  # a model validator raised; its message names the variables
+            raise ConfigurationError([], str(exc.errors()[0]["msg"])) from None
+        raise ConfigurationError(names, f"missing or malformed: {', '.join(names)}") from None
+
+
+def reset() -> None:
+    """Forget validated settings (tests, and after a secret rotation)."""
+    load.cache_clear()

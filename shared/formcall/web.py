@@ -1,0 +1,149 @@
+"""The HTTP edge shared by every function: request capture, authentication, error mapping, Lambda entry.
+
+Errors become statuses here and nowhere else. QStash retries any non-2xx, so only transient
+faults answer 5xx (503); permanent ones answer 489 with `Upstash-NonRetryable-Error: true`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, QueryParams
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from formcall import settings
+from formcall.errors import FormcallError, PayloadTooLarge, TransientFailure, Unauthorized
+from formcall.observability import logger
+from formcall.signatures import InvalidSignature, verify_signature
+
+# QStash messages to formcall are tiny; anything bigger is not ours.
+MAX_BODY_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """What a handler needs of a request; `url` is scheme://host/path without the query."""
+
+    method: str
+    url: str
+    headers: Headers
+    query: QueryParams
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Reply:
+    payload: dict[str, Any]
+    status: int = 200
+    headers: dict[str, str] | None = None
+
+
+Handler = Callable[[Incoming], Reply]
+
+
+def error_reply(exc: Exception) -> Reply:
+    if isinstance(exc, FormcallError):
+        headers: dict[str, str] = {}
+        if exc.status == 489:
+            headers["Upstash-NonRetryable-Error"] = "true"
+        if isinstance(exc, TransientFailure) and exc.retry_after:
+            headers["Retry-After"] = str(exc.retry_after)
+        public = {k: v for k, v in exc.detail.items() if k in ("formId", "settings", "callId")}
+        return Reply({"error": exc.public_message, **public}, exc.status, headers)
+    return Reply({"error": "internal error"}, 500)
+
+
+def _endpoint(handler: Handler):
+    async def endpoint(request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        message_id = request.headers.get("upstash-message-id")
+        if message_id:
+            logger.set_correlation_id(message_id)
+        try:
+            body = await request.body()
+            if len(body) > MAX_BODY_BYTES:
+                raise PayloadTooLarge(f"body larger than {MAX_BODY_BYTES} bytes")
+            incoming = Incoming(method=request.method, url=str(request.url.replace(query="")),
+                                headers=request.headers, query=request.query_params, body=body)
+            reply = await run_in_threadpool(handler, incoming)
+        except FormcallError as exc:
+            log = logger.error if exc.status >= 500 else logger.warning
+            log("request refused", extra={"status": exc.status, "error": exc.public_message,
+                                          **{k: v for k, v in exc.detail.items()
+                                             if k in ("formId", "settings", "cause")}})
+            reply = error_reply(exc)
+        except Exception:
+            logger.exception("unexpected error")
+            reply = error_reply(Exception())
+        # The path only: a query string may carry the setup secret.
+        logger.info("request", extra={"method": request.method, "path": request.url.path,
+                                      "status": reply.status,
+                                      "ms": round((time.perf_counter() - started) * 1000, 1)})
+        return JSONResponse(reply.payload, reply.status, reply.headers)
+
+    return endpoint
+
+
+def create_app(handler: Handler, *, paths: Iterable[str], methods: list[str]) -> Starlette:
+    """One function's app: the handler on its root path and on its design paths."""
+    endpoint = _endpoint(handler)
+    routes = [Route(path, endpoint, methods=methods) for path in ["/", *paths]]
+    return Starlette(routes=routes)
+
+
+def lambda_handler(app: Starlette):
+    """Wrap the app for Lambda (Function URL and HTTP API 2.0 events) with Powertools."""
+    from aws_lambda_powertools.logging import correlation_paths
+    from mangum import Mangum
+
+    from formcall.observability import metrics
+
+    asgi = Mangum(app, lifespan="off")
+
+    @logger.inject_lambda_context(correlation_id_path=correlation_paths.LAMBDA_FUNCTION_URL,
+                                  clear_state=True)
+    @metrics.log_metrics(capture_cold_start_metric=True)
+    def handler(event: dict, context: Any) -> dict:
+        return asgi(event, context)
+
+    return handler
+
+
+def verify_qstash(incoming: Incoming, *, public_url: str | None = None) -> dict:
+    """Check Upstash-Signature against this endpoint's URL (derived, or configured) and the raw body."""
+    config = settings.load(settings.ReceiverSettings)
+    tokens = incoming.headers.getlist("upstash-signature")
+    if len(tokens) > 1:
+        raise Unauthorized("invalid signature")
+    try:
+        return verify_signature(
+            tokens[0] if tokens else None, body=incoming.body,
+            urls=[incoming.url, public_url or ""],
+            keys=[config.QSTASH_CURRENT_SIGNING_KEY.get_secret_value(),
+                  config.QSTASH_NEXT_SIGNING_KEY.get_secret_value()],
+            leeway=config.QSTASH_CLOCK_TOLERANCE,
+        )
+    except InvalidSignature as exc:
+        logger.warning("signature refused", extra={"reason": str(exc)})
+        raise Unauthorized("invalid signature") from None
+
+
+def require_cron_secret(incoming: Incoming, *, allow_query: bool = False) -> None:
+    """Accept `Authorization: Bearer <CRON_SECRET>` (and `?secret=` where allowed), in constant time."""
+    expected = settings.load(settings.CronSettings).CRON_SECRET.get_secret_value().encode()
+    offered = []
+    authorization = incoming.headers.get("authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        offered.append(authorization[7:].strip())
+    if allow_query and "secret" in incoming.query:
+        offered.append(incoming.query["secret"])
+    if not any(hmac.compare_digest(value.encode(), expected) for value in offered):
+        raise Unauthorized("unauthorized")

