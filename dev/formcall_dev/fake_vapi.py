@@ -1,4 +1,4 @@
-"""A fake Vapi API (create, list and get calls) with Vapi's wire format, concurrency limit and injectable faults."""
+"""A fake Vapi call API for tests and the dev stack: wire format, line limit, injected faults."""
 
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def validate_create_call(body: Any) -> list[str]:
     """The messages Vapi's validation would answer a create-call body with; empty when valid."""
     if not isinstance(body, dict):
         return ["body must be an object"]
-    errors = [f"property {name} should not exist" for name in body if name not in CREATE_CALL_FIELDS]
+    errors = [f"property {name} should not exist"
+              for name in body if name not in CREATE_CALL_FIELDS]
     errors += [f"{name} must be a string" for name in _STRING_FIELDS
                if name in body and not isinstance(body[name], str)]
     errors += [f"{name} must be an object" for name in _OBJECT_FIELDS
@@ -262,7 +263,7 @@ class _App(Starlette):
 
 
 class FakeVapi:
-    """Vapi's call API in memory. State is guarded by one lock, so tests may read it from any thread.
+    """Vapi's call API in memory; one lock guards the state, so any thread may read it.
 
     Python API: configure, add_rule, clear_rules, rules, requests, placed_calls, calls_for_form,
     get_call, max_concurrent, lines_in_use, stats, reset. The same over HTTP (bearer key needed):

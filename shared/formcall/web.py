@@ -15,6 +15,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, QueryParams
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -96,7 +97,12 @@ def create_app(handler: Handler, *, paths: Iterable[str], methods: list[str]) ->
     """One function's app: the handler on its root path and on its design paths."""
     endpoint = _endpoint(handler)
     routes = [Route(path, endpoint, methods=methods) for path in ["/", *paths]]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Routing errors (404, 405) as JSON like every other answer."""
+    return JSONResponse({"error": exc.detail}, exc.status_code, exc.headers)
 
 
 def lambda_handler(app: Starlette):

@@ -1,4 +1,4 @@
-"""The fake Vapi over real HTTP on loopback: wire format, concurrency limit, fault rules, admin API."""
+"""The fake Vapi over real HTTP on loopback: wire format, line limit, fault rules, admin API."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_create_call_answers_a_vapi_call(fake, client):
     assert call["customer"] == body["customer"]
     assert call["assistantOverrides"] == body["assistantOverrides"]
     assert call["subscriptionLimits"] == {"concurrencyBlocked": False, "concurrencyLimit": 10,
-                                          "remainingConcurrentCalls": 10}
+                                          "remainingConcurrentCalls": 9}
     [record] = fake.requests
     assert (record.outcome, record.status, record.form_id, record.call_id) == (
         "placed", 201, "form-1", call["id"])

@@ -1,0 +1,34 @@
+"""Insert patients and forms (tests, the dev demo, benchmarks)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+
+def create_patient(conn, *, full_name: str = "Test Patient", phone: str = "+15550100000",
+                   timezone: str = "UTC") -> str:
+    row = conn.execute(
+        "insert into patients (full_name, phone, timezone) values (%s, %s, %s) returning id",
+        (full_name, phone, timezone)).fetchone()
+    return str(row[0])
+
+
+def create_form(conn, *, patient_id: str, title: str = "Intake form",
+                deadline: datetime | None = None, submitted_at: datetime | None = None) -> str:
+    row = conn.execute(
+        "insert into forms (patient_id, title, deadline, submitted_at) values (%s, %s, %s, %s)"
+        " returning id", (patient_id, title, deadline, submitted_at)).fetchone()
+    return str(row[0])
+
+
+def form_row(conn, form_id: str) -> dict:
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("select * from forms where id = %s", (form_id,)).fetchone()
+
+
+def form_events(conn, form_id: str) -> list[str]:
+    rows = conn.execute("select event from form_call_events where form_id = %s order by id",
+                        (form_id,)).fetchall()
+    return [r[0] for r in rows]

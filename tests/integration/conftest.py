@@ -1,0 +1,91 @@
+"""Integration fixtures: the fake Vapi over HTTP, settings pointing at the real database, Lambda plumbing."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+
+from formcall import clients
+from formcall_dev.fake_vapi import FakeVapi
+from formcall_dev.seed import create_form, create_patient
+from formcall_dev.servers import serve_in_thread
+
+
+@dataclass(frozen=True)
+class Secrets:
+    current_key: str
+    next_key: str
+    cron_secret: str
+    qstash_token: str
+    vapi_key: str
+    service_role_key: str
+
+
+@pytest.fixture(scope="session")
+def keys() -> Secrets:
+    def key() -> str:
+        return "sig_" + secrets.token_urlsafe(21)
+
+    return Secrets(current_key=key(), next_key=key(), cron_secret=secrets.token_urlsafe(24),
+                   qstash_token=secrets.token_urlsafe(24), vapi_key=secrets.token_urlsafe(24),
+                   service_role_key=secrets.token_urlsafe(24))
+
+
+@pytest.fixture(scope="session")
+def vapi_server(keys):
+    fake = FakeVapi(api_key=keys.vapi_key)
+    handle = serve_in_thread(fake.app)
+    yield fake, handle.url
+    handle.stop()
+
+
+@pytest.fixture
+def vapi(vapi_server) -> FakeVapi:
+    fake, _ = vapi_server
+    fake.reset()
+    fake.configure(concurrency_limit=10, call_duration=0.0, latency=0.0)
+    return fake
+
+
+@pytest.fixture
+def env(monkeypatch, db, keys, vapi_server):
+    """Settings for every function: direct Postgres, the fake Vapi, generated QStash keys."""
+    _, vapi_url = vapi_server
+    values = {
+        "DATABASE_URL": db,
+        "QSTASH_CURRENT_SIGNING_KEY": keys.current_key,
+        "QSTASH_NEXT_SIGNING_KEY": keys.next_key,
+        "QSTASH_TOKEN": keys.qstash_token,
+        "CRON_SECRET": keys.cron_secret,
+        "VAPI_PRIVATE_KEY": keys.vapi_key,
+        "VAPI_ASSISTANT_ID": "asst-test",
+        "VAPI_PHONE_NUMBER_ID": "phone-test",
+        "VAPI_BASE_URL": vapi_url,
+        "VAPI_TIMEOUT_SECONDS": "2",
+    }
+    for name in ("SUPABASE_URL", "NEXT_PUBLIC_SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY",
+                 "CALL_FORM_URL", "CHECK_FORMS_URL", "QSTASH_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    clients.reset()
+    yield values
+    clients.reset()
+
+
+@pytest.fixture
+def conn(db):
+    with psycopg.connect(db, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def due_form(conn):
+    """A form whose deadline passed a minute ago."""
+    patient = create_patient(conn, full_name="Ada Lovelace", phone="+15550100001")
+    return create_form(conn, patient_id=patient, title="Pre-visit questionnaire",
+                       deadline=datetime.now(timezone.utc) - timedelta(minutes=1))

@@ -1,0 +1,51 @@
+"""Helpers for integration tests: run a function's Lambda handler on an event, build signed events."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from dataclasses import dataclass
+
+from formcall_dev.events import http_event, sign_event
+from formcall_dev.functions_server import load_function
+
+DOMAIN = "abc123.lambda-url.us-east-1.on.aws"
+
+
+@dataclass
+class LambdaContext:
+    function_name: str = "formcall-test"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:formcall-test"
+    aws_request_id: str = "00000000-0000-0000-0000-000000000000"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 30_000
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict
+    headers: dict
+
+
+def invoke(function: str, event: dict) -> Answer:
+    """Run a function's Lambda handler (Mangum + Powertools) on an event."""
+    result = load_function(function).handler(event, LambdaContext())
+    body = result.get("body") or ""
+    if result.get("isBase64Encoded"):
+        body = base64.b64decode(body).decode()
+    headers = {k.lower(): v for k, v in (result.get("headers") or {}).items()}
+    return Answer(result["statusCode"], json.loads(body) if body else {}, headers)
+
+
+def call_form_event(form_id, *, key: str, path: str = "/", body: str | None = None,
+                    **kwargs) -> dict:
+    body = json.dumps({"formId": str(form_id)}) if body is None else body
+    event = http_event(method="POST", path=path, body=body, domain=DOMAIN,
+                       headers={"content-type": "application/json",
+                                "upstash-message-id": "msg_" + secrets.token_hex(8),
+                                "upstash-retried": "0"}, **kwargs)
+    return sign_event(event, key=key)
