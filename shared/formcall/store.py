@@ -74,9 +74,13 @@ class SupabaseRpc:
     def _supabase(self):
         with self._lock:
             if self._client is None:
-                from supabase import create_client  # ~0.5 s import: only on this path
+                import httpx
+                from supabase import ClientOptions, create_client  # ~0.5 s import: this path only
 
-                self._client = create_client(self._url, self._key)
+                # Bounded timeouts: a hung request must end well inside the Lambda timeout.
+                http = httpx.Client(timeout=httpx.Timeout(10.0, connect=5.0))
+                self._client = create_client(self._url, self._key,
+                                             options=ClientOptions(httpx_client=http))
             return self._client
 
     def __call__(self, function: str, params: dict[str, Any]) -> Any:

@@ -1,0 +1,93 @@
+"""The invariants under concurrency, over both data paths (direct Postgres and Supabase RPC)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import pytest
+
+from formcall import clients
+from formcall.signatures import sign
+from formcall_dev import functions_server, supabase_rpc
+from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from formcall_dev.servers import serve_in_thread
+
+
+@pytest.fixture(scope="module")
+def function_server():
+    handle = serve_in_thread(functions_server.create_app())
+    yield handle.url
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def supabase_server(pg_dsn, keys):
+    handle = serve_in_thread(supabase_rpc.create_app(dsn=pg_dsn, service_role_key=keys.service_role_key))
+    yield handle.url
+    handle.stop()
+
+
+@pytest.fixture(params=["postgres", "supabase"])
+def data_path(request, env, monkeypatch, keys, supabase_server):
+    if request.param == "supabase":
+        monkeypatch.delenv("DATABASE_URL")
+        monkeypatch.setenv("SUPABASE_URL", supabase_server)
+        monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", keys.service_role_key)
+    clients.reset()
+    return request.param
+
+
+def deliver(url: str, form_id: str, key: str) -> httpx.Response:
+    body = json.dumps({"formId": form_id}).encode()
+    return httpx.post(url, content=body, timeout=30, headers={
+        "content-type": "application/json", "upstash-signature": sign(key=key, url=url, body=body)})
+
+
+def test_supabase_path_really_goes_through_the_rpc_stand_in(data_path, keys, supabase_server):
+    store = clients.store()
+    assert type(store._rpc).__name__ == ("SupabaseRpc" if data_path == "supabase" else "PostgresRpc")
+
+
+def test_twenty_concurrent_deliveries_make_one_call(data_path, vapi, conn, keys, function_server):
+    patient = create_patient(conn)
+    form = create_form(conn, patient_id=patient, deadline=datetime.now(timezone.utc) - timedelta(1))
+    vapi.configure(latency=0.2)  # hold the first call open while the others arrive
+    url = f"{function_server}/api/jobs/call-form"
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: deliver(url, form, keys.current_key), range(20)))
+
+    assert [a.status_code for a in answers] == [200] * 20
+    statuses = sorted(a.json()["status"] for a in answers)
+    assert statuses.count("called") == 1
+    assert {a.json().get("reason") for a in answers if a.json()["status"] == "skipped"} <= {
+        "in_progress", "already_called"}
+    assert len(vapi.calls_for_form(form)) == 1
+    assert len(vapi.requests) == 1
+    row = form_row(conn, form)
+    assert (row["call_status"], row["call_attempts"]) == ("called", 1)
+    assert form_events(conn, form).count("called") == 1
+
+
+def test_many_forms_many_duplicates(data_path, vapi, conn, keys, function_server):
+    """Ten forms, each delivered four times at once, interleaved: ten calls, one per form."""
+    patient = create_patient(conn)
+    past = datetime.now(timezone.utc) - timedelta(minutes=5)
+    forms = [create_form(conn, patient_id=patient, deadline=past) for _ in range(10)]
+    submitted = create_form(conn, patient_id=patient, deadline=past, submitted_at=past)
+    url = f"{function_server}/api/jobs/call-form"
+    jobs = [f for f in forms + [submitted] for _ in range(4)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda f: deliver(url, f, keys.current_key), jobs))
+    assert all(a.status_code == 200 for a in answers)
+    assert sorted(len(vapi.calls_for_form(f)) for f in forms) == [1] * 10
+    assert vapi.calls_for_form(submitted) == []
+    assert form_row(conn, submitted)["call_status"] == "pending"
+
+
+def test_supabase_rpc_stand_in_refuses_a_wrong_key(supabase_server):
+    answer = httpx.post(f"{supabase_server}/rest/v1/rpc/find_overdue_forms", json={},
+                        headers={"apikey": "wrong", "Authorization": "Bearer wrong"})
+    assert answer.status_code == 401

@@ -1,0 +1,387 @@
+"""The SAM template and its build, checked with the real SAM CLI (validate --lint, build)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "template.yaml"
+LAYER_REQUIREMENTS = ROOT / "layers" / "shared" / "requirements.txt"
+PACKAGE = ROOT / "shared" / "formcall"
+
+FUNCTIONS = {
+    # logical id: (code folder, HTTP API method, path, timeout)
+    "CallFormFunction": ("call_form", "POST", "/api/jobs/call-form", 30),
+    "CheckFormsFunction": ("check_forms", "ANY", "/api/cron/check-forms", 300),
+    "SetupFunction": ("setup", "GET", "/api/setup-qstash", 30),
+}
+
+SIGNING = {"QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY"}
+DATABASE = {"SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "DATABASE_URL"}
+VAPI = {"VAPI_PRIVATE_KEY", "VAPI_ASSISTANT_ID", "VAPI_PHONE_NUMBER_ID", "VAPI_BASE_URL"}
+PUBLISH = {"QSTASH_URL", "QSTASH_TOKEN"}
+# Each function gets only what it reads.
+ENVIRONMENT = {
+    "CallFormFunction": SIGNING | DATABASE | VAPI,
+    "CheckFormsFunction": PUBLISH | SIGNING | {"CRON_SECRET"} | DATABASE | VAPI | {"CALL_FORM_URL"},
+    "SetupFunction": PUBLISH | {"CRON_SECRET", "CHECK_FORMS_URL"},
+}
+SECRETS = {
+    "QStashToken",
+    "QStashCurrentSigningKey",
+    "QStashNextSigningKey",
+    "CronSecret",
+    "SupabaseServiceRoleKey",
+    "VapiPrivateKey",
+    "DatabaseUrl",
+}
+# Deliberately not in the layer: the python3.12 Lambda runtime ships boto3 and botocore.
+FROM_RUNTIME = {"boto3"}
+
+EM_AARCH64 = 183  # ELF e_machine
+
+
+def sam_cli() -> str:
+    sam = os.environ.get("SAM_CLI") or str(ROOT / ".venv-sam" / "bin" / "sam")
+    if not (Path(sam).is_file() and os.access(sam, os.X_OK)):
+        pytest.fail(
+            f"SAM CLI not found at {sam}: install it with "
+            f"`python3.12 -m venv .venv-sam && .venv-sam/bin/pip install aws-sam-cli`, "
+            f"or point SAM_CLI at a sam executable"
+        )
+    return sam
+
+
+def sam_env() -> dict[str, str]:
+    """Telemetry off, and a python3.12 first on PATH (SAM's pip builder needs the runtime's)."""
+    here = Path(sys.executable).parent
+    python312 = here if (here / "python3.12").exists() else None
+    if python312 is None and (found := shutil.which("python3.12")):
+        python312 = Path(found).parent
+    if python312 is None:
+        pytest.fail("sam build needs a python3.12 on PATH (the layers' runtime); none found")
+    return {
+        **os.environ,
+        "PATH": f"{python312}{os.pathsep}{os.environ.get('PATH', '')}",
+        "SAM_CLI_TELEMETRY": "0",
+    }
+
+
+def run_sam(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sam_cli(), *args],
+        cwd=ROOT,
+        env=sam_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def parse_cfn_yaml(path: Path) -> dict:
+    """Parse a template the way SAM does (short tags become `Fn::` maps), with SAM's own Python."""
+    sam = Path(sam_cli())
+    with sam.open("rb") as file:
+        first = file.readline(200)
+    if not first.startswith(b"#!"):
+        pytest.fail(f"{sam} has no #! line naming its Python; cannot load SAM's YAML parser")
+    python = first[2:].decode().strip().split()[0]
+    code = (
+        "import json, sys; from samcli.yamlhelper import yaml_parse; "
+        "print(json.dumps(yaml_parse(open(sys.argv[1]).read())))"
+    )
+    done = subprocess.run(
+        [python, "-c", code, str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def pins(lines: list[str]) -> dict[str, str]:
+    """`name[extras]==version` lines as {normalised name with extras: version}."""
+    found = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9._-]+(?:\[[A-Za-z0-9,._-]+\])?)==([^\s;]+)", line)
+        assert match, f"not an exact pin: {line!r}"
+        found[re.sub(r"[-_.]+", "-", match[1]).lower()] = match[2]
+    return found
+
+
+def elf_machine(path: Path) -> int | None:
+    with path.open("rb") as file:
+        head = file.read(20)
+    if head[:4] != b"\x7fELF":
+        return None
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
+@pytest.fixture(scope="module")
+def template() -> dict:
+    return parse_cfn_yaml(TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def build_dir(tmp_path_factory) -> Path:
+    """`sam build` (settings from samconfig.toml) into a temporary folder, cache included."""
+    scratch = tmp_path_factory.mktemp("sam")
+    started = time.monotonic()
+    done = run_sam(
+        "build",
+        "--template",
+        str(TEMPLATE),
+        "--build-dir",
+        str(scratch / "build"),
+        "--cache-dir",
+        str(scratch / "cache"),
+    )
+    seconds = time.monotonic() - started
+    assert done.returncode == 0, f"sam build failed:\n{done.stdout}\n{done.stderr}"
+    assert "Build Succeeded" in done.stdout
+    print(f"sam build took {seconds:.1f} s")
+    return scratch / "build"
+
+
+# --- The layer's pins (no SAM needed) --------------------------------------------------------
+
+
+def test_layer_requirements_are_the_runtime_pins():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = pins(project["dependencies"])
+    layer = pins(LAYER_REQUIREMENTS.read_text().splitlines())
+
+    assert layer == {name: v for name, v in runtime.items() if name not in FROM_RUNTIME}
+
+
+def test_layer_source_links_to_the_package():
+    link = ROOT / "layers" / "shared" / "formcall"
+
+    assert link.is_symlink()
+    assert link.resolve() == PACKAGE.resolve()
+
+
+# --- sam validate --lint ----------------------------------------------------------------------
+
+
+@pytest.mark.sam
+def test_template_lints_clean():
+    done = run_sam("validate", "--lint", "--template", str(TEMPLATE), timeout=120)
+
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert "is a valid SAM Template" in done.stdout
+    assert "[[" not in done.stdout  # cfn-lint findings print as [[rule: ...]]
+
+
+# --- The template's contracts ---------------------------------------------------------------
+
+
+@pytest.mark.sam
+def test_functions_run_python312_on_arm64_with_the_layer(template):
+    globals_ = template["Globals"]["Function"]
+
+    assert globals_["Runtime"] == "python3.12"
+    assert globals_["Architectures"] == ["arm64"]
+    assert globals_["Handler"] == "app.handler"
+    assert globals_["Layers"] == [{"Ref": "SharedLayer"}]
+    assert globals_["Environment"]["Variables"] == {
+        "POWERTOOLS_SERVICE_NAME": "formcall",
+        "POWERTOOLS_METRICS_NAMESPACE": "formcall",
+        "POWERTOOLS_LOG_LEVEL": "INFO",
+    }
+    for name in FUNCTIONS:
+        props = template["Resources"][name]["Properties"]
+        assert "Runtime" not in props and "Architectures" not in props and "Layers" not in props
+
+
+@pytest.mark.sam
+def test_layer_is_built_for_python312_arm64(template):
+    layer = template["Resources"]["SharedLayer"]
+
+    assert layer["Type"] == "AWS::Serverless::LayerVersion"
+    assert layer["Properties"]["CompatibleRuntimes"] == ["python3.12"]
+    assert layer["Properties"]["CompatibleArchitectures"] == ["arm64"]
+    assert layer["Metadata"] == {"BuildMethod": "python3.12", "BuildArchitecture": "arm64"}
+    assert (ROOT / layer["Properties"]["ContentUri"]) == LAYER_REQUIREMENTS.parent
+
+
+@pytest.mark.sam
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_function_has_public_url_route_and_timeout(template, name):
+    folder, method, path, timeout = FUNCTIONS[name]
+    props = template["Resources"][name]["Properties"]
+
+    assert props["CodeUri"].rstrip("/") == f"functions/{folder}"
+    assert props["FunctionUrlConfig"] == {"AuthType": "NONE"}
+    assert props.get("Timeout", template["Globals"]["Function"]["Timeout"]) == timeout
+    (event,) = props["Events"].values()
+    assert event["Type"] == "HttpApi"
+    assert (event["Properties"]["Method"], event["Properties"]["Path"]) == (method, path)
+
+
+@pytest.mark.sam
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_function_gets_only_the_settings_it_reads(template, name):
+    variables = template["Resources"][name]["Properties"]["Environment"]["Variables"]
+
+    assert set(variables) == ENVIRONMENT[name]
+    # A function reading its own URL would be a circular dependency.
+    assert f"{name}Url" not in json.dumps(variables)
+
+
+@pytest.mark.sam
+def test_functions_learn_each_others_urls(template):
+    resources = template["Resources"]
+    check_forms = resources["CheckFormsFunction"]["Properties"]["Environment"]["Variables"]
+    setup = resources["SetupFunction"]["Properties"]["Environment"]["Variables"]
+
+    assert check_forms["CALL_FORM_URL"] == {"Fn::GetAtt": ["CallFormFunctionUrl", "FunctionUrl"]}
+    assert setup["CHECK_FORMS_URL"] == {"Fn::GetAtt": ["CheckFormsFunctionUrl", "FunctionUrl"]}
+
+
+@pytest.mark.sam
+def test_settings_come_from_parameters_and_secrets_are_hidden(template):
+    parameters = template["Parameters"]
+    used = {
+        ref["Ref"]
+        for name in FUNCTIONS
+        for ref in template["Resources"][name]["Properties"]["Environment"]["Variables"].values()
+        if isinstance(ref, dict) and "Ref" in ref
+    }
+
+    assert used == set(parameters)
+    assert {name for name, p in parameters.items() if p.get("NoEcho")} == SECRETS
+    assert all("Default" not in parameters[name] for name in SECRETS - {"DatabaseUrl"})
+    assert parameters["DatabaseUrl"]["Default"] == ""
+    assert parameters["QStashUrl"]["Default"] == "https://qstash.upstash.io"
+    assert parameters["VapiBaseUrl"]["Default"] == "https://api.vapi.ai"
+
+
+@pytest.mark.sam
+def test_every_binding_setting_is_passed_somewhere(template):
+    passed = set().union(
+        *(
+            template["Resources"][name]["Properties"]["Environment"]["Variables"]
+            for name in FUNCTIONS
+        )
+    )
+
+    assert passed == set().union(*ENVIRONMENT.values())
+    assert len(passed) == 14
+
+
+@pytest.mark.sam
+def test_outputs_give_every_url(template):
+    outputs = template["Outputs"]
+
+    for output, function in [
+        ("CallFormUrl", "CallFormFunction"),
+        ("CheckFormsUrl", "CheckFormsFunction"),
+        ("SetupUrl", "SetupFunction"),
+    ]:
+        assert outputs[output]["Value"] == {"Fn::GetAtt": [f"{function}Url", "FunctionUrl"]}
+    assert "HttpApiUrl" in outputs
+    for output, (_, _, path, _) in zip(
+        ["CallFormApiUrl", "CheckFormsApiUrl", "SetupApiUrl"], FUNCTIONS.values(), strict=True
+    ):
+        assert outputs[output]["Value"]["Fn::Sub"].endswith(path)
+
+
+def test_samconfig_has_environments_and_no_secrets():
+    config = tomllib.loads((ROOT / "samconfig.toml").read_text())
+
+    assert config["version"] == 0.1
+    for env, stack in [("default", "formcall"), ("prod", "formcall-prod")]:
+        assert config[env]["deploy"]["parameters"]["stack_name"] == stack
+        assert config[env]["build"]["parameters"] == {"cached": True, "parallel": True}
+        assert config[env]["validate"]["parameters"] == {"lint": True}
+        assert "parameter_overrides" not in config[env]["deploy"]["parameters"]
+
+
+# --- sam build ------------------------------------------------------------------------------
+
+
+@pytest.mark.sam
+def test_built_layer_holds_the_package(build_dir):
+    python = build_dir / "SharedLayer" / "python"
+
+    assert (python / "formcall" / "__init__.py").is_file()
+    for source in PACKAGE.rglob("*.py"):
+        if "__pycache__" not in source.parts:
+            built = python / "formcall" / source.relative_to(PACKAGE)
+            assert built.read_bytes() == source.read_bytes(), f"{built} is stale or missing"
+    assert not list(python.rglob("__pycache__"))
+
+
+@pytest.mark.sam
+def test_built_layer_holds_the_pins_for_aarch64(build_dir):
+    python = build_dir / "SharedLayer" / "python"
+    installed = {
+        re.sub(r"[-_.]+", "-", d.name.removesuffix(".dist-info").rsplit("-", 1)[0]).lower(): (
+            d.name.removesuffix(".dist-info").rsplit("-", 1)[1]
+        )
+        for d in python.glob("*.dist-info")
+    }
+    wanted = pins(LAYER_REQUIREMENTS.read_text().splitlines())
+
+    for name, version in wanted.items():
+        assert installed.get(name.split("[")[0]) == version, name
+    assert installed["psycopg-binary"] == wanted["psycopg[binary]"]
+    assert not FROM_RUNTIME & set(installed) and "botocore" not in installed
+
+    (pydantic_core,) = (python / "pydantic_core").glob("_pydantic_core*.so")
+    assert "aarch64" in pydantic_core.name and elf_machine(pydantic_core) == EM_AARCH64
+    psycopg_binary = list((python / "psycopg_binary").glob("*.so"))
+    assert psycopg_binary and all(elf_machine(so) == EM_AARCH64 for so in psycopg_binary)
+    shared_objects = [p for p in python.rglob("*.so*") if p.is_file() and elf_machine(p)]
+    wrong = [str(p.relative_to(python)) for p in shared_objects if elf_machine(p) != EM_AARCH64]
+    assert shared_objects and not wrong, f"not aarch64: {wrong}"
+
+
+@pytest.mark.sam
+def test_built_layer_satisfies_every_import(build_dir):
+    python = build_dir / "SharedLayer" / "python"
+    sources = [*PACKAGE.rglob("*.py"), *(ROOT / "functions").glob("*/app.py")]
+    imported = set()
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text(), str(source))):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"__future__"}
+    missing = {
+        name
+        for name in third_party - FROM_RUNTIME - {"botocore"}
+        if not ((python / name).is_dir() or (python / f"{name}.py").is_file())
+    }
+
+    assert "formcall" in third_party
+    assert not missing, f"imported but not in the layer: {sorted(missing)}"
+
+
+@pytest.mark.sam
+def test_built_functions_hold_only_their_app_and_use_the_layer(build_dir):
+    built = parse_cfn_yaml(build_dir / "template.yaml")
+
+    for name in FUNCTIONS:
+        folder = build_dir / name
+        assert (folder / "app.py").is_file(), f"{name}: app.py missing from the build"
+        assert not list(folder.glob("*.dist-info")), f"{name}: dependencies belong in the layer"
+        props = built["Resources"][name]["Properties"]
+        assert props["CodeUri"] == name
+        layers = props.get("Layers", built["Globals"]["Function"].get("Layers"))
+        assert layers == [{"Ref": "SharedLayer"}]
+    assert built["Resources"]["SharedLayer"]["Properties"]["ContentUri"] == "SharedLayer"
