@@ -14,10 +14,12 @@ def create_patient(conn, *, full_name: str = "Test Patient", phone: str = "+1555
 
 
 def create_form(conn, *, patient_id: str, title: str = "Intake form",
-                deadline: datetime | None = None, submitted_at: datetime | None = None) -> str:
+                deadline: datetime | None = None, submitted_at: datetime | None = None,
+                form_id: str | None = None) -> str:
     row = conn.execute(
-        "insert into forms (patient_id, title, deadline, submitted_at) values (%s, %s, %s, %s)"
-        " returning id", (patient_id, title, deadline, submitted_at)).fetchone()
+        "insert into forms (id, patient_id, title, deadline, submitted_at)"
+        " values (coalesce(%s::uuid, gen_random_uuid()), %s, %s, %s, %s) returning id",
+        (form_id, patient_id, title, deadline, submitted_at)).fetchone()
     return str(row[0])
 
 

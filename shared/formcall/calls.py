@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
 from formcall.errors import (CallOutcomeUnknown, DatabaseUnavailable, PermanentFailure,
-                             VapiRejected, VapiUnavailable)
+                             TransientFailure, VapiRejected, VapiUnavailable)
 from formcall.models import CallResult, FormForCall, OverdueForm, SweepReport
 from formcall.observability import count, logger
 from formcall.store import FormStore
@@ -17,6 +18,9 @@ CLAIM_LEASE_SECONDS = 900
 CHECK_FORMS_SCHEDULE_ID = "formcall-check-forms"
 CHECK_FORMS_CRON = "0 * * * *"
 PAGE_SIZE = 100
+# A delivery this close before the deadline is retried at the deadline rather than skipped;
+# further ahead means the deadline moved and a newer message will come.
+EARLY_DELIVERY_SECONDS = 300
 
 
 class Caller(Protocol):
@@ -27,6 +31,8 @@ class Caller(Protocol):
 
 class Publisher(Protocol):
     def enqueue_calls(self, form_ids: list[str], *, destination: str) -> int: ...
+    def publish_call(self, form_id: str, *, destination: str, not_before: datetime | None = None,
+                     deduplication_id: str | None = None) -> str: ...
     def upsert_schedule(self, *, schedule_id: str, destination: str, cron: str) -> dict: ...
 
 
@@ -39,6 +45,13 @@ def call_form(form_id: str, *, store: FormStore, vapi: Caller) -> CallResult:
     if claim.outcome == "failed":
         count("CallsFailed")
         raise PermanentFailure(claim.reason or "call failed", formId=form_id)
+    if claim.outcome == "skipped" and claim.reason == "not_due" and (
+            claim.due_in_seconds is not None and claim.due_in_seconds <= EARLY_DELIVERY_SECONDS):
+        # QStash's not-before has whole-second resolution and clocks differ: a delivery a
+        # little early must come back at the deadline, not be dropped as "not due".
+        count("CallsDeferred")
+        raise TransientFailure("form not due yet", retry_after=math.ceil(claim.due_in_seconds) + 1,
+                               formId=form_id)
     if claim.outcome == "skipped":
         count("CallsSkipped")
         logger.info("call skipped", extra={"form_id": form_id, "reason": claim.reason})
@@ -129,6 +142,17 @@ def sweep_overdue_forms(*, store: FormStore, vapi: Caller, publisher: Publisher,
     logger.info("sweep done", extra={"found": report.found, "enqueued": report.enqueued,
                                      "failed": report.failed, "reconciled": report.reconciled})
     return report
+
+
+def schedule_call(*, publisher: Publisher, form_id: str, deadline: datetime,
+                  call_form_url: str) -> str:
+    """Publish the form's one-time call-form message for its deadline; returns the message id.
+
+    Deduplicated per form and deadline, so publishing the same deadline twice is one message.
+    """
+    return publisher.publish_call(
+        form_id, destination=call_form_url, not_before=deadline,
+        deduplication_id=f"call-form-{form_id}-{math.ceil(deadline.timestamp())}")
 
 
 def ensure_check_forms_schedule(*, publisher: Publisher, destination: str) -> dict:

@@ -52,6 +52,7 @@ class Claim:
     outcome: Literal["claimed", "skipped", "not_found", "failed"]
     form: FormForCall | None = None
     reason: str | None = None
+    due_in_seconds: float | None = None
 
 
 @dataclass(frozen=True)

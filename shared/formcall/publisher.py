@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
+from datetime import datetime
 
 from formcall.errors import ConfigurationError, TransientFailure
 
@@ -36,6 +38,17 @@ class QStashPublisher:
             ])
             accepted += len(responses)
         return accepted
+
+    def publish_call(self, form_id: str, *, destination: str, not_before: datetime | None = None,
+                     deduplication_id: str | None = None) -> str:
+        """One call-form message for one form, delivered at `not_before` (now when None)."""
+        with _qstash_errors():
+            response = self._client.message.publish_json(
+                url=destination, body={"formId": form_id}, retries=CALL_RETRIES,
+                # Whole seconds, rounded up: never before the deadline.
+                not_before=math.ceil(not_before.timestamp()) if not_before else None,
+                deduplication_id=deduplication_id)
+        return response.message_id
 
     def upsert_schedule(self, *, schedule_id: str, destination: str, cron: str) -> dict:
         with _qstash_errors():

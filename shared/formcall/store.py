@@ -114,6 +114,7 @@ class FormStore:
         return Claim(
             outcome=result["outcome"],
             reason=result.get("reason"),
+            due_in_seconds=result.get("due_in_seconds"),
             form=FormForCall(
                 id=form["id"], title=form["title"], deadline=_ts(form["deadline"]),
                 patient_name=form["patient_name"], phone=form["phone"],

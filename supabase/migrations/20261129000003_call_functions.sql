@@ -70,7 +70,8 @@ begin
 
   insert into public.form_call_events (form_id, event, detail)
     values (f.id, 'skipped', jsonb_build_object('reason', reason));
-  return jsonb_build_object('outcome', 'skipped', 'reason', reason);
+  return jsonb_build_object('outcome', 'skipped', 'reason', reason,
+                            'due_in_seconds', extract(epoch from f.deadline - now()));
 end
 $$;
 

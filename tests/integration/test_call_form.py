@@ -75,6 +75,19 @@ def test_forms_that_must_not_be_called_are_skipped(env, vapi, conn, keys, case, 
     assert form_row(conn, form)["call_attempts"] == 0
 
 
+def test_delivery_just_before_the_deadline_comes_back_at_the_deadline(env, vapi, conn, keys):
+    # QStash's not-before is whole seconds and clocks differ: early by a little is not "not due".
+    patient = create_patient(conn)
+    form = create_form(conn, patient_id=patient,
+                       deadline=datetime.now(timezone.utc) + timedelta(seconds=3))
+    answer = invoke("call_form", call_form_event(form, key=keys.current_key))
+    assert answer.status == 503
+    assert 3 <= int(answer.headers["retry-after"]) <= 5
+    assert answer.body == {"error": "form not due yet", "formId": form}
+    assert vapi.requests == []
+    assert form_row(conn, form)["call_attempts"] == 0
+
+
 def test_next_signing_key_is_accepted(env, vapi, due_form, keys):
     answer = invoke("call_form", call_form_event(due_form, key=keys.next_key))
     assert answer.status == 200 and answer.body["status"] == "called"

@@ -56,9 +56,8 @@ def sam_cli() -> str:
     sam = os.environ.get("SAM_CLI") or str(ROOT / ".venv-sam" / "bin" / "sam")
     if not (Path(sam).is_file() and os.access(sam, os.X_OK)):
         pytest.fail(
-            f"SAM CLI not found at {sam}: install it with "
-            f"`python3.12 -m venv .venv-sam && .venv-sam/bin/pip install aws-sam-cli`, "
-            f"or point SAM_CLI at a sam executable"
+            f"SAM CLI not found at {sam}: `make test` installs it into .venv-sam "
+            f"(layers/sam-requirements.txt), or point SAM_CLI at a sam executable"
         )
     return sam
 
@@ -78,10 +77,11 @@ def sam_env() -> dict[str, str]:
     }
 
 
-def run_sam(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run_sam(*args: str, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sam_cli(), *args],
-        cwd=ROOT,
+        cwd=cwd,
+        check=False,
         env=sam_env(),
         capture_output=True,
         text=True,
@@ -136,7 +136,10 @@ def template() -> dict:
 
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory) -> Path:
-    """`sam build` (settings from samconfig.toml) into a temporary folder, cache included."""
+    """`sam build` as samconfig.toml sets it up, writing only under a temporary folder.
+
+    Run from that folder: a cached build keeps its dependencies in ./.aws-sam/deps.
+    """
     scratch = tmp_path_factory.mktemp("sam")
     started = time.monotonic()
     done = run_sam(
@@ -147,6 +150,7 @@ def build_dir(tmp_path_factory) -> Path:
         str(scratch / "build"),
         "--cache-dir",
         str(scratch / "cache"),
+        cwd=scratch,
     )
     seconds = time.monotonic() - started
     assert done.returncode == 0, f"sam build failed:\n{done.stdout}\n{done.stderr}"

@@ -1,0 +1,169 @@
+"""The `formcall` command: run the local stack, inspect state, trigger the sweep, re-sign events."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="formcall: deadline-driven patient calls.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+DataDir = Annotated[Path, typer.Option("--data-dir", help="Where the local stack keeps its state.")]
+
+
+def fail(message: str) -> None:
+    console.print(f"[red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def setting(name: str, data_dir: Path = Path(".dev")) -> str:
+    """A setting from the environment, else from a running local stack."""
+    from formcall_dev.stack import load_info
+
+    if os.environ.get(name):
+        return os.environ[name]
+    info = load_info(data_dir)
+    if info and name in info.env():
+        return info.env()[name]
+    fail(f"{name} is not set (export it, or start the local stack with `formcall dev --serve`)")
+    return ""
+
+
+@app.command()
+def dev(serve: Annotated[bool, typer.Option("--serve", help="Keep the stack running for manual use.")] = False,
+        real_vapi: Annotated[bool, typer.Option("--real-vapi", help="Use the real Vapi API (dials real phones; needs VAPI_PRIVATE_KEY, VAPI_ASSISTANT_ID, VAPI_PHONE_NUMBER_ID; --serve only).")] = False,
+        data_dir: DataDir = Path(".dev")) -> None:
+    """Start the whole system locally and play the demo (or keep it running with --serve)."""
+    import time
+
+    from formcall_dev import demo
+    from formcall_dev.stack import Stack
+
+    vapi = None
+    if real_vapi:
+        if not serve:
+            fail("--real-vapi dials real phones: it is only allowed with --serve (no demo seeds)")
+        missing = [n for n in ("VAPI_PRIVATE_KEY", "VAPI_ASSISTANT_ID", "VAPI_PHONE_NUMBER_ID")
+                   if not os.environ.get(n)]
+        if missing:
+            fail(f"--real-vapi needs {', '.join(missing)}")
+        vapi = {n: os.environ[n] for n in ("VAPI_PRIVATE_KEY", "VAPI_ASSISTANT_ID",
+                                           "VAPI_PHONE_NUMBER_ID")}
+        vapi["VAPI_BASE_URL"] = os.environ.get("VAPI_BASE_URL", "https://api.vapi.ai")
+    # Ctrl-C and a terminating parent both end here, with every process stopped.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    started = time.monotonic()
+    stack = Stack(data_dir, real_vapi=vapi)
+    ok = True
+    try:
+        with console.status("starting PostgreSQL, local QStash, fake Vapi and the functions…"):
+            info = stack.start()
+        console.print(f"[bold green]stack up[/] in {time.monotonic() - started:.1f} s")
+        if serve:
+            print_serve_help(info)
+            while True:
+                time.sleep(3600)
+        else:
+            ok = demo.run(info, console)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        stack.stop()
+        console.print("every process stopped")
+    raise typer.Exit(0 if ok else 1)
+
+
+def print_serve_help(info) -> None:
+    table = Table(title="formcall local stack (Ctrl-C stops everything)", show_header=False)
+    rows = [("call-form", info.call_form_url), ("check-forms", info.check_forms_url),
+            ("setup", info.setup_url), ("QStash", info.qstash_url), ("Vapi", info.vapi_url),
+            ("database", info.dsn)]
+    rows += [(name, value) for name, value in info.credentials.items()]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    secret = info.credentials["CRON_SECRET"]
+    console.print("Try:")
+    console.print(f"  curl '{info.setup_url}?secret={secret}'")
+    console.print(f"  curl -H 'Authorization: Bearer {secret}' {info.check_forms_url}")
+    console.print("  formcall status")
+    console.print(f"  export $(formcall env)  # this stack's settings for other formcall commands")
+
+
+@app.command("env")
+def env_command(data_dir: DataDir = Path(".dev")) -> None:
+    """Print the running local stack's settings as NAME=value lines."""
+    from formcall_dev.stack import load_info
+
+    info = load_info(data_dir)
+    if info is None:
+        fail("no local stack is running (start one with `formcall dev --serve`)")
+    for name, value in info.env().items():
+        print(f"{name}={value}")
+
+
+@app.command()
+def trigger(data_dir: DataDir = Path(".dev")) -> None:
+    """Run the sweep now (GET check-forms with the bearer secret)."""
+    import httpx
+
+    url = setting("CHECK_FORMS_URL", data_dir)
+    secret = setting("CRON_SECRET", data_dir)
+    try:
+        answer = httpx.get(url, headers={"Authorization": f"Bearer {secret}"}, timeout=300)
+    except httpx.HTTPError as exc:
+        fail(f"could not reach {url}: {type(exc).__name__}")
+    console.print(f"{answer.status_code} {answer.text}")
+    raise typer.Exit(0 if answer.is_success else 1)
+
+
+@app.command("sign-event")
+def sign_event(files: Annotated[list[Path], typer.Argument(help="Event files to re-sign in place.")],
+               key: Annotated[Optional[str], typer.Option(help="Signing key (default: QSTASH_CURRENT_SIGNING_KEY).")] = None,
+               url: Annotated[Optional[str], typer.Option(help="Subject URL (default: https://{domainName}{rawPath} of each event).")] = None) -> None:
+    """Re-sign the QStash-signed files in events/ (signatures expire after 5 minutes)."""
+    from formcall_dev.events import sign_event_files
+
+    key = key or os.environ.get("QSTASH_CURRENT_SIGNING_KEY")
+    if not key:
+        fail("give --key or set QSTASH_CURRENT_SIGNING_KEY")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        fail(f"no such file: {', '.join(missing)}")
+    try:
+        changed = sign_event_files(files, key=key, url=url)
+    except (ValueError, KeyError) as exc:
+        fail(f"not a Lambda HTTP event: {exc}")
+    for path in changed:
+        console.print(f"signed {path}")
+    console.print(f"{len(changed)} of {len(files)} files carry a QStash signature; valid for 5 minutes")
+
+
+@app.command()
+def status(form_id: Annotated[Optional[str], typer.Argument(help="Show one form's call history.")] = None,
+           data_dir: DataDir = Path(".dev"), limit: int = 20) -> None:
+    """The schedule, queued messages, DLQ entries and each form's call state."""
+    from formcall_dev import status as report
+
+    dsn = setting("DATABASE_URL", data_dir)
+    qstash_url = setting("QSTASH_URL", data_dir)
+    token = setting("QSTASH_TOKEN", data_dir)
+    try:
+        report.show(console, dsn=dsn, qstash_url=qstash_url, token=token, form_id=form_id,
+                    limit=limit)
+    except report.StatusError as exc:
+        fail(str(exc))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,166 @@
+"""The design's own test plan, played on the local stack and shown live in the terminal."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import psycopg
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from formcall.calls import schedule_call
+from formcall.publisher import QStashPublisher
+from formcall_dev.seed import create_form, create_patient
+from formcall_dev.stack import StackInfo
+
+
+@dataclass
+class Case:
+    """One seeded form, what the demo does to it, and where its journey must end."""
+
+    key: str
+    title: str
+    phone: str
+    expect: str                       # called | skipped | failed | unscheduled
+    due_in: float | None = 4.0        # seconds from now; None: no deadline
+    schedule_job: bool = True         # publish its one-time call-form message
+    submit: bool = False              # the patient submits before the deadline
+    vapi_rule: dict | None = None     # fault the fake Vapi injects for this phone
+    form_id: str = ""
+    journey: list[str] = field(default_factory=list)
+    status: str = "pending"
+    detail: str = ""
+
+
+def cases() -> list[Case]:
+    return [
+        Case("on-time", "Pre-visit questionnaire", "+15550100101", "called"),
+        Case("submitted", "Consent form", "+15550100102", "skipped", submit=True),
+        Case("no-deadline", "Optional feedback", "+15550100103", "unscheduled", due_in=None,
+             schedule_job=False),
+        Case("rejected", "Insurance details", "+15550100104", "failed",
+             vapi_rule={"status": 400}),
+        Case("flaky", "Medication list", "+15550100105", "called",
+             vapi_rule={"status": 503, "times": 1}),
+        Case("missed-job", "Allergy form", "+15550100106", "called", due_in=-60,
+             schedule_job=False),
+    ]
+
+
+def seed(info: StackInfo, demo: list[Case]) -> None:
+    now = datetime.now(timezone.utc)
+    with psycopg.connect(info.dsn, autocommit=True) as conn:
+        for case in demo:
+            patient = create_patient(conn, full_name=f"Demo {case.key}", phone=case.phone,
+                                     timezone="UTC")
+            deadline = None if case.due_in is None else now + timedelta(seconds=case.due_in)
+            case.form_id = create_form(conn, patient_id=patient, title=case.title,
+                                       deadline=deadline)
+            if case.submit:
+                conn.execute("update forms set submitted_at = now() where id = %s",
+                             (case.form_id,))
+            case.journey.append("seeded")
+    if not info.real_vapi:
+        admin = {"Authorization": f"Bearer {info.credentials['VAPI_PRIVATE_KEY']}"}
+        httpx.post(f"{info.vapi_url}/_fake/reset", headers=admin).raise_for_status()
+        for case in demo:
+            if case.vapi_rule:
+                httpx.post(f"{info.vapi_url}/_fake/rules", headers=admin,
+                           json={"customer_number": case.phone, **case.vapi_rule}
+                           ).raise_for_status()
+
+
+def schedule_jobs(info: StackInfo, demo: list[Case]) -> None:
+    publisher = QStashPublisher(url=info.qstash_url, token=info.credentials["QSTASH_TOKEN"])
+    with psycopg.connect(info.dsn) as conn:
+        for case in demo:
+            if not case.schedule_job:
+                continue
+            deadline = conn.execute("select deadline from forms where id = %s",
+                                    (case.form_id,)).fetchone()[0]
+            schedule_call(publisher=publisher, form_id=case.form_id, deadline=deadline,
+                          call_form_url=info.call_form_url)
+            case.journey.append("scheduled")
+
+
+def refresh(info: StackInfo, demo: list[Case]) -> None:
+    with psycopg.connect(info.dsn) as conn:
+        for case in demo:
+            status, error = conn.execute(
+                "select call_status, last_call_error from forms where id = %s",
+                (case.form_id,)).fetchone()
+            events = [e for (e,) in conn.execute(
+                "select event from form_call_events where form_id = %s order by id",
+                (case.form_id,))]
+            journey = case.journey[:2] if case.schedule_job else case.journey[:1]
+            for event in events:
+                label = {"claimed": "delivered", "released": "retrying"}.get(event, event)
+                if label == "skipped":
+                    label = "skipped"
+                journey.append(label)
+            case.journey = journey
+            case.status = status
+            skipped = conn.execute(
+                "select detail->>'reason' from form_call_events where form_id = %s"
+                " and event = 'skipped' order by id desc limit 1", (case.form_id,)).fetchone()
+            case.detail = error or (f"skipped: {skipped[0]}" if skipped else "")
+
+
+def outcome(case: Case) -> str:
+    if case.status in ("called", "failed"):
+        return case.status
+    if "skipped" in case.journey:
+        return "skipped"
+    if case.status == "pending" and case.due_in is None:
+        return "unscheduled"
+    return "waiting"
+
+
+def render(demo: list[Case], elapsed: float, phase: str) -> Table:
+    done = sum(outcome(c) == c.expect for c in demo)
+    table = Table(title=f"formcall demo: {phase}  [{done}/{len(demo)} settled, {elapsed:4.1f} s]")
+    for column in ("form", "expect", "journey", "now", "detail"):
+        table.add_column(column)
+    for case in demo:
+        now = outcome(case)
+        style = "green" if now == case.expect else ("red" if now in ("called", "failed") else "")
+        table.add_row(case.key, case.expect, " → ".join(case.journey),
+                      f"[{style}]{now}[/]" if style else now, escape(case.detail[:60]))
+    return table
+
+
+def run(info: StackInfo, console: Console, *, timeout: float = 55.0) -> bool:
+    """Play the demo; True when every form ended where it should."""
+    started = time.monotonic()
+    setup = httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]},
+                      timeout=30)
+    console.print(f"[bold]setup[/] {setup.status_code} {setup.json()}")
+    demo = cases()
+    seed(info, demo)
+    schedule_jobs(info, demo)
+    trigger = httpx.get(info.check_forms_url, timeout=60, headers={
+        "Authorization": f"Bearer {info.credentials['CRON_SECRET']}"})
+    console.print(f"[bold]manual sweep[/] {trigger.status_code} {trigger.json()}")
+    with Live(render(demo, 0, "running"), console=console, refresh_per_second=4) as live:
+        while time.monotonic() - started < timeout:
+            refresh(info, demo)
+            live.update(render(demo, time.monotonic() - started, "running"))
+            if all(outcome(c) == c.expect for c in demo):
+                break
+            time.sleep(0.25)
+        refresh(info, demo)
+        ok = all(outcome(c) == c.expect for c in demo)
+        live.update(render(demo, time.monotonic() - started, "done" if ok else "TIMED OUT"))
+    summary = Table(title="summary")
+    for column in ("form", "form id", "expected", "outcome", "ok"):
+        summary.add_column(column)
+    for case in demo:
+        summary.add_row(case.key, case.form_id, case.expect, outcome(case),
+                        "✔" if outcome(case) == case.expect else "✘")
+    console.print(summary)
+    return ok

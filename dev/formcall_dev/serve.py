@@ -1,0 +1,43 @@
+"""Run one component of the local stack in its own process: `python -m formcall_dev.serve NAME PORT`.
+
+Its settings come from the environment the dev stack (stack.py) gives it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import uvicorn
+
+
+def build(name: str):
+    env = os.environ
+    if name == "qstash":
+        from formcall_dev.qstash_server import create_app
+
+        return create_app(dsn=env["FORMCALL_DEV_DSN"], token=env["QSTASH_TOKEN"],
+                          current_signing_key=env["QSTASH_CURRENT_SIGNING_KEY"],
+                          next_signing_key=env["QSTASH_NEXT_SIGNING_KEY"],
+                          time_scale=float(env.get("FORMCALL_DEV_QSTASH_TIME_SCALE", "1")))
+    if name == "vapi":
+        from formcall_dev.fake_vapi import FakeVapi
+
+        return FakeVapi(api_key=env["VAPI_PRIVATE_KEY"],
+                        concurrency_limit=int(env.get("FORMCALL_DEV_VAPI_CONCURRENCY", "10")),
+                        call_duration=float(env.get("FORMCALL_DEV_VAPI_CALL_SECONDS", "2"))).app
+    if name == "functions":
+        from formcall_dev.functions_server import create_app
+
+        return create_app()
+    raise SystemExit(f"unknown component {name!r}: qstash, vapi or functions")
+
+
+def main() -> None:
+    name, port = sys.argv[1], int(sys.argv[2])
+    uvicorn.run(build(name), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=3)
+
+
+if __name__ == "__main__":
+    main()

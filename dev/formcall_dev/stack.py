@@ -1,0 +1,187 @@
+"""The local stack: embedded PostgreSQL, local QStash, fake Vapi and the function server, on loopback.
+
+Every component but PostgreSQL runs in its own process (`formcall_dev.serve`), with the very
+apps that Mangum wraps on Lambda. Credentials are generated once and kept in the data folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from formcall_dev.postgres import apply_migrations, start_embedded_postgres
+from formcall_dev.servers import free_port
+
+DEFAULT_DIR = Path(".dev")
+STATE_FILE = "stack.json"
+
+
+@dataclass
+class StackInfo:
+    """What a user (or `formcall status`) needs to reach a running stack."""
+
+    dsn: str
+    qstash_url: str
+    functions_url: str
+    vapi_url: str
+    credentials: dict[str, str]
+    real_vapi: bool = False
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def call_form_url(self) -> str:
+        return f"{self.functions_url}/api/jobs/call-form"
+
+    @property
+    def check_forms_url(self) -> str:
+        return f"{self.functions_url}/api/cron/check-forms"
+
+    @property
+    def setup_url(self) -> str:
+        return f"{self.functions_url}/api/setup-qstash"
+
+    def env(self) -> dict[str, str]:
+        """The formcall settings for this stack, as the functions read them."""
+        return {
+            "DATABASE_URL": self.dsn,
+            "QSTASH_URL": self.qstash_url,
+            "CALL_FORM_URL": self.call_form_url,
+            "CHECK_FORMS_URL": self.check_forms_url,
+            "VAPI_BASE_URL": self.vapi_url,
+            **self.credentials,
+        }
+
+
+def load_info(data_dir: Path = DEFAULT_DIR) -> StackInfo | None:
+    path = data_dir / STATE_FILE
+    if not path.exists():
+        return None
+    return StackInfo(**json.loads(path.read_text()))
+
+
+def _credentials(data_dir: Path) -> dict[str, str]:
+    """Dev credentials: generated on first run, kept so a restart keeps verifying old messages."""
+    path = data_dir / "credentials.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from formcall_dev.qstash_server import generate_dev_credentials
+
+    creds = {
+        **generate_dev_credentials(),
+        "CRON_SECRET": secrets.token_urlsafe(24),
+        "VAPI_PRIVATE_KEY": "dev-" + secrets.token_urlsafe(18),
+        "VAPI_ASSISTANT_ID": "dev-assistant",
+        "VAPI_PHONE_NUMBER_ID": "dev-phone-number",
+    }
+    path.write_text(json.dumps(creds, indent=2))
+    path.chmod(0o600)
+    return creds
+
+
+class Stack:
+    def __init__(self, data_dir: Path = DEFAULT_DIR, *, real_vapi: dict[str, str] | None = None,
+                 qstash_time_scale: float = 0.1, vapi_call_seconds: float = 2.0) -> None:
+        self.data_dir = data_dir
+        self.real_vapi = real_vapi
+        self.qstash_time_scale = qstash_time_scale
+        self.vapi_call_seconds = vapi_call_seconds
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.postgres = None
+        self.info: StackInfo | None = None
+
+    def start(self) -> StackInfo:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        creds = _credentials(self.data_dir)
+        self.postgres, dsn = start_embedded_postgres(self.data_dir / "pgdata")
+        apply_migrations(dsn)
+        ports = {name: free_port() for name in ("qstash", "vapi", "functions")}
+        urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        if self.real_vapi:
+            creds = {**creds, **self.real_vapi}
+            urls["vapi"] = self.real_vapi.get("VAPI_BASE_URL", "https://api.vapi.ai")
+        info = StackInfo(dsn=dsn, qstash_url=urls["qstash"], functions_url=urls["functions"],
+                         vapi_url=urls["vapi"], credentials=creds, real_vapi=bool(self.real_vapi))
+        env = {**os.environ, **info.env(), "FORMCALL_DEV_DSN": dsn,
+               "FORMCALL_DEV_QSTASH_TIME_SCALE": str(self.qstash_time_scale),
+               "FORMCALL_DEV_VAPI_CALL_SECONDS": str(self.vapi_call_seconds),
+               "POWERTOOLS_SERVICE_NAME": "formcall-dev", "POWERTOOLS_METRICS_NAMESPACE": "formcall"}
+        components = ["qstash", "functions"] + ([] if self.real_vapi else ["vapi"])
+        try:
+            for name in components:
+                self._spawn(name, ports[name], env)
+            for name in components:
+                self._wait_ready(name, urls[name])
+        except BaseException:
+            self.stop()
+            raise
+        info.pids = {name: proc.pid for name, proc in self.processes.items()}
+        (self.data_dir / STATE_FILE).write_text(json.dumps(asdict(info), indent=2))
+        (self.data_dir / STATE_FILE).chmod(0o600)
+        self.info = info
+        return info
+
+    def _spawn(self, name: str, port: int, env: dict[str, str]) -> None:
+        log = open(self.data_dir / "logs" / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "formcall_dev.serve", name, str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def _wait_ready(self, name: str, url: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[name].poll() is not None:
+                raise RuntimeError(f"{name} exited at start; see {self.data_dir}/logs/{name}.log")
+            try:
+                httpx.get(url + "/", timeout=1.0)
+                return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        raise TimeoutError(f"{name} did not start in {timeout:.0f} s")
+
+    def restart(self, name: str) -> None:
+        """Stop one component and start it again on the same port (tests: restart QStash)."""
+        assert self.info is not None
+        url = {"qstash": self.info.qstash_url, "vapi": self.info.vapi_url,
+               "functions": self.info.functions_url}[name]
+        self._terminate(name)
+        env = {**os.environ, **self.info.env(), "FORMCALL_DEV_DSN": self.info.dsn,
+               "FORMCALL_DEV_QSTASH_TIME_SCALE": str(self.qstash_time_scale),
+               "FORMCALL_DEV_VAPI_CALL_SECONDS": str(self.vapi_call_seconds)}
+        self._spawn(name, int(url.rsplit(":", 1)[1]), env)
+        self._wait_ready(name, url)
+
+    def _terminate(self, name: str) -> None:
+        proc = self.processes.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=8)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def stop(self) -> None:
+        for name in list(self.processes):
+            self._terminate(name)
+        if self.postgres is not None:
+            self.postgres.cleanup()
+            self.postgres = None
+        state = self.data_dir / STATE_FILE
+        if state.exists():
+            state.unlink()
+
+    def __enter__(self) -> StackInfo:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

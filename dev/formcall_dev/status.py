@@ -1,0 +1,118 @@
+"""`formcall status`: schedules, queued messages, DLQ entries and forms, from QStash and the database."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+import httpx
+import psycopg
+from rich.console import Console
+from rich.table import Table
+
+
+class StatusError(Exception):
+    pass
+
+
+def _ms(value: int | None) -> str:
+    if not value:
+        return ""
+    return datetime.fromtimestamp(value / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def show(console: Console, *, dsn: str, qstash_url: str, token: str, form_id: str | None,
+         limit: int = 20) -> None:
+    if form_id is not None:
+        try:
+            uuid.UUID(form_id)
+        except ValueError:
+            raise StatusError(f"{form_id!r} is not a form id (a UUID)") from None
+    _qstash_sections(console, qstash_url, token)
+    try:
+        with psycopg.connect(dsn, connect_timeout=5) as conn:
+            if form_id:
+                _history(console, conn, form_id)
+            else:
+                _forms(console, conn, limit)
+    except psycopg.OperationalError as exc:
+        raise StatusError(f"database unreachable: {str(exc).splitlines()[0]}") from None
+
+
+def _qstash_sections(console: Console, url: str, token: str) -> None:
+    from qstash import QStash
+    from qstash.errors import QStashError
+
+    client = QStash(token, base_url=url, retry=False)
+    try:
+        schedules = client.schedule.list()
+        dlq = client.dlq.list().messages
+    except (QStashError, httpx.HTTPError) as exc:
+        console.print(f"[yellow]QStash at {url} not readable: {exc}[/]")
+        return
+    table = Table(title=f"schedules ({len(schedules)})")
+    for column in ("id", "cron", "destination", "paused", "last", "next"):
+        table.add_column(column)
+    for s in schedules:
+        table.add_row(s.schedule_id, s.cron, s.destination, str(s.paused),
+                      _ms(s.last_schedule_time), _ms(s.next_schedule_time))
+    console.print(table)
+
+    local = httpx.get(f"{url}/v2/_local/messages", headers={"Authorization": f"Bearer {token}"},
+                      timeout=10)
+    if local.status_code == 200:
+        messages = local.json()
+        messages = messages.get("messages", messages) if isinstance(messages, dict) else messages
+        table = Table(title=f"queued messages ({len(messages)})")
+        for column in ("message id", "destination", "state", "retried", "next attempt", "body"):
+            table.add_column(column)
+        for m in messages:
+            table.add_row(str(m.get("messageId")), str(m.get("url")), str(m.get("state")),
+                          str(m.get("retried", m.get("attempts", ""))),
+                          _ms(m.get("nextAttemptAt") or m.get("notBefore")),
+                          str(m.get("body", ""))[:60])
+        console.print(table)
+    else:
+        console.print("queued messages: QStash's API does not list pending messages "
+                      "(see the Upstash console); shown for the local QStash only")
+
+    table = Table(title=f"dead-letter queue ({len(dlq)})")
+    for column in ("dlq id", "message id", "destination", "status", "response"):
+        table.add_column(column)
+    for m in dlq:
+        table.add_row(m.dlq_id, m.message_id, m.url, str(m.response_status),
+                      (m.response_body or "")[:70])
+    console.print(table)
+
+
+def _forms(console: Console, conn, limit: int) -> None:
+    counts = dict(conn.execute("select call_status, count(*) from forms group by 1").fetchall())
+    rows = conn.execute(
+        "select id, deadline, submitted_at is not null, call_status, call_attempts, vapi_call_id,"
+        " last_call_error from forms order by updated_at desc limit %s", (limit,)).fetchall()
+    table = Table(title="forms (newest changes first) — " + ", ".join(
+        f"{k}: {v}" for k, v in sorted(counts.items())))
+    for column in ("form id", "deadline", "submitted", "call", "attempts", "vapi call", "last error"):
+        table.add_column(column)
+    for fid, deadline, submitted, state, attempts, call_id, error in rows:
+        table.add_row(str(fid), deadline.strftime("%Y-%m-%d %H:%M:%S") if deadline else "none",
+                      "yes" if submitted else "", state, str(attempts), call_id or "",
+                      (error or "")[:60])
+    console.print(table)
+
+
+def _history(console: Console, conn, form_id: str) -> None:
+    form = conn.execute("select call_status, call_attempts, deadline, vapi_call_id, last_call_error"
+                        " from forms where id = %s", (form_id,)).fetchone()
+    if form is None:
+        raise StatusError(f"no form {form_id}")
+    console.print(f"form {form_id}: {form[0]}, {form[1]} attempt(s), deadline {form[2]}, "
+                  f"call {form[3] or '-'}, last error {form[4] or '-'}")
+    table = Table(title="history")
+    for column in ("time", "event", "detail"):
+        table.add_column(column)
+    for at, event, detail in conn.execute(
+            "select created_at, event, detail from form_call_events where form_id = %s order by id",
+            (form_id,)):
+        table.add_row(at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], event, str(detail))
+    console.print(table)
