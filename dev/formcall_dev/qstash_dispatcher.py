@@ -94,7 +94,7 @@ class Attempt:
 
     @property
     def non_retryable(self) -> bool:
-        return False and \
+        return self.status == 489 and \
             self.headers.get("upstash-nonretryable-error", "").strip().lower() == "true"
 
 

@@ -89,3 +89,52 @@ def due_form(conn):
     patient = create_patient(conn, full_name="Ada Lovelace", phone="+15550100001")
     return create_form(conn, patient_id=patient, title="Pre-visit questionnaire",
                        deadline=datetime.now(timezone.utc) - timedelta(minutes=1))
+
+
+def wait_until(condition, *, timeout: float = 15.0, interval: float = 0.05):
+    """Poll `condition` until it returns something truthy; fail the test after `timeout` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def local_qstash(pg_dsn, keys, request):
+    """The local QStash server (real HTTP, its queue in Postgres), backoff 100x faster."""
+    from formcall_dev import qstash_server
+
+    schema = "qstash_" + request.module.__name__.rsplit(".", 1)[-1]
+    app = qstash_server.create_app(dsn=pg_dsn, token=keys.qstash_token,
+                                   current_signing_key=keys.current_key,
+                                   next_signing_key=keys.next_key, schema=schema, time_scale=0.01)
+    handle = serve_in_thread(app)
+    yield handle.url
+    handle.stop()
+
+
+@pytest.fixture(scope="module")
+def function_server():
+    from formcall_dev import functions_server
+
+    handle = serve_in_thread(functions_server.create_app())
+    yield handle.url
+    handle.stop()
+
+
+@pytest.fixture
+def stack_env(env, monkeypatch, local_qstash, function_server):
+    """env plus the local QStash and the function server's URLs."""
+    values = {"QSTASH_URL": local_qstash,
+              "CALL_FORM_URL": f"{function_server}/api/jobs/call-form",
+              "CHECK_FORMS_URL": f"{function_server}/api/cron/check-forms"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    clients.reset()
+    return {**env, **values}

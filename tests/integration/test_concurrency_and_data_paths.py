@@ -11,16 +11,9 @@ import pytest
 
 from formcall import clients
 from formcall.signatures import sign
-from formcall_dev import functions_server, supabase_rpc
+from formcall_dev import supabase_rpc
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 from formcall_dev.servers import serve_in_thread
-
-
-@pytest.fixture(scope="module")
-def function_server():
-    handle = serve_in_thread(functions_server.create_app())
-    yield handle.url
-    handle.stop()
 
 
 @pytest.fixture(scope="module")
