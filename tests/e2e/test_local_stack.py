@@ -1,0 +1,191 @@
+"""The local stack as a user runs it: separate processes, real HTTP, real signed deliveries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import httpx
+import psycopg
+import pytest
+from qstash import QStash
+from typer.testing import CliRunner
+
+from formcall.calls import schedule_call
+from formcall.publisher import QStashPublisher
+from formcall_dev.cli import app as cli
+from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from formcall_dev.stack import Stack
+
+
+def wait_until(condition, timeout=20.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s")
+        time.sleep(interval)
+    return value
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("stack")
+    started = time.monotonic()
+    stack = Stack(data_dir)
+    info = stack.start()
+    print(f"\nlocal stack start-up: {time.monotonic() - started:.2f} s")
+    yield stack, info
+    stack.stop()
+
+
+@pytest.fixture
+def info(stack):
+    return stack[1]
+
+
+@pytest.fixture
+def conn(info):
+    with psycopg.connect(info.dsn, autocommit=True) as connection:
+        yield connection
+
+
+def vapi_admin(info, method, path, **kwargs):
+    answer = httpx.request(method, f"{info.vapi_url}/_fake{path}", **kwargs,
+                           headers={"Authorization": f"Bearer {info.credentials['VAPI_PRIVATE_KEY']}"})
+    answer.raise_for_status()
+    return answer.json()
+
+
+def qstash(info) -> QStash:
+    return QStash(info.credentials["QSTASH_TOKEN"], base_url=info.qstash_url, retry=False)
+
+
+def publisher(info) -> QStashPublisher:
+    return QStashPublisher(url=info.qstash_url, token=info.credentials["QSTASH_TOKEN"])
+
+
+def test_setup_creates_exactly_one_schedule(info):
+    for _ in range(3):
+        answer = httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]})
+        assert answer.status_code == 200
+    schedules = qstash(info).schedule.list()
+    assert [(s.schedule_id, s.cron, s.destination) for s in schedules] == [
+        ("formcall-check-forms", "0 * * * *", info.check_forms_url)]
+    assert httpx.get(info.setup_url).status_code == 401
+
+
+def test_manual_trigger_needs_the_bearer_secret(info, conn):
+    patient = create_patient(conn)
+    form = create_form(conn, patient_id=patient,
+                       deadline=datetime.now(timezone.utc) - timedelta(minutes=3))
+    assert httpx.get(info.check_forms_url).status_code == 401
+    assert httpx.get(info.check_forms_url, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert form_row(conn, form)["call_status"] == "pending"
+    answer = httpx.get(info.check_forms_url, timeout=60,
+                       headers={"Authorization": f"Bearer {info.credentials['CRON_SECRET']}"})
+    assert answer.status_code == 200 and answer.json()["enqueued"] >= 1
+    wait_until(lambda: form_row(conn, form)["call_status"] == "called")
+
+
+def test_form_due_in_two_seconds_is_called_once_on_time(info, conn):
+    patient = create_patient(conn)
+    deadline = datetime.now(timezone.utc) + timedelta(seconds=2)
+    form = create_form(conn, patient_id=patient, deadline=deadline)
+    schedule_call(publisher=publisher(info), form_id=form, deadline=deadline,
+                  call_form_url=info.call_form_url)
+    wait_until(lambda: form_row(conn, form)["call_status"] == "called", timeout=10)
+    calls = vapi_admin(info, "GET", "/calls", params={"formId": form})
+    assert len(calls) == 1
+    placed = datetime.fromisoformat(calls[0]["createdAt"].replace("Z", "+00:00"))
+    delay = (placed - deadline).total_seconds()
+    print(f"\ndeadline to call: {delay:.3f} s")
+    assert 0 <= delay < 2.0
+    assert form_events(conn, form) == ["claimed", "called"]
+
+
+def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monkeypatch):
+    patient = create_patient(conn, phone="+15550109999")
+    form = create_form(conn, patient_id=patient,
+                       deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
+    vapi_admin(info, "POST", "/rules", json={"customer_number": "+15550109999", "status": 400})
+    httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]})
+    schedule_call(publisher=publisher(info), form_id=form,
+                  deadline=datetime.now(timezone.utc), call_form_url=info.call_form_url)
+    wait_until(lambda: form_row(conn, form)["call_status"] == "failed")
+    wait_until(lambda: qstash(info).dlq.list().messages)
+    for name, value in info.env().items():
+        monkeypatch.setenv(name, value)
+    result = CliRunner().invoke(cli, ["status"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert "formcall-check-forms" in result.output
+    assert "dead-letter queue" in result.output and "489" in result.output
+    assert form in result.output and "failed" in result.output
+    history = CliRunner().invoke(cli, ["status", form], env={"COLUMNS": "250"})
+    assert history.exit_code == 0
+    assert "claimed" in history.output and "failed" in history.output
+    bad = CliRunner().invoke(cli, ["status", "not-a-uuid"])
+    assert bad.exit_code == 2 and "not a form id" in bad.output
+
+
+def test_rejected_call_ends_failed_and_reaches_the_dlq(info, conn):
+    patient = create_patient(conn, phone="+15550108888")
+    vapi_admin(info, "POST", "/rules", json={"customer_number": "+15550108888", "status": 422})
+    form = create_form(conn, patient_id=patient,
+                       deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
+    message_id = schedule_call(publisher=publisher(info), form_id=form,
+                               deadline=datetime.now(timezone.utc),
+                               call_form_url=info.call_form_url)
+    wait_until(lambda: form_row(conn, form)["call_status"] == "failed")
+    assert form_row(conn, form)["last_call_error"].startswith("Vapi rejected the call: HTTP 422")
+    entries = wait_until(lambda: [m for m in qstash(info).dlq.list().messages
+                                  if m.message_id == message_id])
+    assert entries[0].response_status == 489
+
+
+def test_qstash_restart_loses_no_waiting_message(stack, conn):
+    stack_obj, info = stack
+    patient = create_patient(conn)
+    deadline = datetime.now(timezone.utc) + timedelta(seconds=3)
+    forms = [create_form(conn, patient_id=patient, deadline=deadline) for _ in range(5)]
+    for form in forms:
+        schedule_call(publisher=publisher(info), form_id=form, deadline=deadline,
+                      call_form_url=info.call_form_url)
+    stack_obj.restart("qstash")
+    wait_until(lambda: all(form_row(conn, f)["call_status"] == "called" for f in forms), timeout=20)
+    for form in forms:
+        assert len(vapi_admin(info, "GET", "/calls", params={"formId": form})) == 1
+
+
+def test_make_dev_demo_passes_and_leaves_nothing_running(tmp_path):
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "formcall_dev.cli", "dev", "--data-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+    elapsed = time.monotonic() - started
+    print(f"\nformcall dev (demo) took {elapsed:.1f} s")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "every process stopped" in proc.stdout
+    assert elapsed < 60
+    leftover = subprocess.run(["pgrep", "-f", f"formcall_dev.serve"], capture_output=True, text=True)
+    # Only this test's stack may be running; the module's stack fixture is in this process.
+    assert not any(str(tmp_path) in line for line in leftover.stdout.splitlines())
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "formcall_dev.cli", "dev", "--serve",
+                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    wait_until(lambda: (tmp_path / "stack.json").exists(), timeout=30)
+    pids = json.loads((tmp_path / "stack.json").read_text())["pids"]
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=30)
+    assert "every process stopped" in output
+    assert "curl" in output and "Bearer" in output
+    for pid in pids.values():
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
