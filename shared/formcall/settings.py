@@ -102,6 +102,31 @@ class CheckFormsUrlSettings(BaseModel):
     CHECK_FORMS_URL: str = Field(pattern=_URL)
 
 
+class WebhookSettings(BaseModel):
+    """The shared secret Supabase Database Webhooks send to schedule-form."""
+
+    model_config = _SETTINGS
+    WEBHOOK_SECRET: SecretStr = Field(min_length=16)
+
+
+class CallPolicySettings(BaseModel):
+    """When and how fast calls go out: the calling window and Vapi's concurrent-call limit."""
+
+    model_config = _SETTINGS
+    # Patient-local window, e.g. "09:00-20:00" or "Mon-Fri 09:00-18:00" (formcall.window).
+    CALL_WINDOW: str = "09:00-20:00"
+    # Vapi's account-wide concurrent-call limit and the start rate QStash flow control allows.
+    VAPI_MAX_CONCURRENCY: int = Field(default=10, ge=1, le=1000)
+    VAPI_CALLS_PER_MINUTE: int = Field(default=120, ge=1, le=100_000)
+    # Where QStash reports a call-form message that failed for good (the failure-callback URL).
+    FAILURE_CALLBACK_URL: str | None = Field(default=None, pattern=_URL)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, values: dict) -> dict:
+        return {k: (None if v == "" else v) for k, v in values.items()}
+
+
 class PublicUrlSettings(BaseModel):
     """Optional public URLs, accepted as QStash subjects beside the URL derived from the request."""
 
