@@ -178,13 +178,21 @@ def test_make_dev_demo_passes_and_leaves_nothing_running(tmp_path):
 
 
 def test_ctrl_c_stops_every_process(tmp_path):
+    import threading
+
     proc = subprocess.Popen([sys.executable, "-m", "formcall_dev.cli", "dev", "--serve",
                              "--data-dir", str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
-    wait_until(lambda: (tmp_path / "stack.json").exists(), timeout=30)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    wait_until(lambda: any("formcall env" in line for line in lines), timeout=30)
     pids = json.loads((tmp_path / "stack.json").read_text())["pids"]
+    assert all(os.path.exists(f"/proc/{pid}") for pid in pids.values())
     proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    reader.join(timeout=5)
+    output = "".join(lines)
     assert "every process stopped" in output
     assert "curl" in output and "Bearer" in output
     for pid in pids.values():
