@@ -162,6 +162,23 @@ def status(form_id: Annotated[Optional[str], typer.Argument(help="Show one form'
         fail(str(exc))
 
 
+@app.command()
+def doctor(stack_json: Annotated[Optional[str], typer.Option("--stack-json", help="A deployed stack: the output of `aws cloudformation describe-stacks --stack-name NAME`, as a file or - for standard input.")] = None,
+           smoke: Annotated[bool, typer.Option("--smoke", help="Only check that every function URL refuses an unauthenticated request (the deploy pipeline's smoke check).")] = False,
+           data_dir: DataDir = Path(".dev")) -> None:
+    """Check a deployed or local stack: settings, schedule, URLs, signing keys, migrations."""
+    from formcall_dev import doctor as checks
+
+    try:
+        target = checks.find_target(
+            stack_json=checks.read_stack_json(stack_json, sys.stdin.read), data_dir=data_dir)
+    except checks.DoctorError as exc:
+        fail(str(exc))
+    findings = checks.run(target, smoke=smoke)
+    checks.show(console, target, findings)
+    raise typer.Exit(1 if checks.problems(findings) else 0)
+
+
 def main() -> None:
     try:
         app()

@@ -1,4 +1,9 @@
-"""The design's own test plan, played on the local stack and shown live in the terminal."""
+"""The design's own test plan, played on the local stack and shown live in the terminal.
+
+Forms are inserted into the database like the clinic app would; the dev stack forwards each
+change to schedule-form as a Supabase Database Webhook, which publishes (or cancels) the form's
+one-time QStash message. The journey shown is the form's audit trail (form_call_events).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,6 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from formcall.calls import schedule_call
-from formcall.publisher import QStashPublisher
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.stack import StackInfo
 
@@ -26,10 +29,11 @@ class Case:
     key: str
     title: str
     phone: str
-    expect: str                       # called | skipped | failed | unscheduled
+    expect: str                       # called | cancelled | failed | unscheduled
     due_in: float | None = 4.0        # seconds from now; None: no deadline
-    schedule_job: bool = True         # publish its one-time call-form message
+    webhook: bool = True              # False: inserted as if the webhook (the job) was missed
     submit: bool = False              # the patient submits before the deadline
+    move_to: float | None = None      # the doctor moves the deadline to this many seconds from now
     vapi_rule: dict | None = None     # fault the fake Vapi injects for this phone
     form_id: str = ""
     journey: list[str] = field(default_factory=list)
@@ -40,31 +44,18 @@ class Case:
 def cases() -> list[Case]:
     return [
         Case("on-time", "Pre-visit questionnaire", "+15550100101", "called"),
-        Case("submitted", "Consent form", "+15550100102", "skipped", submit=True),
-        Case("no-deadline", "Optional feedback", "+15550100103", "unscheduled", due_in=None,
-             schedule_job=False),
+        Case("submitted", "Consent form", "+15550100102", "cancelled", submit=True),
+        Case("moved", "Lab results review", "+15550100107", "called", due_in=3, move_to=7),
+        Case("no-deadline", "Optional feedback", "+15550100103", "unscheduled", due_in=None),
         Case("rejected", "Insurance details", "+15550100104", "failed",
              vapi_rule={"status": 400}),
         Case("flaky", "Medication list", "+15550100105", "called",
              vapi_rule={"status": 503, "times": 1}),
-        Case("missed-job", "Allergy form", "+15550100106", "called", due_in=-60,
-             schedule_job=False),
+        Case("missed-job", "Allergy form", "+15550100106", "called", due_in=-60, webhook=False),
     ]
 
 
 def seed(info: StackInfo, demo: list[Case]) -> None:
-    now = datetime.now(timezone.utc)
-    with psycopg.connect(info.dsn, autocommit=True) as conn:
-        for case in demo:
-            patient = create_patient(conn, full_name=f"Demo {case.key}", phone=case.phone,
-                                     timezone="UTC")
-            deadline = None if case.due_in is None else now + timedelta(seconds=case.due_in)
-            case.form_id = create_form(conn, patient_id=patient, title=case.title,
-                                       deadline=deadline)
-            if case.submit:
-                conn.execute("update forms set submitted_at = now() where id = %s",
-                             (case.form_id,))
-            case.journey.append("seeded")
     if not info.real_vapi:
         admin = {"Authorization": f"Bearer {info.credentials['VAPI_PRIVATE_KEY']}"}
         httpx.post(f"{info.vapi_url}/_fake/reset", headers=admin).raise_for_status()
@@ -73,19 +64,29 @@ def seed(info: StackInfo, demo: list[Case]) -> None:
                 httpx.post(f"{info.vapi_url}/_fake/rules", headers=admin,
                            json={"customer_number": case.phone, **case.vapi_rule}
                            ).raise_for_status()
-
-
-def schedule_jobs(info: StackInfo, demo: list[Case]) -> None:
-    publisher = QStashPublisher(url=info.qstash_url, token=info.credentials["QSTASH_TOKEN"])
-    with psycopg.connect(info.dsn) as conn:
+    now = datetime.now(timezone.utc)
+    with psycopg.connect(info.dsn, autocommit=True) as conn:
         for case in demo:
-            if not case.schedule_job:
-                continue
-            deadline = conn.execute("select deadline from forms where id = %s",
-                                    (case.form_id,)).fetchone()[0]
-            schedule_call(publisher=publisher, form_id=case.form_id, deadline=deadline,
-                          call_form_url=info.call_form_url)
-            case.journey.append("scheduled")
+            patient = create_patient(conn, full_name=f"Demo {case.key}", phone=case.phone)
+            deadline = None if case.due_in is None else now + timedelta(seconds=case.due_in)
+            # A silent insert: schedule-form never hears of the form (a lost webhook or job).
+            case.form_id = create_form(conn, patient_id=patient, title=case.title,
+                                       deadline=deadline, silent=not case.webhook)
+
+
+def change_forms(info: StackInfo, demo: list[Case]) -> None:
+    """What happens after creation: a submission before the deadline, a moved deadline."""
+    with psycopg.connect(info.dsn, autocommit=True) as conn:
+        for case in demo:
+            if case.submit:
+                conn.execute("update forms set submitted_at = now() where id = %s",
+                             (case.form_id,))
+            if case.move_to is not None:
+                conn.execute("update forms set deadline = now() + make_interval(secs => %s)"
+                             " where id = %s", (case.move_to, case.form_id))
+
+
+LABELS = {"claimed": "claimed", "released": "retry", "outcome_unknown": "unknown"}
 
 
 def refresh(info: StackInfo, demo: list[Case]) -> None:
@@ -94,29 +95,20 @@ def refresh(info: StackInfo, demo: list[Case]) -> None:
             status, error = conn.execute(
                 "select call_status, last_call_error from forms where id = %s",
                 (case.form_id,)).fetchone()
-            events = [e for (e,) in conn.execute(
-                "select event from form_call_events where form_id = %s order by id",
-                (case.form_id,))]
-            journey = case.journey[:2] if case.schedule_job else case.journey[:1]
-            for event in events:
-                label = {"claimed": "delivered", "released": "retrying"}.get(event, event)
-                if label == "skipped":
-                    label = "skipped"
-                journey.append(label)
-            case.journey = journey
+            rows = conn.execute("select event, detail from form_call_events where form_id = %s"
+                                " order by id", (case.form_id,)).fetchall()
+            case.journey = ["created"] + [LABELS.get(event, event) for event, _ in rows]
             case.status = status
-            skipped = conn.execute(
-                "select detail->>'reason' from form_call_events where form_id = %s"
-                " and event = 'skipped' order by id desc limit 1", (case.form_id,)).fetchone()
-            case.detail = error or (f"skipped: {skipped[0]}" if skipped else "")
+            skipped = [d.get("reason") for e, d in rows if e == "skipped"]
+            case.detail = error or (f"skipped: {skipped[-1]}" if skipped else "")
 
 
 def outcome(case: Case) -> str:
     if case.status in ("called", "failed"):
         return case.status
-    if "skipped" in case.journey:
-        return "skipped"
-    if case.status == "pending" and case.due_in is None:
+    if case.journey and case.journey[-1] == "cancelled":
+        return "cancelled"
+    if case.status == "pending" and case.due_in is None and len(case.journey) == 1:
         return "unscheduled"
     return "waiting"
 
@@ -134,18 +126,19 @@ def render(demo: list[Case], elapsed: float, phase: str) -> Table:
     return table
 
 
-def run(info: StackInfo, console: Console, *, timeout: float = 55.0) -> bool:
+def run(info: StackInfo, console: Console, *, timeout: float = 50.0) -> bool:
     """Play the demo; True when every form ended where it should."""
     started = time.monotonic()
     setup = httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]},
                       timeout=30)
-    console.print(f"[bold]setup[/] {setup.status_code} {setup.json()}")
+    console.print(f"[bold]setup[/] {setup.status_code} {escape(str(setup.json()))}")
     demo = cases()
     seed(info, demo)
-    schedule_jobs(info, demo)
+    time.sleep(1.0)
+    change_forms(info, demo)
     trigger = httpx.get(info.check_forms_url, timeout=60, headers={
         "Authorization": f"Bearer {info.credentials['CRON_SECRET']}"})
-    console.print(f"[bold]manual sweep[/] {trigger.status_code} {trigger.json()}")
+    console.print(f"[bold]manual sweep[/] {trigger.status_code} {escape(str(trigger.json()))}")
     with Live(render(demo, 0, "running"), console=console, refresh_per_second=4) as live:
         while time.monotonic() - started < timeout:
             refresh(info, demo)

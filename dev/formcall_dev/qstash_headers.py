@@ -1,4 +1,4 @@
-"""Parse QStash publish and schedule headers (durations, retry-delay expressions, flow control, cron) for the local QStash."""
+"""Parse QStash publish and schedule headers for the local QStash: durations, retry delays, cron."""
 
 from __future__ import annotations
 
@@ -90,13 +90,14 @@ def check_url(url: str, what: str = "destination") -> str:
 
 
 def parse_duration(text: str, what: str) -> float:
-    """Seconds in a QStash duration: 30s, 5m, 2h, 1d, compounds like 1h30m, or a bare number of seconds."""
+    """Seconds in a QStash duration: 30s, 5m, 2h, 1d, compounds like 1h30m, or bare seconds."""
     text = text.strip()
     if text.isdigit():
         return float(text)
     if not _DURATION.fullmatch(text):
         raise BadRequest(f"invalid {what}: {text!r} (use a number with s, m, h or d, e.g. 1h30m)")
-    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in _DURATION_PART.findall(text))
+    parts = _DURATION_PART.findall(text)
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
 
 
 def _parse_int(text: str, what: str, *, minimum: int = 0) -> int:
@@ -106,7 +107,7 @@ def _parse_int(text: str, what: str, *, minimum: int = 0) -> int:
     return int(text)
 
 
-# --- Upstash-Retry-Delay: a small arithmetic language, evaluated on a whitelisted AST, never eval().
+# --- Upstash-Retry-Delay: a small arithmetic language, walked on a whitelisted AST, never eval().
 
 _FUNCTIONS = {
     "pow": math.pow, "sqrt": math.sqrt, "abs": abs, "exp": math.exp, "floor": math.floor,
@@ -120,7 +121,7 @@ _BINARY = {
 
 def _evaluate(node: ast.AST, retried: float) -> float:
     match node:
-        case ast.Constant(value=value) if isinstance(value, int | float) and not isinstance(value, bool):
+        case ast.Constant(value=int() | float() as value) if not isinstance(value, bool):
             return float(value)
         case ast.Name(id="retried"):
             return retried
@@ -130,7 +131,8 @@ def _evaluate(node: ast.AST, retried: float) -> float:
             return -_evaluate(operand, retried)
         case ast.UnaryOp(op=ast.UAdd(), operand=operand):
             return _evaluate(operand, retried)
-        case ast.Call(func=ast.Name(id=name), args=args, keywords=[]) if name in _FUNCTIONS and args:
+        case ast.Call(func=ast.Name(id=name), args=[_, *_] as args, keywords=[]) \
+                if name in _FUNCTIONS:
             return float(_FUNCTIONS[name](*(_evaluate(arg, retried) for arg in args)))
     raise BadRequest(f"unsupported element in retry delay expression: {ast.dump(node)[:60]}")
 
@@ -155,7 +157,7 @@ def retry_delay_ms(expression: str, retried: int) -> float:
 # --- Flow control and cron.
 
 def parse_flow_control(key: str, value: str) -> tuple[int | None, int | None, int | None]:
-    """(parallelism, rate, period seconds) from `parallelism=2, rate=10, period=60s`; empty value = no limits."""
+    """(parallelism, rate, period s) from `parallelism=2, rate=10, period=60s`; "" = no limit."""
     if not key.strip():
         raise BadRequest("invalid Upstash-Flow-Control-Key: empty")
     limits: dict[str, str] = {}
@@ -182,7 +184,7 @@ def parse_flow_control(key: str, value: str) -> tuple[int | None, int | None, in
 
 
 def split_cron(cron: str) -> tuple[ZoneInfo, str]:
-    """(zone, five-field expression); a leading `CRON_TZ=<IANA zone> ` selects the zone, else UTC."""
+    """(zone, five-field expression); a leading `CRON_TZ=<IANA zone> ` picks the zone, else UTC."""
     text = cron.strip()
     zone = ZoneInfo("UTC")
     if text.startswith("CRON_TZ="):
@@ -308,7 +310,7 @@ def _sort_callback_header(suffix: str, value: str, settings: dict[str, str],
 
 
 def content_dedup_key(spec: MessageSpec) -> str:
-    """QStash's content-based deduplication covers destination, body, content type and forwarded headers."""
+    """Content-based deduplication covers destination, body, content type and forwarded headers."""
     digest = hashlib.sha256()
     for part in (spec.url, spec.content_type or "", repr(sorted(spec.header.items()))):
         digest.update(part.encode() + b"\0")

@@ -1,4 +1,4 @@
-"""A local stand-in for Upstash QStash (the v2 REST API the `qstash` SDK uses), backed by PostgreSQL.
+"""A local stand-in for Upstash QStash (the v2 REST API the `qstash` SDK uses), kept in PostgreSQL.
 
 `create_app(dsn=..., token=..., current_signing_key=..., next_signing_key=...)` returns a
 Starlette app; point the official client at it with `QStash(token, base_url=url)`. Every
@@ -7,9 +7,12 @@ one PostgreSQL schema, so a restarted server carries on with the same messages, 
 schedules, deduplication ids and DLQ. Deliveries are signed like QStash's (HS256 JWT with
 the current key, `sub` = destination, `body` = base64url SHA-256 of the body), carry
 Upstash-Message-Id / -Retried / -Schedule-Id / -Caller-Ip and `User-Agent: Upstash-QStash`,
-retry with QStash's backoff (min(1 day, e^(2.5 n)) seconds, times `time_scale`), honour
-Upstash-Retry-Delay, Retry-After and 489 + `Upstash-NonRetryable-Error: true`, then move the
-message to the DLQ and publish the failure callback.
+retry with QStash's backoff (min(1 day, e^(2.5 n)) seconds), honour Upstash-Retry-Delay,
+Retry-After and 489 + `Upstash-NonRetryable-Error: true`, then move the message to the DLQ
+and publish the failure callback. `time_scale` multiplies the backoff and Upstash-Retry-Delay
+waits only (so tests can retry in milliseconds); delays, not-before times, Retry-After and
+cron ticks run on the real clock. Up to 200 deliveries run at once; a due message is picked
+up within about 30 ms.
 
 Implemented: POST /v2/publish/{url}, POST /v2/batch, GET and DELETE /v2/messages/{id},
 DELETE /v2/messages, POST /v2/schedules/{url}, GET /v2/schedules[/{id}],
@@ -24,7 +27,8 @@ Local-only extras, not part of QStash (same token):
   failedAttempts, retriesScheduled, callbacksQueued, maxInFlight), current inFlight, queued,
   dlq and schedules counts, and per flow-control key its limits and maxInFlight.
   POST /v2/_local/stats/reset zeroes the counters. Counters are per server process.
-- POST /v2/_local/schedules/{id}/trigger: fire a schedule now (its cron is unchanged).
+- POST /v2/_local/schedules/{id}/trigger: fire a schedule now (its cron is unchanged);
+  in-process, `await app.state.local_qstash.trigger_schedule_now(id)` does the same.
 
 Simplifications compared with the real QStash:
 - Only URL destinations: no URL groups (topics), queues/enqueue, `api` destinations, key
@@ -62,6 +66,7 @@ import collections
 import hmac
 import json
 import secrets
+import urllib.parse
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -93,8 +98,13 @@ def error(status: int, message: str) -> JSONResponse:
 
 def _destination(request: Request, prefix: str) -> str:
     """The destination pasted raw after `prefix`, with the request's query string as its own."""
-    raw = (request.scope.get("raw_path") or request.scope["path"].encode()).decode("utf-8", "replace")
+    raw_path = request.scope.get("raw_path") or request.scope["path"].encode()
+    raw = raw_path.decode("utf-8", "replace")
     destination = raw[raw.index(prefix) + len(prefix):]
+    if not destination.lower().startswith(("http://", "https://")) and \
+            urllib.parse.unquote(destination).lower().startswith(("http://", "https://")):
+        # Some clients percent-encode the whole destination; QStash accepts that too.
+        destination = urllib.parse.unquote(destination)
     query = request.scope.get("query_string", b"").decode("utf-8", "replace")
     # A token passed as ?qstash_token= is ours, not part of the destination's query.
     kept = [pair for pair in query.split("&") if pair and not pair.startswith("qstash_token=")]

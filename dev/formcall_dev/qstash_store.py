@@ -1,4 +1,4 @@
-"""The local QStash's PostgreSQL state: a tiny async connection pool, every query, and rows turned into API JSON."""
+"""The local QStash's PostgreSQL state: a small async pool, the queries, rows as API JSON."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from formcall_dev.qstash_headers import MessageSpec, next_cron_time
+from formcall_dev.qstash_headers import BadRequest, MessageSpec, next_cron_time
 
 SCHEMA_SQL = Path(__file__).with_name("qstash_schema.sql")
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -137,7 +137,7 @@ def event_json(row: dict) -> dict:
 
 
 class ConnectionPool:
-    """At most `size` autocommit connections, opened on demand; a broken one is dropped, not reused."""
+    """At most `size` autocommit connections, opened on demand; a broken one is dropped."""
 
     def __init__(self, dsn: str, size: int) -> None:
         self._dsn = dsn
@@ -276,7 +276,7 @@ class Store:
     # --- publishing
 
     async def _claim_dedup(self, conn: AsyncConnection, key: str, message_id: str) -> str | None:
-        """None if `key` is new within the window (and now points at message_id), else the original id."""
+        """None if `key` is new in the window (now pointing at message_id), else the first id."""
         row = await (await conn.execute(self._sql(
             "insert into {s}.dedup (dedup_key, message_id, created_at) values (%s, %s, now())"
             " on conflict (dedup_key) do update"
@@ -398,7 +398,7 @@ class Store:
 
     async def finish_delivered(self, row: dict, owner: str, detail: dict,
                                followups: list[MessageSpec]) -> bool:
-        """Remove a delivered message and queue its callback; False if it was cancelled meanwhile."""
+        """Remove a delivered message, queue its callback; False if it was cancelled meanwhile."""
         async with self.pool.connection() as conn, conn.transaction():
             gone = await (await conn.execute(self._sql(_FINISH_DELIVERED), {
                 "message_id": row["message_id"], "owner": owner, "detail": Jsonb(detail),
@@ -420,7 +420,7 @@ class Store:
 
     async def finish_failed(self, row: dict, owner: str, detail: dict, dlq_fields: dict,
                             followups_for: Callable[[str], list[MessageSpec]]) -> str | None:
-        """Move a message to the DLQ; followups_for(dlq_id) gives the callbacks to queue. Returns the dlqId."""
+        """Move a message to the DLQ and return its dlqId; followups_for(dlq_id) gives callbacks."""
         async with self.pool.connection() as conn, conn.transaction():
             gone = await (await conn.execute(self._sql(
                 "delete from {s}.messages where message_id = %s and owner = %s returning *"),
@@ -604,8 +604,11 @@ class Store:
             if given.get(name) not in (None, ""):
                 where.append(clause)
                 value = given[name]
-                params.append(int(value) if name in ("responseStatus", "fromDate", "toDate")
-                              else value)
+                if name in ("responseStatus", "fromDate", "toDate"):
+                    if not value.isdigit():
+                        raise BadRequest(f"invalid {name}: {value!r}")
+                    value = int(value)
+                params.append(value)
         return where, params
 
     async def counts(self) -> dict:

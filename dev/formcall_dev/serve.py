@@ -1,4 +1,4 @@
-"""Run one component of the local stack in its own process: `python -m formcall_dev.serve NAME PORT`.
+"""Run one component (a server, or the webhook forwarder) of the local stack in its own process: `python -m formcall_dev.serve NAME PORT`.
 
 Its settings come from the environment the dev stack (stack.py) gives it.
 """
@@ -26,6 +26,12 @@ def build(name: str):
         return FakeVapi(api_key=env["VAPI_PRIVATE_KEY"],
                         concurrency_limit=int(env.get("FORMCALL_DEV_VAPI_CONCURRENCY", "10")),
                         call_duration=float(env.get("FORMCALL_DEV_VAPI_CALL_SECONDS", "2"))).app
+    if name == "webhooks":
+        from formcall_dev.webhooks import forward
+
+        forward(env["FORMCALL_DEV_DSN"], url=env["FORMCALL_DEV_WEBHOOK_URL"],
+                secret=env["WEBHOOK_SECRET"])
+        raise SystemExit(0)
     if name == "functions":
         from formcall_dev.functions_server import create_app
 
@@ -35,7 +41,8 @@ def build(name: str):
 
 def main() -> None:
     name, port = sys.argv[1], int(sys.argv[2])
-    uvicorn.run(build(name), host="127.0.0.1", port=port, log_level="warning", access_log=False,
+    app = build(name)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=3)
 
 

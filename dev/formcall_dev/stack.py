@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from formcall_dev import webhooks
 from formcall_dev.postgres import apply_migrations, start_embedded_postgres
 from formcall_dev.servers import free_port
 
@@ -34,6 +35,8 @@ class StackInfo:
     vapi_url: str
     credentials: dict[str, str]
     real_vapi: bool = False
+    # The dev stack calls at any hour unless told otherwise (`formcall dev --call-window`).
+    call_window: str = "00:00-23:59:59"
     pids: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -48,6 +51,14 @@ class StackInfo:
     def setup_url(self) -> str:
         return f"{self.functions_url}/api/setup-qstash"
 
+    @property
+    def schedule_form_url(self) -> str:
+        return f"{self.functions_url}/api/webhooks/forms"
+
+    @property
+    def failure_callback_url(self) -> str:
+        return f"{self.functions_url}/api/jobs/failed"
+
     def env(self) -> dict[str, str]:
         """The formcall settings for this stack, as the functions read them."""
         return {
@@ -55,7 +66,9 @@ class StackInfo:
             "QSTASH_URL": self.qstash_url,
             "CALL_FORM_URL": self.call_form_url,
             "CHECK_FORMS_URL": self.check_forms_url,
+            "FAILURE_CALLBACK_URL": self.failure_callback_url,
             "VAPI_BASE_URL": self.vapi_url,
+            "CALL_WINDOW": self.call_window,
             **self.credentials,
         }
 
@@ -69,17 +82,18 @@ def load_info(data_dir: Path = DEFAULT_DIR) -> StackInfo | None:
 
 def _credentials(data_dir: Path) -> dict[str, str]:
     """Dev credentials: generated on first run, kept so a restart keeps verifying old messages."""
-    path = data_dir / "credentials.json"
-    if path.exists():
-        return json.loads(path.read_text())
     from formcall_dev.qstash_server import generate_dev_credentials
 
+    path = data_dir / "credentials.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
     creds = {
         **generate_dev_credentials(),
         "CRON_SECRET": secrets.token_urlsafe(24),
+        "WEBHOOK_SECRET": secrets.token_urlsafe(24),
         "VAPI_PRIVATE_KEY": "dev-" + secrets.token_urlsafe(18),
         "VAPI_ASSISTANT_ID": "dev-assistant",
         "VAPI_PHONE_NUMBER_ID": "dev-phone-number",
+        **kept,
     }
     path.write_text(json.dumps(creds, indent=2))
     path.chmod(0o600)
@@ -88,11 +102,14 @@ def _credentials(data_dir: Path) -> dict[str, str]:
 
 class Stack:
     def __init__(self, data_dir: Path = DEFAULT_DIR, *, real_vapi: dict[str, str] | None = None,
-                 qstash_time_scale: float = 0.1, vapi_call_seconds: float = 2.0) -> None:
+                 qstash_time_scale: float = 0.1, vapi_call_seconds: float = 2.0,
+                 call_window: str | None = None, vapi_concurrency: int = 10) -> None:
         self.data_dir = data_dir
         self.real_vapi = real_vapi
         self.qstash_time_scale = qstash_time_scale
         self.vapi_call_seconds = vapi_call_seconds
+        self.call_window = call_window
+        self.vapi_concurrency = vapi_concurrency
         self.processes: dict[str, subprocess.Popen] = {}
         self.postgres = None
         self.info: StackInfo | None = None
@@ -103,6 +120,7 @@ class Stack:
         creds = _credentials(self.data_dir)
         self.postgres, dsn = start_embedded_postgres(self.data_dir / "pgdata")
         apply_migrations(dsn)
+        webhooks.install(dsn)
         ports = {name: free_port() for name in ("qstash", "vapi", "functions")}
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         if self.real_vapi:
@@ -110,24 +128,51 @@ class Stack:
             urls["vapi"] = self.real_vapi.get("VAPI_BASE_URL", "https://api.vapi.ai")
         info = StackInfo(dsn=dsn, qstash_url=urls["qstash"], functions_url=urls["functions"],
                          vapi_url=urls["vapi"], credentials=creds, real_vapi=bool(self.real_vapi))
-        env = {**os.environ, **info.env(), "FORMCALL_DEV_DSN": dsn,
-               "FORMCALL_DEV_QSTASH_TIME_SCALE": str(self.qstash_time_scale),
-               "FORMCALL_DEV_VAPI_CALL_SECONDS": str(self.vapi_call_seconds),
-               "POWERTOOLS_SERVICE_NAME": "formcall-dev", "POWERTOOLS_METRICS_NAMESPACE": "formcall"}
+        if self.call_window:
+            info.call_window = self.call_window
+        self.info = info
+        env = self._env()
         components = ["qstash", "functions"] + ([] if self.real_vapi else ["vapi"])
         try:
             for name in components:
                 self._spawn(name, ports[name], env)
             for name in components:
                 self._wait_ready(name, urls[name])
+            self._spawn("webhooks", 0, env)
+            self._wait_listening(dsn)
         except BaseException:
             self.stop()
             raise
         info.pids = {name: proc.pid for name, proc in self.processes.items()}
         (self.data_dir / STATE_FILE).write_text(json.dumps(asdict(info), indent=2))
         (self.data_dir / STATE_FILE).chmod(0o600)
-        self.info = info
         return info
+
+    def _env(self) -> dict[str, str]:
+        assert self.info is not None
+        return {**os.environ, **self.info.env(), "FORMCALL_DEV_DSN": self.info.dsn,
+                "FORMCALL_DEV_QSTASH_TIME_SCALE": str(self.qstash_time_scale),
+                "FORMCALL_DEV_VAPI_CALL_SECONDS": str(self.vapi_call_seconds),
+                "FORMCALL_DEV_VAPI_CONCURRENCY": str(self.vapi_concurrency),
+                "FORMCALL_DEV_WEBHOOK_URL": self.info.schedule_form_url,
+                "VAPI_MAX_CONCURRENCY": str(self.vapi_concurrency),
+                "POWERTOOLS_SERVICE_NAME": "formcall-dev",
+                "POWERTOOLS_METRICS_NAMESPACE": "formcall"}
+
+    def _wait_listening(self, dsn: str, timeout: float = 15.0) -> None:
+        """The webhook forwarder is ready once its LISTEN is in place."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                if self.processes["webhooks"].poll() is not None:
+                    raise RuntimeError(f"webhooks exited at start; see {self.data_dir}/logs")
+                if conn.execute("select 1 from pg_stat_activity where query ilike 'listen %'"
+                                ).fetchone():
+                    return
+                time.sleep(0.05)
+        raise TimeoutError("the webhook forwarder did not start listening")
 
     def _spawn(self, name: str, port: int, env: dict[str, str]) -> None:
         log = open(self.data_dir / "logs" / f"{name}.log", "ab")
@@ -153,10 +198,7 @@ class Stack:
         url = {"qstash": self.info.qstash_url, "vapi": self.info.vapi_url,
                "functions": self.info.functions_url}[name]
         self._terminate(name)
-        env = {**os.environ, **self.info.env(), "FORMCALL_DEV_DSN": self.info.dsn,
-               "FORMCALL_DEV_QSTASH_TIME_SCALE": str(self.qstash_time_scale),
-               "FORMCALL_DEV_VAPI_CALL_SECONDS": str(self.vapi_call_seconds)}
-        self._spawn(name, int(url.rsplit(":", 1)[1]), env)
+        self._spawn(name, int(url.rsplit(":", 1)[1]), self._env())
         self._wait_ready(name, url)
 
     def _terminate(self, name: str) -> None:

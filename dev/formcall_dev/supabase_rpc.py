@@ -12,6 +12,7 @@ import re
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -29,6 +30,8 @@ def create_app(*, dsn: str, service_role_key: str) -> Starlette:
         if not _NAME.match(function):
             return JSONResponse({"code": "PGRST202", "message": "function not found"}, 404)
         args = await request.json() if await request.body() else {}
+        # PostgREST passes JSON objects and arrays to json/jsonb parameters.
+        args = {k: Jsonb(v) if isinstance(v, dict | list) else v for k, v in args.items()}
         query = sql.SQL("select {}({})").format(
             sql.Identifier("public", function),
             sql.SQL(", ").join(sql.SQL("{} => {}").format(sql.Identifier(k), sql.Placeholder(k))

@@ -7,11 +7,19 @@ from formcall.web import Incoming, Reply, create_app, lambda_handler, verify_qst
 
 
 def handle(request: Incoming) -> Reply:
-    verify_qstash(request, public_url=settings.load(settings.PublicUrlSettings).CALL_FORM_URL)
+    claims = verify_qstash(request,
+                           public_url=settings.load(settings.PublicUrlSettings).CALL_FORM_URL)
     form_id = str(CallFormRequest.parse(request.body).formId)
-    result = call_form(form_id, store=clients.store(), vapi=clients.vapi())
+    delivery = {"message_id": request.headers.get("upstash-message-id"),
+                "retried": request.headers.get("upstash-retried")}
+    result = call_form(form_id, store=clients.store(), vapi=clients.vapi(),
+                       window=clients.window(), publisher=clients.publisher,
+                       self_url=claims["sub"], delivery=delivery)
     if result.status == "called":
         return Reply({"status": "called", "formId": form_id, "callId": result.call_id})
+    if result.status == "deferred":
+        return Reply({"status": "deferred", "formId": form_id,
+                      "until": result.until.isoformat()})
     if result.status == "unknown":
         # Accepted: the sweep reconciles it against Vapi's call list; a retry could only skip.
         return Reply({"status": "unknown", "formId": form_id, "reason": result.reason}, 202)

@@ -1,16 +1,24 @@
-"""The use cases: call one form, sweep for overdue forms, reconcile unknown outcomes, set up the schedule."""
+"""The use cases: call one form, schedule its deadline, sweep for overdue forms, reconcile, record failures."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
-from formcall.errors import (CallOutcomeUnknown, DatabaseUnavailable, PermanentFailure,
-                             TransientFailure, VapiRejected, VapiUnavailable)
+from formcall.errors import (BadRequest, CallOutcomeUnknown, DatabaseUnavailable,
+                             PermanentFailure, TransientFailure, VapiBusy, VapiRejected,
+                             VapiUnavailable)
 from formcall.models import CallResult, FormForCall, OverdueForm, SweepReport
 from formcall.observability import count, logger
+from formcall.publisher import CallMessage
 from formcall.store import FormStore
+from formcall.window import DEFAULT_WINDOW, CallWindow, next_opening, zone_for
 
 # A claim older than this with no recorded outcome is reconciled against Vapi's call list.
 # It is longer than any Lambda invocation (15 min), so the claimant is certainly gone.
@@ -30,15 +38,53 @@ class Caller(Protocol):
 
 
 class Publisher(Protocol):
-    def enqueue_calls(self, form_ids: list[str], *, destination: str) -> int: ...
-    def publish_call(self, form_id: str, *, destination: str, not_before: datetime | None = None,
-                     deduplication_id: str | None = None) -> str: ...
+    def publish_call(self, message: CallMessage, *, destination: str) -> str: ...
+    def enqueue_calls(self, messages: list[CallMessage], *, destination: str) -> int: ...
+    def cancel(self, message_id: str) -> bool: ...
     def upsert_schedule(self, *, schedule_id: str, destination: str, cron: str) -> dict: ...
 
 
-def call_form(form_id: str, *, store: FormStore, vapi: Caller) -> CallResult:
-    """Claim the form atomically, place its call, record the outcome."""
-    claim = store.claim(form_id)
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _opening(at: datetime, zone_name: str, window: CallWindow, form_id: str) -> datetime | None:
+    zone, valid = zone_for(zone_name)
+    if not valid:
+        logger.warning("invalid patient time zone; using UTC", extra={"form_id": form_id})
+    return next_opening(at, zone, window)
+
+
+def deadline_message(form_id: str, deadline: datetime, not_before: datetime) -> CallMessage:
+    """The one-time message for a deadline: deduplicated per form and deadline."""
+    return CallMessage(form_id=form_id, not_before=not_before,
+                       dedup_id=f"call-form-{form_id}-{math.ceil(deadline.timestamp())}")
+
+
+def call_form(form_id: str, *, store: FormStore, vapi: Caller,
+              window: CallWindow = DEFAULT_WINDOW,
+              publisher: Callable[[], Publisher] | None = None, self_url: str | None = None,
+              delivery: dict | None = None) -> CallResult:
+    """Claim the form atomically, place its call, record the outcome.
+
+    Outside the patient's calling window nothing is claimed: the message is published again
+    for the window's opening (to `self_url`, this endpoint) and the answer is "deferred".
+    """
+    if publisher is not None and self_url:
+        state = store.schedule_state(form_id)
+        if state and state.call_status == "pending" and state.due and not state.submitted:
+            until = _opening(_now(), state.timezone, window, form_id)
+            if until is not None:
+                message = CallMessage(form_id=form_id, not_before=until,
+                                      dedup_id=f"call-form-{form_id}-w{math.ceil(until.timestamp())}")
+                message_id = publisher().publish_call(message, destination=self_url)
+                store.record_deferred(form_id, until=until, message_id=message_id)
+                count("CallsDeferred")
+                logger.info("call deferred to the calling window",
+                            extra={"form_id": form_id, "until": until.isoformat()})
+                return CallResult("deferred", form_id, until=until)
+
+    claim = store.claim(form_id, delivery=delivery)
     if claim.outcome == "not_found":
         count("CallsFailed")
         raise PermanentFailure("unknown form", formId=form_id)
@@ -49,7 +95,6 @@ def call_form(form_id: str, *, store: FormStore, vapi: Caller) -> CallResult:
             claim.due_in_seconds is not None and claim.due_in_seconds <= EARLY_DELIVERY_SECONDS):
         # QStash's not-before has whole-second resolution and clocks differ: a delivery a
         # little early must come back at the deadline, not be dropped as "not due".
-        count("CallsDeferred")
         raise TransientFailure("form not due yet", retry_after=math.ceil(claim.due_in_seconds) + 1,
                                formId=form_id)
     if claim.outcome == "skipped":
@@ -61,7 +106,8 @@ def call_form(form_id: str, *, store: FormStore, vapi: Caller) -> CallResult:
     try:
         call_id = vapi.create_call(claim.form)
     except VapiUnavailable as exc:
-        store.release(form_id, exc.public_message)
+        # A call refused by the concurrency limit was never placed: not the form's attempt.
+        store.release(form_id, exc.public_message, refund_attempt=isinstance(exc, VapiBusy))
         count("CallsRetried")
         logger.warning("call not placed, will retry", extra={"form_id": form_id,
                                                              "error": exc.public_message})
@@ -90,11 +136,95 @@ def call_form(form_id: str, *, store: FormStore, vapi: Caller) -> CallResult:
     return CallResult("called", form_id, call_id=call_id)
 
 
+@dataclass(frozen=True)
+class ScheduleResult:
+    action: str                      # scheduled | rescheduled | cancelled | unchanged | gone
+    message_id: str | None = None
+    not_before: datetime | None = None
+
+
+def sync_form_schedule(form_id: str, *, store: FormStore, publisher: Publisher,
+                       call_form_url: str, window: CallWindow = DEFAULT_WINDOW) -> ScheduleResult:
+    """Make the form's one-time message match the form, whatever happened before.
+
+    A pending, unsubmitted form with a deadline has exactly one message, for that deadline
+    (moved to the calling window's opening); any other form has none. Reading the row rather
+    than trusting the webhook's payload makes this idempotent and order-independent.
+    """
+    state = store.schedule_state(form_id)
+    if state is None:
+        return ScheduleResult("gone")
+    wanted = (state.deadline is not None and not state.submitted
+              and state.call_status == "pending")
+    if not wanted:
+        if state.message_id is None:
+            return ScheduleResult("unchanged")
+        publisher.cancel(state.message_id)
+        reason = ("submitted" if state.submitted else "no deadline" if state.deadline is None
+                  else f"call {state.call_status}")
+        store.record_unscheduled(form_id, message_id=state.message_id, reason=reason)
+        count("FormsCancelled")
+        logger.info("call message cancelled", extra={"form_id": form_id, "reason": reason})
+        return ScheduleResult("cancelled", state.message_id)
+
+    assert state.deadline is not None
+    if state.message_id and state.scheduled_deadline == state.deadline:
+        return ScheduleResult("unchanged", state.message_id)
+    not_before = _opening(max(state.deadline, _now()), state.timezone, window, form_id) \
+        or state.deadline
+    message_id = publisher.publish_call(deadline_message(form_id, state.deadline, not_before),
+                                        destination=call_form_url)
+    if state.message_id and state.message_id != message_id:
+        publisher.cancel(state.message_id)
+    store.record_scheduled(form_id, message_id=message_id, deadline=state.deadline,
+                           not_before=not_before)
+    count("FormsScheduled")
+    action = "rescheduled" if state.message_id else "scheduled"
+    logger.info("call message published", extra={"form_id": form_id, "action": action,
+                                                  "not_before": not_before.isoformat()})
+    return ScheduleResult(action, message_id, not_before)
+
+
+def cancel_message(message_id: str | None, *, publisher: Publisher) -> ScheduleResult:
+    """A deleted form: cancel the message its last row pointed at."""
+    if not message_id:
+        return ScheduleResult("gone")
+    publisher.cancel(message_id)
+    count("FormsCancelled")
+    return ScheduleResult("cancelled", message_id)
+
+
+def record_failed_delivery(payload: dict, *, store: FormStore) -> tuple[str, str]:
+    """QStash's failure callback for a call-form message: mark the form failed with the reason."""
+    try:
+        source = json.loads(base64.b64decode(payload.get("sourceBody") or "", validate=True))
+        form_id = str(source["formId"])
+        body = base64.b64decode(payload.get("body") or "").decode("utf-8", "replace")
+    except (binascii.Error, ValueError, KeyError, TypeError):
+        raise BadRequest("not a QStash failure callback for a call-form message") from None
+    status = payload.get("status")
+    reason = f"QStash gave up after {payload.get('retried', 0)} retries: last answer HTTP {status}"
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if error:
+        reason += f" ({str(error)[:200]})"
+    detail = {"source_message_id": payload.get("sourceMessageId"), "status": status,
+              "retried": payload.get("retried", 0), "dlq_id": payload.get("dlqId")}
+    outcome = store.record_delivery_failed(form_id, reason=reason, detail=detail)
+    count("DeliveryFailed")
+    logger.error("call-form message failed for good", extra={"form_id": form_id,
+                                                             "status": status,
+                                                             "outcome": outcome})
+    return form_id, outcome
+
+
 def reconcile_stale_calls(*, store: FormStore, vapi: Caller,
                           lease_seconds: int = CLAIM_LEASE_SECONDS) -> dict[str, int]:
     """Resolve claims whose outcome was never recorded: found in Vapi -> called, absent -> released."""
     outcome = {"found": 0, "released": 0, "unresolved": 0}
-    now = datetime.now(timezone.utc)
+    now = _now()
     for stale in store.stale_calls(lease_seconds=lease_seconds):
         try:
             call_id = vapi.find_call_for_form(
@@ -117,21 +247,34 @@ def reconcile_stale_calls(*, store: FormStore, vapi: Caller,
 
 
 def sweep_overdue_forms(*, store: FormStore, vapi: Caller, publisher: Publisher,
-                        call_form_url: str, page_size: int = PAGE_SIZE) -> SweepReport:
-    """Enqueue one call-form message per overdue form (the catch-all for missed one-time jobs)."""
+                        call_form_url: str, window: CallWindow = DEFAULT_WINDOW,
+                        page_size: int = PAGE_SIZE) -> SweepReport:
+    """Enqueue one call-form message per overdue form (the catch-all for missed one-time jobs).
+
+    Forms outside their patient's calling window are enqueued for the window's opening.
+    """
     report = SweepReport(reconciled=reconcile_stale_calls(store=store, vapi=vapi))
+    now = _now()
+    hour = math.floor(now.timestamp() / 3600)
+    overdue_long = 0
     after: OverdueForm | None = None
     while True:
         page = store.overdue_page(limit=page_size, after=after)
         if not page:
             break
         report.found += len(page)
-        ids = [form.id for form in page]
+        overdue_long += sum(form.deadline < now - timedelta(hours=1) for form in page)
+        messages = []
+        for form in page:
+            opening = _opening(now, form.timezone, window, form.id)
+            # One message per form per sweep hour: two sweeps close together enqueue once.
+            messages.append(CallMessage(form_id=form.id, not_before=opening,
+                                        dedup_id=f"sweep-{form.id}-{hour}"))
         try:
-            report.enqueued += publisher.enqueue_calls(ids, destination=call_form_url)
+            report.enqueued += publisher.enqueue_calls(messages, destination=call_form_url)
         except Exception as exc:  # one failed batch must not stop the rest
-            report.failed += len(ids)
-            logger.error("enqueue batch failed", extra={"forms": len(ids),
+            report.failed += len(messages)
+            logger.error("enqueue batch failed", extra={"forms": len(messages),
                                                         "error": type(exc).__name__})
         if len(page) < page_size:
             break
@@ -139,20 +282,15 @@ def sweep_overdue_forms(*, store: FormStore, vapi: Caller, publisher: Publisher,
     count("FormsFound", report.found)
     count("FormsEnqueued", report.enqueued)
     count("EnqueueFailed", report.failed)
+    count("OverdueOverAnHour", overdue_long)
+    if not report.failed:
+        count("SweepSucceeded")
+    if overdue_long:
+        logger.warning("forms overdue by more than an hour: one-time jobs were missed",
+                       extra={"forms": overdue_long})
     logger.info("sweep done", extra={"found": report.found, "enqueued": report.enqueued,
                                      "failed": report.failed, "reconciled": report.reconciled})
     return report
-
-
-def schedule_call(*, publisher: Publisher, form_id: str, deadline: datetime,
-                  call_form_url: str) -> str:
-    """Publish the form's one-time call-form message for its deadline; returns the message id.
-
-    Deduplicated per form and deadline, so publishing the same deadline twice is one message.
-    """
-    return publisher.publish_call(
-        form_id, destination=call_form_url, not_before=deadline,
-        deduplication_id=f"call-form-{form_id}-{math.ceil(deadline.timestamp())}")
 
 
 def ensure_check_forms_schedule(*, publisher: Publisher, destination: str) -> dict:

@@ -1,14 +1,45 @@
-"""The collaborators each function uses, built once per container on first use."""
+"""The collaborators each function uses, built on first use and kept while their settings hold.
+
+In AWS the settings come partly from the formcall secret, re-read after its max age: a client
+whose settings changed (a rotated Vapi key or QStash token) is built again, the others are kept.
+"""
 
 from __future__ import annotations
 
-from functools import cache
+import functools
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 from formcall import settings
 from formcall.store import FormStore, PostgresRpc, SupabaseRpc
 
+C = TypeVar("C")
 
-@cache
+
+def _built_from(*models: type) -> Callable[[Callable[[], C]], Callable[[], C]]:
+    """Keep the client `build` makes until one of `models` (the settings it reads) changes."""
+
+    def decorate(build: Callable[[], C]) -> Callable[[], C]:
+        kept: list = []  # [(settings objects, client)] once built
+        lock = threading.Lock()
+
+        def get() -> C:
+            current = [settings.load(model) for model in models]
+            with lock:
+                if not kept or kept[0][0] != current:
+                    kept[:] = [(current, build())]
+                return kept[0][1]
+
+        functools.update_wrapper(get, build)
+        get.cache_clear = kept.clear  # type: ignore[attr-defined]
+        get.models = models  # type: ignore[attr-defined]
+        return get
+
+    return decorate
+
+
+@_built_from(settings.DatabaseSettings)
 def store() -> FormStore:
     config = settings.load(settings.DatabaseSettings)
     if config.DATABASE_URL is not None:
@@ -18,7 +49,7 @@ def store() -> FormStore:
     return FormStore(rpc, max_attempts=config.MAX_CALL_ATTEMPTS)
 
 
-@cache
+@_built_from(settings.VapiSettings)
 def vapi():
     from formcall.vapi import VapiClient
 
@@ -30,16 +61,32 @@ def vapi():
                       timeout=config.VAPI_TIMEOUT_SECONDS)
 
 
-@cache
+@_built_from(settings.PublisherSettings, settings.CallPolicySettings)
 def publisher():
-    from formcall.publisher import QStashPublisher
+    from formcall.publisher import QStashPublisher, flow_control
 
     config = settings.load(settings.PublisherSettings)
-    return QStashPublisher(url=config.QSTASH_URL, token=config.QSTASH_TOKEN.get_secret_value())
+    policy = settings.load(settings.CallPolicySettings)
+    return QStashPublisher(
+        url=config.QSTASH_URL, token=config.QSTASH_TOKEN.get_secret_value(),
+        failure_callback_url=policy.FAILURE_CALLBACK_URL,
+        flow=flow_control(policy.VAPI_MAX_CONCURRENCY, policy.VAPI_CALLS_PER_MINUTE))
+
+
+@_built_from(settings.CallPolicySettings)
+def window():
+    from formcall.errors import ConfigurationError
+    from formcall.window import parse_window
+
+    text = settings.load(settings.CallPolicySettings).CALL_WINDOW
+    try:
+        return parse_window(text)
+    except ValueError as exc:
+        raise ConfigurationError(["CALL_WINDOW"], f"CALL_WINDOW is malformed: {exc}") from None
 
 
 def reset() -> None:
     """Forget clients and settings (tests; a container keeps them for its lifetime)."""
-    for factory in (store, vapi, publisher):
+    for factory in (store, vapi, publisher, window):
         factory.cache_clear()
     settings.reset()

@@ -56,6 +56,10 @@ class VapiUnavailable(TransientFailure):
     """Vapi did not place the call (5xx, 429, connection refused, concurrency limit)."""
 
 
+class VapiBusy(VapiUnavailable):
+    """Vapi's concurrent-call limit was reached: the call was created blocked, never placed."""
+
+
 class VapiRejected(PermanentFailure):
     """Vapi refused the call with a 4xx other than 429: the request itself is wrong."""
 

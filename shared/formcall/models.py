@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from formcall.errors import BadRequest
 
@@ -59,6 +59,21 @@ class Claim:
 class OverdueForm:
     id: str
     deadline: datetime
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
+class ScheduleState:
+    """A form as scheduling and the calling window see it."""
+
+    id: str
+    deadline: datetime | None
+    submitted: bool
+    call_status: str
+    message_id: str | None
+    scheduled_deadline: datetime | None
+    timezone: str
+    due: bool
 
 
 @dataclass(frozen=True)
@@ -70,12 +85,13 @@ class StaleCall:
 
 @dataclass(frozen=True)
 class CallResult:
-    """What call-form answers: status is called, skipped, failed or unknown."""
+    """What call-form answers: status is called, skipped, deferred or unknown."""
 
     status: str
     form_id: str
     call_id: str | None = None
     reason: str | None = None
+    until: datetime | None = None
 
 
 @dataclass
@@ -84,3 +100,42 @@ class SweepReport:
     enqueued: int = 0
     failed: int = 0
     reconciled: dict[str, int] = field(default_factory=dict)
+
+
+class WebhookPayload(BaseModel):
+    """A Supabase Database Webhook for the forms table."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    type: Literal["INSERT", "UPDATE", "DELETE"]
+    table: Literal["forms"]
+    schema_: str = Field(default="public", alias="schema")
+    record: dict | None = None
+    old_record: dict | None = None
+
+    @classmethod
+    def parse(cls, body: bytes) -> WebhookPayload:
+        try:
+            payload = cls.model_validate_json(body)
+        except ValidationError as exc:
+            kind = exc.errors()[0]
+            if kind["type"] in ("json_invalid", "json_type", "model_type"):
+                raise BadRequest("body must be a Supabase Database Webhook (JSON object)") from None
+            raise BadRequest(f"bad webhook field: {'.'.join(map(str, kind['loc']))}") from None
+        row = payload.old_record if payload.type == "DELETE" else payload.record
+        if not isinstance(row, dict):
+            raise BadRequest("webhook has no row")
+        try:
+            UUID(str(row.get("id")))
+        except ValueError:
+            raise BadRequest("webhook row id must be a UUID") from None
+        return payload
+
+    def form_id(self) -> str:
+        row = self.old_record if self.type == "DELETE" else self.record
+        return str(UUID(str(row["id"])))
+
+    def schedule_unchanged(self) -> bool:
+        """An UPDATE that touched neither the deadline nor the submission needs no work."""
+        if self.type != "UPDATE" or not self.old_record:
+            return False
+        return all(self.record.get(k) == self.old_record.get(k) for k in ("deadline", "submitted_at"))

@@ -1,66 +1,114 @@
-"""Publishing to QStash with the official client: call-form batches and the sweep schedule."""
+"""Publishing to QStash with the official client: call-form messages, batches, cancels, the schedule.
+
+Every call-form message carries the same flow-control key, so QStash itself keeps deliveries
+within Vapi's account-wide concurrent-call limit, and the failure callback, so a message QStash
+gives up on is recorded on its form.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 
 from formcall.errors import ConfigurationError, TransientFailure
 
 # QStash's batch endpoint takes at most 100 messages per request.
 BATCH_LIMIT = 100
-CALL_RETRIES = 3
+# Extra attempts per call-form message; QStash waits ~12 s, 2.5 min, 30 min, 6 h, 24 h between them.
+CALL_RETRIES = 5
+FLOW_CONTROL_KEY = "formcall-vapi-calls"
+
+
+@dataclass(frozen=True)
+class CallMessage:
+    """One call-form message: for `form_id`, not before `not_before`, deduplicated by `dedup_id`."""
+
+    form_id: str
+    dedup_id: str
+    not_before: datetime | None = None
+
+
+def flow_control(max_concurrency: int, calls_per_minute: int) -> dict:
+    """QStash flow control: at most `max_concurrency` deliveries in flight, and a start rate."""
+    if calls_per_minute >= 60:
+        rate, period = max(1, round(calls_per_minute / 60)), 1
+    else:
+        rate, period = calls_per_minute, 60
+    return {"key": FLOW_CONTROL_KEY, "parallelism": max_concurrency, "rate": rate,
+            "period": period}
 
 
 class QStashPublisher:
-    def __init__(self, *, url: str, token: str) -> None:
-        from qstash import QStash  # imported on first use: only check-forms and setup publish
+    def __init__(self, *, url: str, token: str, failure_callback_url: str | None = None,
+                 flow: dict | None = None) -> None:
+        from qstash import QStash  # imported on first use: only publishing functions pay for it
 
         # The client retries only requests that raised (connection errors): safe, since every
         # call-form message carries a deduplication id and schedules are upserts by id.
         self._client = QStash(token, base_url=url,
                               retry={"retries": 2, "backoff": lambda attempt: 200 * (attempt + 1)})
+        self._failure_callback_url = failure_callback_url
+        self._flow = flow
 
-    def enqueue_calls(self, form_ids: list[str], *, destination: str) -> int:
-        """Send one call-form message per form, 100 per batch request; returns how many were accepted."""
+    def _options(self, message: CallMessage) -> dict:
+        options: dict = {"retries": CALL_RETRIES, "deduplication_id": message.dedup_id}
+        if message.not_before is not None:
+            # Whole seconds, rounded up: never before the deadline or the window's opening.
+            options["not_before"] = math.ceil(message.not_before.timestamp())
+        if self._failure_callback_url:
+            options["failure_callback"] = self._failure_callback_url
+        if self._flow:
+            options["flow_control"] = self._flow
+        return options
+
+    def publish_call(self, message: CallMessage, *, destination: str) -> str:
+        """Publish one call-form message; returns its QStash message id."""
+        with _qstash_errors():
+            response = self._client.message.publish_json(
+                url=destination, body={"formId": message.form_id}, **self._options(message))
+        return response.message_id
+
+    def enqueue_calls(self, messages: Iterable[CallMessage], *, destination: str) -> int:
+        """Send call-form messages, 100 per batch request; returns how many were accepted."""
+        messages = list(messages)
         accepted = 0
-        for start in range(0, len(form_ids), BATCH_LIMIT):
-            chunk = form_ids[start:start + BATCH_LIMIT]
-            responses = self._client.message.batch_json([
-                {
-                    "url": destination,
-                    "body": {"formId": form_id},
-                    "retries": CALL_RETRIES,
-                    "deduplication_id": f"call-form-{form_id}",
-                }
-                for form_id in chunk
-            ])
+        for start in range(0, len(messages), BATCH_LIMIT):
+            chunk = messages[start:start + BATCH_LIMIT]
+            with _qstash_errors():
+                responses = self._client.message.batch_json([
+                    {"url": destination, "body": {"formId": m.form_id}, **self._options(m)}
+                    for m in chunk
+                ])
             accepted += len(responses)
         return accepted
 
-    def publish_call(self, form_id: str, *, destination: str, not_before: datetime | None = None,
-                     deduplication_id: str | None = None) -> str:
-        """One call-form message for one form, delivered at `not_before` (now when None)."""
-        with _qstash_errors():
-            response = self._client.message.publish_json(
-                url=destination, body={"formId": form_id}, retries=CALL_RETRIES,
-                # Whole seconds, rounded up: never before the deadline.
-                not_before=math.ceil(not_before.timestamp()) if not_before else None,
-                deduplication_id=deduplication_id)
-        return response.message_id
+    def cancel(self, message_id: str) -> bool:
+        """Cancel a message; False when QStash no longer has it (delivered, cancelled or unknown)."""
+        from qstash.errors import QStashError
+
+        try:
+            with _qstash_errors(passthrough=QStashError):
+                self._client.message.cancel(message_id)
+        except QStashError as exc:
+            if "status: 404" in str(exc):
+                return False
+            raise TransientFailure("QStash unavailable", cause=type(exc).__name__) from exc
+        return True
 
     def upsert_schedule(self, *, schedule_id: str, destination: str, cron: str) -> dict:
         with _qstash_errors():
             self._client.schedule.create(destination=destination, cron=cron,
-                                         schedule_id=schedule_id, retries=CALL_RETRIES)
+                                         schedule_id=schedule_id, retries=3)
             schedule = self._client.schedule.get(schedule_id)
         return {"scheduleId": schedule.schedule_id, "cron": schedule.cron,
                 "destination": schedule.destination}
 
 
 @contextmanager
-def _qstash_errors():
+def _qstash_errors(passthrough: type[Exception] | None = None):
     """Map the client's failures: a refused token is configuration, anything else is transient."""
     import httpx
     from qstash.errors import QStashError
@@ -70,6 +118,11 @@ def _qstash_errors():
     except QStashError as exc:
         if "status: 401" in str(exc) or "status: 403" in str(exc):
             raise ConfigurationError(["QSTASH_TOKEN"], "QStash refused QSTASH_TOKEN") from exc
+        if passthrough is not None and isinstance(exc, passthrough):
+            raise
         raise TransientFailure("QStash unavailable", cause=type(exc).__name__) from exc
     except httpx.HTTPError as exc:
         raise TransientFailure("QStash unreachable", cause=type(exc).__name__) from exc
+    except (KeyError, ValueError) as exc:
+        # An answer the client could not parse (e.g. a batch element that failed).
+        raise TransientFailure("QStash answer not understood", cause=type(exc).__name__) from exc

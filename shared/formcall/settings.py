@@ -7,11 +7,12 @@ malformed value raises ConfigurationError naming the variable.
 from __future__ import annotations
 
 import os
-from functools import cache
+from collections.abc import Mapping
 from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from formcall import secrets
 from formcall.errors import ConfigurationError
 
 T = TypeVar("T", bound=BaseModel)
@@ -115,9 +116,10 @@ class CallPolicySettings(BaseModel):
     model_config = _SETTINGS
     # Patient-local window, e.g. "09:00-20:00" or "Mon-Fri 09:00-18:00" (formcall.window).
     CALL_WINDOW: str = "09:00-20:00"
-    # Vapi's account-wide concurrent-call limit and the start rate QStash flow control allows.
+    # Vapi's account-wide concurrent-call limit and the start rate QStash flow control allows:
+    # lines x 60 / a typical call's seconds (10 lines, one-minute calls: 10 per minute).
     VAPI_MAX_CONCURRENCY: int = Field(default=10, ge=1, le=1000)
-    VAPI_CALLS_PER_MINUTE: int = Field(default=120, ge=1, le=100_000)
+    VAPI_CALLS_PER_MINUTE: int = Field(default=10, ge=1, le=100_000)
     # Where QStash reports a call-form message that failed for good (the failure-callback URL).
     FAILURE_CALLBACK_URL: str | None = Field(default=None, pattern=_URL)
 
@@ -140,18 +142,36 @@ class PublicUrlSettings(BaseModel):
         return {k: (None if v == "" else v) for k, v in values.items()}
 
 
-@cache
+# model -> (the secret's values it was validated with, the validated settings)
+_validated: dict[type[BaseModel], tuple[Mapping[str, str], BaseModel]] = {}
+
+
 def load(model: type[T]) -> T:
-    """Validate `model` from the environment once per container."""
+    """Validate `model` from the environment and, in AWS, the formcall secret (its keys win).
+
+    Validated once per container, and again only when the secret's value changes: Powertools
+    keeps it FORMCALL_SECRET_MAX_AGE seconds, so a rotated key is picked up without a
+    redeploy. An unchanged result keeps its object, so clients built from it are kept too.
+    """
+    secret = secrets.secret_values()
+    cached = _validated.get(model)
+    if cached is not None and (cached[0] is secret or cached[0] == secret):
+        return cached[1]  # type: ignore[return-value]
     try:
-        return model.model_validate(dict(os.environ))
+        validated = model.model_validate({**os.environ, **secret})
     except ValidationError as exc:
         names = sorted({str(err["loc"][0]) for err in exc.errors() if err["loc"]})
         if not names:  # a model validator raised; its message names the variables
             raise ConfigurationError([], str(exc.errors()[0]["msg"])) from None
-        raise ConfigurationError(names, f"missing or malformed: {', '.join(names)}") from None
+        where = " (in the formcall secret or the environment)" if secret else ""
+        raise ConfigurationError(names, f"missing or malformed: {', '.join(names)}{where}") from None
+    if cached is not None and cached[1] == validated:
+        validated = cached[1]
+    _validated[model] = (secret, validated)
+    return validated  # type: ignore[return-value]
 
 
 def reset() -> None:
-    """Forget validated settings (tests, and after a secret rotation)."""
-    load.cache_clear()
+    """Forget validated settings and the cached secret (tests; a container keeps them)."""
+    _validated.clear()
+    secrets.forget()

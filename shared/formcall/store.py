@@ -11,7 +11,11 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from formcall.errors import DatabaseUnavailable
-from formcall.models import Claim, FormForCall, OverdueForm, StaleCall
+from formcall.models import Claim, FormForCall, OverdueForm, ScheduleState, StaleCall
+
+
+class Jsonb(dict):
+    """A dict passed to a jsonb parameter (psycopg needs to be told; PostgREST takes JSON)."""
 
 
 class Rpc(Protocol):
@@ -45,6 +49,9 @@ class PostgresRpc:
             sql.SQL(", ").join(sql.SQL("{} => {}").format(sql.Identifier(name), sql.Placeholder(name))
                                for name in params),
         )
+        from psycopg.types.json import Jsonb as PgJsonb
+
+        params = {k: PgJsonb(dict(v)) if isinstance(v, Jsonb) else v for k, v in params.items()}
         try:
             row = self._connection().execute(query, params).fetchone()
         except psycopg.OperationalError as exc:
@@ -107,9 +114,11 @@ class FormStore:
         self._rpc = rpc
         self._max_attempts = max_attempts
 
-    def claim(self, form_id: str) -> Claim:
-        result = self._rpc("claim_form_call", {"p_form_id": form_id,
-                                               "p_max_attempts": self._max_attempts})
+    def claim(self, form_id: str, *, delivery: dict[str, Any] | None = None) -> Claim:
+        params: dict[str, Any] = {"p_form_id": form_id, "p_max_attempts": self._max_attempts}
+        if delivery is not None:
+            params["p_delivery"] = Jsonb(delivery)
+        result = self._rpc("claim_form_call", params)
         form = result.get("form")
         return Claim(
             outcome=result["outcome"],
@@ -126,8 +135,9 @@ class FormStore:
     def record_placed(self, form_id: str, call_id: str) -> bool:
         return self._rpc("record_call_placed", {"p_form_id": form_id, "p_call_id": call_id})["recorded"]
 
-    def release(self, form_id: str, error: str) -> bool:
-        return self._rpc("release_form_call", {"p_form_id": form_id, "p_error": error})["released"]
+    def release(self, form_id: str, error: str, *, refund_attempt: bool = False) -> bool:
+        return self._rpc("release_form_call", {"p_form_id": form_id, "p_error": error,
+                                               "p_refund_attempt": refund_attempt})["released"]
 
     def record_failed(self, form_id: str, error: str) -> bool:
         return self._rpc("record_call_failed", {"p_form_id": form_id, "p_error": error})["recorded"]
@@ -135,12 +145,44 @@ class FormStore:
     def record_unknown(self, form_id: str, error: str) -> bool:
         return self._rpc("record_call_unknown", {"p_form_id": form_id, "p_error": error})["recorded"]
 
+    def schedule_state(self, form_id: str) -> ScheduleState | None:
+        row = self._rpc("form_schedule_state", {"p_form_id": form_id})
+        if not row:
+            return None
+        return ScheduleState(
+            id=row["id"], deadline=_ts(row["deadline"]) if row["deadline"] else None,
+            submitted=row["submitted"], call_status=row["call_status"],
+            message_id=row["qstash_message_id"],
+            scheduled_deadline=_ts(row["scheduled_deadline"]) if row["scheduled_deadline"] else None,
+            timezone=row["timezone"], due=row["due"])
+
+    def record_scheduled(self, form_id: str, *, message_id: str, deadline: datetime,
+                         not_before: datetime) -> bool:
+        return self._rpc("record_form_scheduled", {
+            "p_form_id": form_id, "p_message_id": message_id, "p_deadline": deadline.isoformat(),
+            "p_not_before": not_before.isoformat()})["recorded"]
+
+    def record_unscheduled(self, form_id: str, *, message_id: str | None, reason: str) -> bool:
+        return self._rpc("record_form_unscheduled", {"p_form_id": form_id,
+                                                     "p_message_id": message_id,
+                                                     "p_reason": reason})["recorded"]
+
+    def record_deferred(self, form_id: str, *, until: datetime, message_id: str | None) -> bool:
+        return self._rpc("record_call_deferred", {"p_form_id": form_id,
+                                                  "p_until": until.isoformat(),
+                                                  "p_message_id": message_id})["recorded"]
+
+    def record_delivery_failed(self, form_id: str, *, reason: str, detail: dict[str, Any]) -> str:
+        return self._rpc("record_delivery_failed", {"p_form_id": form_id, "p_reason": reason,
+                                                    "p_detail": Jsonb(detail)})["outcome"]
+
     def overdue_page(self, *, limit: int, after: OverdueForm | None = None) -> list[OverdueForm]:
         params: dict[str, Any] = {"p_limit": limit}
         if after is not None:
             params |= {"p_after_deadline": after.deadline.isoformat(), "p_after_id": after.id}
         rows = self._rpc("find_overdue_forms", params)
-        return [OverdueForm(id=r["id"], deadline=_ts(r["deadline"])) for r in rows]
+        return [OverdueForm(id=r["id"], deadline=_ts(r["deadline"]), timezone=r["timezone"])
+                for r in rows]
 
     def stale_calls(self, *, lease_seconds: int, limit: int = 100) -> list[StaleCall]:
         rows = self._rpc("find_stale_calls", {"p_lease_seconds": lease_seconds, "p_limit": limit})

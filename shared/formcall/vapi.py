@@ -6,12 +6,13 @@ a request that may have reached Vapi raises CallOutcomeUnknown instead.
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import httpx
 
-from formcall.errors import CallOutcomeUnknown, VapiRejected, VapiUnavailable
+from formcall.errors import CallOutcomeUnknown, VapiBusy, VapiRejected, VapiUnavailable
 from formcall.models import FormForCall
 
 # Vapi limits customer.name to 40 characters.
@@ -80,9 +81,10 @@ class VapiClient:
                 raise CallOutcomeUnknown(f"HTTP {status} without a call id") from exc
             limits = call.get("subscriptionLimits") or {}
             if limits.get("concurrencyBlocked"):
-                # Created but never placed: Vapi ends it at once. Safe to try again shortly.
-                raise VapiUnavailable("Vapi concurrency limit reached", retry_after=10,
-                                      call_id=call_id)
+                # Created but never placed: Vapi ends it at once. Safe to try again shortly;
+                # the spread keeps blocked deliveries from all coming back in the same second.
+                raise VapiBusy("Vapi concurrency limit reached",
+                               retry_after=random.randint(3, 8), call_id=call_id)
             return call_id
         if status == 429 or status >= 500:
             raise VapiUnavailable(f"Vapi answered HTTP {status}", retry_after=_retry_after(response))

@@ -142,14 +142,24 @@ def verify_qstash(incoming: Incoming, *, public_url: str | None = None) -> dict:
         raise Unauthorized("invalid signature") from None
 
 
+def _require_secret(expected: str, offered: list[str]) -> None:
+    if not any(hmac.compare_digest(value.encode(), expected.encode()) for value in offered):
+        raise Unauthorized("unauthorized")
+
+
+def _bearer(incoming: Incoming) -> list[str]:
+    authorization = incoming.headers.get("authorization", "")
+    return [authorization[7:].strip()] if authorization[:7].lower() == "bearer " else []
+
+
 def require_cron_secret(incoming: Incoming, *, allow_query: bool = False) -> None:
     """Accept `Authorization: Bearer <CRON_SECRET>` (and `?secret=` where allowed), in constant time."""
-    expected = settings.load(settings.CronSettings).CRON_SECRET.get_secret_value().encode()
-    offered = []
-    authorization = incoming.headers.get("authorization", "")
-    if authorization[:7].lower() == "bearer ":
-        offered.append(authorization[7:].strip())
-    if allow_query and "secret" in incoming.query:
-        offered.append(incoming.query["secret"])
-    if not any(hmac.compare_digest(value.encode(), expected) for value in offered):
-        raise Unauthorized("unauthorized")
+    expected = settings.load(settings.CronSettings).CRON_SECRET.get_secret_value()
+    query = [incoming.query["secret"]] if allow_query and "secret" in incoming.query else []
+    _require_secret(expected, _bearer(incoming) + query)
+
+
+def require_webhook_secret(incoming: Incoming) -> None:
+    """Accept the WEBHOOK_SECRET as `Authorization: Bearer …` or `X-Webhook-Secret: …`."""
+    expected = settings.load(settings.WebhookSettings).WEBHOOK_SECRET.get_secret_value()
+    _require_secret(expected, _bearer(incoming) + incoming.headers.getlist("x-webhook-secret"))

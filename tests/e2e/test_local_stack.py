@@ -16,8 +16,6 @@ import pytest
 from qstash import QStash
 from typer.testing import CliRunner
 
-from formcall.calls import schedule_call
-from formcall.publisher import QStashPublisher
 from formcall_dev.cli import app as cli
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 from formcall_dev.stack import Stack
@@ -65,10 +63,6 @@ def qstash(info) -> QStash:
     return QStash(info.credentials["QSTASH_TOKEN"], base_url=info.qstash_url, retry=False)
 
 
-def publisher(info) -> QStashPublisher:
-    return QStashPublisher(url=info.qstash_url, token=info.credentials["QSTASH_TOKEN"])
-
-
 def test_setup_creates_exactly_one_schedule(info):
     for _ in range(3):
         answer = httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]})
@@ -81,7 +75,7 @@ def test_setup_creates_exactly_one_schedule(info):
 
 def test_manual_trigger_needs_the_bearer_secret(info, conn):
     patient = create_patient(conn)
-    form = create_form(conn, patient_id=patient,
+    form = create_form(conn, patient_id=patient, silent=True,
                        deadline=datetime.now(timezone.utc) - timedelta(minutes=3))
     assert httpx.get(info.check_forms_url).status_code == 401
     assert httpx.get(info.check_forms_url, headers={"Authorization": "Bearer nope"}).status_code == 401
@@ -95,9 +89,7 @@ def test_manual_trigger_needs_the_bearer_secret(info, conn):
 def test_form_due_in_two_seconds_is_called_once_on_time(info, conn):
     patient = create_patient(conn)
     deadline = datetime.now(timezone.utc) + timedelta(seconds=2)
-    form = create_form(conn, patient_id=patient, deadline=deadline)
-    schedule_call(publisher=publisher(info), form_id=form, deadline=deadline,
-                  call_form_url=info.call_form_url)
+    form = create_form(conn, patient_id=patient, deadline=deadline)  # the webhook schedules it
     wait_until(lambda: form_row(conn, form)["call_status"] == "called", timeout=10)
     calls = vapi_admin(info, "GET", "/calls", params={"formId": form})
     assert len(calls) == 1
@@ -105,7 +97,7 @@ def test_form_due_in_two_seconds_is_called_once_on_time(info, conn):
     delay = (placed - deadline).total_seconds()
     print(f"\ndeadline to call: {delay:.3f} s")
     assert 0 <= delay < 2.0
-    assert form_events(conn, form) == ["claimed", "called"]
+    assert form_events(conn, form) == ["scheduled", "delivered", "claimed", "called"]
 
 
 def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monkeypatch):
@@ -114,8 +106,6 @@ def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monk
                        deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
     vapi_admin(info, "POST", "/rules", json={"customer_number": "+15550109999", "status": 400})
     httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]})
-    schedule_call(publisher=publisher(info), form_id=form,
-                  deadline=datetime.now(timezone.utc), call_form_url=info.call_form_url)
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed")
     wait_until(lambda: qstash(info).dlq.list().messages)
     for name, value in info.env().items():
@@ -137,9 +127,7 @@ def test_rejected_call_ends_failed_and_reaches_the_dlq(info, conn):
     vapi_admin(info, "POST", "/rules", json={"customer_number": "+15550108888", "status": 422})
     form = create_form(conn, patient_id=patient,
                        deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
-    message_id = schedule_call(publisher=publisher(info), form_id=form,
-                               deadline=datetime.now(timezone.utc),
-                               call_form_url=info.call_form_url)
+    message_id = wait_until(lambda: form_row(conn, form)["qstash_message_id"])
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed")
     assert form_row(conn, form)["last_call_error"].startswith("Vapi rejected the call: HTTP 422")
     entries = wait_until(lambda: [m for m in qstash(info).dlq.list().messages
@@ -152,9 +140,7 @@ def test_qstash_restart_loses_no_waiting_message(stack, conn):
     patient = create_patient(conn)
     deadline = datetime.now(timezone.utc) + timedelta(seconds=3)
     forms = [create_form(conn, patient_id=patient, deadline=deadline) for _ in range(5)]
-    for form in forms:
-        schedule_call(publisher=publisher(info), form_id=form, deadline=deadline,
-                      call_form_url=info.call_form_url)
+    wait_until(lambda: all(form_row(conn, f)["qstash_message_id"] for f in forms))
     stack_obj.restart("qstash")
     wait_until(lambda: all(form_row(conn, f)["call_status"] == "called" for f in forms), timeout=20)
     for form in forms:

@@ -66,9 +66,12 @@ def env(monkeypatch, db, keys, vapi_server):
         "VAPI_PHONE_NUMBER_ID": "phone-test",
         "VAPI_BASE_URL": vapi_url,
         "VAPI_TIMEOUT_SECONDS": "2",
+        # Tests run at any hour; the calling window has tests of its own.
+        "CALL_WINDOW": "00:00-23:59:59",
     }
     for name in ("SUPABASE_URL", "NEXT_PUBLIC_SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY",
-                 "CALL_FORM_URL", "CHECK_FORMS_URL", "QSTASH_URL"):
+                 "CALL_FORM_URL", "CHECK_FORMS_URL", "QSTASH_URL", "FAILURE_CALLBACK_URL",
+                 "WEBHOOK_SECRET", "VAPI_MAX_CONCURRENCY", "VAPI_CALLS_PER_MINUTE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -132,6 +135,8 @@ def function_server():
 def stack_env(env, monkeypatch, local_qstash, function_server):
     """env plus the local QStash and the function server's URLs."""
     values = {"QSTASH_URL": local_qstash,
+              # Flow control is tested on its own; here it must not slow the sweep tests.
+              "VAPI_MAX_CONCURRENCY": "100", "VAPI_CALLS_PER_MINUTE": "60000",
               "CALL_FORM_URL": f"{function_server}/api/jobs/call-form",
               "CHECK_FORMS_URL": f"{function_server}/api/cron/check-forms"}
     for name, value in values.items():

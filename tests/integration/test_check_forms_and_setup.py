@@ -14,7 +14,7 @@ from helpers import DOMAIN, invoke
 from qstash import QStash
 
 from formcall import clients
-from formcall.calls import CHECK_FORMS_SCHEDULE_ID, schedule_call
+from formcall.calls import CHECK_FORMS_SCHEDULE_ID, sync_form_schedule
 from formcall.signatures import sign
 from formcall_dev.events import http_event
 from formcall_dev.seed import create_form, create_patient, form_row
@@ -139,8 +139,8 @@ def test_sweep_racing_the_deadline_jobs_gives_one_call_per_form(stack_env, vapi,
     publisher = clients.publisher()
 
     def deadline_job(form_id):
-        return schedule_call(publisher=publisher, form_id=form_id, deadline=past,
-                             call_form_url=stack_env["CALL_FORM_URL"])
+        return sync_form_schedule(form_id, store=clients.store(), publisher=publisher,
+                                  call_form_url=stack_env["CALL_FORM_URL"])
 
     with ThreadPoolExecutor(8) as pool:
         # Over HTTP: Lambda runs one invocation per process, a server runs many at once.

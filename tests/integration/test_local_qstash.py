@@ -1,4 +1,4 @@
-"""The local QStash against the official `qstash` client: real HTTP on loopback, real PostgreSQL, real JWTs."""
+"""The local QStash driven by the official `qstash` client: loopback HTTP, real PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import json
 import secrets
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import httpx
 import jwt
@@ -353,8 +356,8 @@ def test_retry_delay_expression_replaces_the_default_backoff(server, qstash, rec
                            retry_delay="400000 * pow(2, retried)")
 
     first, second, third = receiver.wait_for("custom", 3, timeout=5)
-    assert 0.35 <= second.at - first.at < 0.7
-    assert 0.75 <= third.at - second.at < 1.3
+    assert 0.35 <= second.at - first.at < 0.75
+    assert 0.75 <= third.at - second.at < 1.6
 
 
 def test_deduplication_id_answers_202_with_the_original_id(server, qstash, receiver):
@@ -421,6 +424,9 @@ def test_message_get_and_cancel(server, qstash, receiver):
     assert message.label == "deadline"
     assert abs(message.not_before - (time.time() + 60) * 1000) < 5000
     assert message.created_at <= time.time() * 1000
+    default = qstash.message.publish(url=receiver.url("later"), body="x", delay=60)
+    assert qstash.message.get(default.message_id).max_retries == 3
+    qstash.message.cancel(default.message_id)
 
     queued = server.local("GET", "/v2/_local/messages")["messages"]
     assert [(m["messageId"], m["state"], m["retried"]) for m in queued] == \
@@ -505,6 +511,30 @@ def test_bad_headers_and_destinations_answer_400(server, qstash, receiver):
     assert receiver.at("never") == []
 
 
+def test_method_timeout_and_encoded_destination(server, qstash, receiver):
+    async def slow(n):
+        await asyncio.sleep(1.5)
+        return PlainTextResponse("too late")
+
+    receiver.behaviours["slow"] = slow
+    qstash.message.publish(url=receiver.url("put"), body="x", method="PUT")
+    result = qstash.message.publish(url=receiver.url("slow"), body="x", timeout=1, retries=0)
+    encoded = httpx.post(f"{server.url}/v2/publish/" + urllib.parse.quote(receiver.url("enc"),
+                                                                          safe=""),
+                         content=b"x", headers={"Authorization": f"Bearer {server.token}"})
+    assert encoded.status_code == 200
+
+    assert receiver.wait_for("put", 1)[0].method == "PUT"
+    verify(receiver.wait_for("enc", 1)[0], server.current_key, receiver.url("enc"))
+    receiver.wait_for("slow", 1)
+    deadline = time.monotonic() + 5
+    while not (messages := qstash.dlq.list().messages) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [entry] = messages
+    assert entry.message_id == result.message_id
+    assert entry.response_status == 0  # timed out: no HTTP status
+
+
 def test_success_callback_receives_the_response(server, qstash, receiver):
     receiver.behaviours["answered"] = lambda n: PlainTextResponse("call placed", 201)
     result = qstash.message.publish(url=receiver.url("answered"), body="x",
@@ -580,6 +610,31 @@ def test_schedule_trigger_delivers_an_empty_body_with_the_schedule_id(server, qs
     assert response.status_code == 404
 
 
+def test_schedules_fire_at_their_cron_tick(server, qstash, receiver):
+    qstash.schedule.create(destination=receiver.url("cron"), schedule_id="morning",
+                           cron="CRON_TZ=America/New_York 0 4 * * *")
+    qstash.schedule.create(destination=receiver.url("paused"), cron="*/5 * * * *",
+                           schedule_id="paused")
+    qstash.schedule.pause("paused")
+    next_tick = datetime.fromtimestamp(qstash.schedule.get("morning").next_schedule_time / 1000,
+                                       ZoneInfo("America/New_York"))
+    assert (next_tick.hour, next_tick.minute) == (4, 0)
+
+    # Pretend both ticks were missed a few times: each schedule catches up with one trigger.
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        conn.execute(f"update {server.schema}.schedules"
+                     " set next_fire_at = now() - interval '3 days'")
+    [delivery] = receiver.wait_for("cron", 1, timeout=5)
+    assert delivery.headers["upstash-schedule-id"] == "morning"
+    time.sleep(1.2)
+    assert len(receiver.at("cron")) == 1
+    assert receiver.at("paused") == []
+    for schedule_id in ("morning", "paused"):
+        assert qstash.schedule.get(schedule_id).next_schedule_time > time.time() * 1000
+    assert qstash.schedule.get("morning").last_schedule_time is not None
+    assert qstash.schedule.get("paused").last_schedule_time is None
+
+
 # --- flow control
 
 
@@ -622,6 +677,7 @@ def test_a_restarted_server_still_delivers_queued_messages(server, qstash, recei
     qstash.schedule.create(destination=receiver.url("sweep"), cron="0 * * * *",
                            schedule_id="kept-schedule")
     server.stop()
+    assert receiver.at("durable") == []  # so the delivery below is the new server's
 
     server.start()
     restarted = server.client()
