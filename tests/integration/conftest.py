@@ -143,3 +143,12 @@ def stack_env(env, monkeypatch, local_qstash, function_server):
         monkeypatch.setenv(name, value)
     clients.reset()
     return {**env, **values}
+
+
+def qstash_message(url: str, token: str, message_id: str) -> dict | None:
+    """A message as the local QStash holds it (None once delivered, cancelled or unknown)."""
+    import httpx
+
+    answer = httpx.get(f"{url}/v2/messages/{message_id}",
+                       headers={"Authorization": f"Bearer {token}"})
+    return answer.json() if answer.status_code == 200 else None

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from formcall import secrets as formcall_secrets
+
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
 LAYER_REQUIREMENTS = ROOT / "layers" / "shared" / "requirements.txt"
@@ -25,26 +27,36 @@ FUNCTIONS = {
     "CallFormFunction": ("call_form", "POST", "/api/jobs/call-form", 30),
     "CheckFormsFunction": ("check_forms", "ANY", "/api/cron/check-forms", 300),
     "SetupFunction": ("setup", "GET", "/api/setup-qstash", 30),
+    "ScheduleFormFunction": ("schedule_form", "POST", "/api/webhooks/forms", 30),
+    "FailureCallbackFunction": ("failure_callback", "POST", "/api/jobs/failed", 30),
 }
 
-SIGNING = {"QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY"}
-DATABASE = {"SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "DATABASE_URL"}
-VAPI = {"VAPI_PRIVATE_KEY", "VAPI_ASSISTANT_ID", "VAPI_PHONE_NUMBER_ID", "VAPI_BASE_URL"}
-PUBLISH = {"QSTASH_URL", "QSTASH_TOKEN"}
-# Each function gets only what it reads.
+# The secret settings: in the formcall secret (Secrets Manager), never in a function's configuration.
+SECRET_SETTINGS = set(formcall_secrets.SECRET_SETTINGS)
+SECRET_ARN = {"Fn::If": ["CreateSecret", {"Ref": "FormcallSecret"}, {"Ref": "ExistingSecretArn"}]}
+DATABASE = {"SUPABASE_URL"}
+VAPI = {"VAPI_ASSISTANT_ID", "VAPI_PHONE_NUMBER_ID", "VAPI_BASE_URL"}
+POLICY = {"CALL_WINDOW", "VAPI_MAX_CONCURRENCY", "VAPI_CALLS_PER_MINUTE", "FAILURE_CALLBACK_URL"}
+# Each function gets only the plain settings it reads (every function also gets the secret).
 ENVIRONMENT = {
-    "CallFormFunction": SIGNING | DATABASE | VAPI,
-    "CheckFormsFunction": PUBLISH | SIGNING | {"CRON_SECRET"} | DATABASE | VAPI | {"CALL_FORM_URL"},
-    "SetupFunction": PUBLISH | {"CRON_SECRET", "CHECK_FORMS_URL"},
+    "CallFormFunction": DATABASE | VAPI | {"QSTASH_URL"} | POLICY,
+    "CheckFormsFunction": {"QSTASH_URL"} | DATABASE | VAPI | {"CALL_FORM_URL"} | POLICY,
+    "SetupFunction": {"QSTASH_URL", "CHECK_FORMS_URL"},
+    "ScheduleFormFunction": {"QSTASH_URL"} | DATABASE | {"CALL_FORM_URL"} | POLICY,
+    "FailureCallbackFunction": DATABASE,
 }
-SECRETS = {
-    "QStashToken",
-    "QStashCurrentSigningKey",
-    "QStashNextSigningKey",
-    "CronSecret",
-    "SupabaseServiceRoleKey",
-    "VapiPrivateKey",
-    "DatabaseUrl",
+GLOBAL_ENVIRONMENT = {
+    "POWERTOOLS_SERVICE_NAME": "formcall",
+    "POWERTOOLS_METRICS_NAMESPACE": "formcall",
+    "POWERTOOLS_LOG_LEVEL": "INFO",
+    "FORMCALL_SECRET_ARN": SECRET_ARN,
+    "FORMCALL_SECRET_MAX_AGE": {"Ref": "SecretMaxAgeSeconds"},
+}
+# The metric names formcall emits (formcall.calls); alarms and the dashboard use only these.
+METRICS = {
+    "CallsPlaced", "CallsSkipped", "CallsFailed", "CallsRetried", "CallsOutcomeUnknown",
+    "CallsDeferred", "FormsFound", "FormsEnqueued", "EnqueueFailed", "DeliveryFailed",
+    "OverdueOverAnHour", "SweepSucceeded", "FormsScheduled", "FormsCancelled",
 }
 # Deliberately not in the layer: the python3.12 Lambda runtime ships boto3 and botocore.
 FROM_RUNTIME = {"boto3"}
@@ -200,11 +212,7 @@ def test_functions_run_python312_on_arm64_with_the_layer(template):
     assert globals_["Architectures"] == ["arm64"]
     assert globals_["Handler"] == "app.handler"
     assert globals_["Layers"] == [{"Ref": "SharedLayer"}]
-    assert globals_["Environment"]["Variables"] == {
-        "POWERTOOLS_SERVICE_NAME": "formcall",
-        "POWERTOOLS_METRICS_NAMESPACE": "formcall",
-        "POWERTOOLS_LOG_LEVEL": "INFO",
-    }
+    assert globals_["Environment"]["Variables"] == GLOBAL_ENVIRONMENT
     for name in FUNCTIONS:
         props = template["Resources"][name]["Properties"]
         assert "Runtime" not in props and "Architectures" not in props and "Layers" not in props
@@ -237,7 +245,7 @@ def test_function_has_public_url_route_and_timeout(template, name):
 
 @pytest.mark.sam
 @pytest.mark.parametrize("name", FUNCTIONS)
-def test_function_gets_only_the_settings_it_reads(template, name):
+def test_function_gets_only_the_plain_settings_it_reads(template, name):
     variables = template["Resources"][name]["Properties"]["Environment"]["Variables"]
 
     assert set(variables) == ENVIRONMENT[name]
@@ -248,70 +256,214 @@ def test_function_gets_only_the_settings_it_reads(template, name):
 @pytest.mark.sam
 def test_functions_learn_each_others_urls(template):
     resources = template["Resources"]
-    check_forms = resources["CheckFormsFunction"]["Properties"]["Environment"]["Variables"]
-    setup = resources["SetupFunction"]["Properties"]["Environment"]["Variables"]
 
-    assert check_forms["CALL_FORM_URL"] == {"Fn::GetAtt": ["CallFormFunctionUrl", "FunctionUrl"]}
-    assert setup["CHECK_FORMS_URL"] == {"Fn::GetAtt": ["CheckFormsFunctionUrl", "FunctionUrl"]}
+    def env(name: str) -> dict:
+        return resources[name]["Properties"]["Environment"]["Variables"]
+
+    def url(function: str) -> dict:
+        return {"Fn::GetAtt": [f"{function}Url", "FunctionUrl"]}
+
+    assert env("SetupFunction")["CHECK_FORMS_URL"] == url("CheckFormsFunction")
+    for name in ("CheckFormsFunction", "ScheduleFormFunction"):
+        assert env(name)["CALL_FORM_URL"] == url("CallFormFunction")
+    for name in ("CallFormFunction", "CheckFormsFunction", "ScheduleFormFunction"):
+        assert env(name)["FAILURE_CALLBACK_URL"] == url("FailureCallbackFunction")
 
 
 @pytest.mark.sam
-def test_settings_come_from_parameters_and_secrets_are_hidden(template):
+def test_no_secret_is_a_parameter_or_in_any_function_configuration(template):
+    parameters = template["Parameters"]
+    configuration = json.dumps({"Globals": template["Globals"],
+                                **{name: template["Resources"][name] for name in FUNCTIONS}})
+
+    assert not [name for name, p in parameters.items() if p.get("NoEcho")]
+    assert not {"QStashToken", "CronSecret", "VapiPrivateKey", "DatabaseUrl"} & set(parameters)
+    assert not [name for name in SECRET_SETTINGS if name in configuration]
+
+
+@pytest.mark.sam
+def test_plain_settings_come_from_parameters(template):
     parameters = template["Parameters"]
     used = {
         ref["Ref"]
-        for name in FUNCTIONS
-        for ref in template["Resources"][name]["Properties"]["Environment"]["Variables"].values()
+        for variables in [template["Globals"]["Function"]["Environment"]["Variables"],
+                          *(template["Resources"][n]["Properties"]["Environment"]["Variables"]
+                            for n in FUNCTIONS)]
+        for ref in variables.values()
         if isinstance(ref, dict) and "Ref" in ref
     }
 
-    assert used == set(parameters)
-    assert {name for name, p in parameters.items() if p.get("NoEcho")} == SECRETS
-    assert all("Default" not in parameters[name] for name in SECRETS - {"DatabaseUrl"})
-    assert parameters["DatabaseUrl"]["Default"] == ""
+    assert used | {"ExistingSecretArn", "AlarmTopicArn"} == set(parameters)
     assert parameters["QStashUrl"]["Default"] == "https://qstash.upstash.io"
     assert parameters["VapiBaseUrl"]["Default"] == "https://api.vapi.ai"
+    assert parameters["CallWindow"]["Default"] == "09:00-20:00"
+    assert (parameters["VapiMaxConcurrency"]["Default"],
+            parameters["VapiCallsPerMinute"]["Default"]) == (10, 120)
+    assert parameters["SecretMaxAgeSeconds"]["Default"] == formcall_secrets.DEFAULT_MAX_AGE
+    assert parameters["ExistingSecretArn"]["Default"] == ""
+    assert parameters["AlarmTopicArn"]["Default"] == ""
 
 
 @pytest.mark.sam
-def test_every_binding_setting_is_passed_somewhere(template):
-    passed = set().union(
-        *(
-            template["Resources"][name]["Properties"]["Environment"]["Variables"]
-            for name in FUNCTIONS
-        )
+def test_the_secret_is_created_unless_an_existing_one_is_given(template):
+    secret = template["Resources"]["FormcallSecret"]
+    generated = secret["Properties"]["GenerateSecretString"]
+    placeholder = json.loads(generated["SecretStringTemplate"])
+
+    assert template["Conditions"]["CreateSecret"] == {
+        "Fn::Equals": [{"Ref": "ExistingSecretArn"}, ""]}
+    assert secret["Type"] == "AWS::SecretsManager::Secret"
+    assert secret["Condition"] == "CreateSecret"
+    assert secret["DeletionPolicy"] == secret["UpdateReplacePolicy"] == "Retain"
+    # Every secret setting, empty for the operator to fill, but CRON_SECRET: generated.
+    assert set(placeholder) | {generated["GenerateStringKey"]} == SECRET_SETTINGS
+    assert set(placeholder.values()) == {""}
+    assert generated["GenerateStringKey"] == "CRON_SECRET"
+    assert generated["PasswordLength"] >= 16 and generated["ExcludePunctuation"] is True
+    assert template["Outputs"]["SecretArn"]["Value"] == SECRET_ARN
+
+
+def sam_translate(template_path: Path) -> dict:
+    """The template as CloudFormation sees it after the SAM transform, translated offline.
+
+    Code locations become S3 URIs as `sam package` makes them; the managed-policy map that SAM
+    would fetch from IAM is given (only AWSLambdaBasicExecutionRole is used).
+    """
+    sam = Path(sam_cli())
+    python = sam.read_bytes().split(b"\n", 1)[0][2:].decode().strip().split()[0]
+    code = """
+import json, sys
+from samcli.yamlhelper import yaml_parse
+from samtranslator.translator.transform import transform
+
+class Policies:
+    def load(self):
+        return {"AWSLambdaBasicExecutionRole":
+                "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"}
+
+template = yaml_parse(open(sys.argv[1]).read())
+for name, resource in template["Resources"].items():
+    for key in ("CodeUri", "ContentUri"):
+        if key in resource.get("Properties", {}):
+            resource["Properties"][key] = f"s3://artifacts/{name}.zip"
+print(json.dumps(transform(template, {}, Policies())))
+"""
+    done = subprocess.run([python, "-c", code, str(template_path)], capture_output=True,
+                          text=True, timeout=120, check=False,
+                          env={**os.environ, "AWS_DEFAULT_REGION": "us-east-1"})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.sam
+def test_each_function_may_read_the_one_secret_and_nothing_else():
+    translated = sam_translate(TEMPLATE)["Resources"]
+
+    for name in FUNCTIONS:
+        role = translated[f"{name}Role"]["Properties"]
+        assert role["ManagedPolicyArns"] == [
+            "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"]  # its logs
+        statements = [statement for policy in role["Policies"]
+                      for statement in policy["PolicyDocument"]["Statement"]]
+        assert statements == [{
+            "Action": ["secretsmanager:GetSecretValue"], "Effect": "Allow",
+            "Resource": {"Fn::Sub": ["${secretArn}", {"secretArn": SECRET_ARN}]},
+        }], name
+    assert "*" not in json.dumps([r for r in translated.values() if r["Type"] == "AWS::IAM::Role"])
+
+
+def alarms(template: dict) -> dict[str, dict]:
+    return {name: r["Properties"] for name, r in template["Resources"].items()
+            if r["Type"] == "AWS::CloudWatch::Alarm"}
+
+
+@pytest.mark.sam
+def test_alarms_watch_failures_errors_missed_jobs_and_the_sweep(template):
+    found = alarms(template)
+    topic = {"Fn::If": ["CreateAlarmTopic", {"Ref": "AlarmTopic"}, {"Ref": "AlarmTopicArn"}]}
+    formcall = {(a["MetricName"], a["ComparisonOperator"], a["Threshold"], a["TreatMissingData"],
+                 a["Period"] * a["EvaluationPeriods"])
+                for a in found.values() if a["Namespace"] == "formcall"}
+    errors = {a["Dimensions"][0]["Value"]["Ref"]
+              for a in found.values() if (a["Namespace"], a["MetricName"]) == ("AWS/Lambda", "Errors")}
+
+    assert formcall == {
+        ("DeliveryFailed", "GreaterThanOrEqualToThreshold", 1, "notBreaching", 300),
+        ("OverdueOverAnHour", "GreaterThanOrEqualToThreshold", 1, "notBreaching", 300),
+        # No datapoint for two hours is breaching: a sweep that never runs is the failure.
+        ("SweepSucceeded", "LessThanThreshold", 1, "breaching", 7200),
+    }
+    assert errors == set(FUNCTIONS)
+    for name, alarm in found.items():
+        assert alarm["AlarmActions"] == [topic], name
+        assert alarm["Statistic"] == "Sum"
+        if alarm["Namespace"] == "formcall":
+            assert alarm["MetricName"] in METRICS
+            assert alarm["Dimensions"] == [{"Name": "service", "Value": "formcall"}]
+        else:
+            assert alarm["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
+            assert alarm["Threshold"] == 1
+    assert template["Resources"]["AlarmTopic"]["Condition"] == "CreateAlarmTopic"
+    assert template["Outputs"]["AlarmTopicArn"]["Value"] == topic
+
+
+@pytest.mark.sam
+def test_alarm_dimensions_are_the_ones_powertools_emits(template, monkeypatch):
+    """EMF metrics carry the dimension `service` = POWERTOOLS_SERVICE_NAME, in the namespace."""
+    from aws_lambda_powertools.metrics.provider.cloudwatch_emf.cloudwatch import (
+        AmazonCloudWatchEMFProvider,
     )
 
-    assert passed == set().union(*ENVIRONMENT.values())
-    assert len(passed) == 14
+    variables = template["Globals"]["Function"]["Environment"]["Variables"]
+    monkeypatch.setenv("POWERTOOLS_SERVICE_NAME", variables["POWERTOOLS_SERVICE_NAME"])
+    monkeypatch.setenv("POWERTOOLS_METRICS_NAMESPACE", variables["POWERTOOLS_METRICS_NAMESPACE"])
+    provider = AmazonCloudWatchEMFProvider(metric_set={}, dimension_set={}, metadata_set={})
+    provider.add_metric(name="DeliveryFailed", unit="Count", value=1)
+    emitted = provider.serialize_metric_set()
+    (directive,) = emitted["_aws"]["CloudWatchMetrics"]
+    alarm = alarms(template)["DeliveryFailedAlarm"]
+
+    assert directive["Namespace"] == alarm["Namespace"]
+    assert directive["Dimensions"] == [[d["Name"] for d in alarm["Dimensions"]]]
+    assert {d["Name"]: emitted[d["Name"]] for d in alarm["Dimensions"]} == {
+        d["Name"]: d["Value"] for d in alarm["Dimensions"]}
+
+
+@pytest.mark.sam
+def test_dashboard_shows_calls_and_deliveries(template):
+    body = template["Resources"]["Dashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
+    widgets = json.loads(body.replace("${AWS::Region}", "us-east-1"))["widgets"]
+    shown = [tuple(m) for w in widgets for m in w["properties"]["metrics"]]
+
+    assert {m[1] for m in shown} == {"CallsPlaced", "CallsSkipped", "CallsDeferred",
+                                     "CallsFailed", "DeliveryFailed", "FormsEnqueued"}
+    assert {m[1] for m in shown} <= METRICS
+    assert all((m[0], m[2:]) == ("formcall", ("service", "formcall")) for m in shown)
 
 
 @pytest.mark.sam
 def test_outputs_give_every_url(template):
     outputs = template["Outputs"]
 
-    for output, function in [
-        ("CallFormUrl", "CallFormFunction"),
-        ("CheckFormsUrl", "CheckFormsFunction"),
-        ("SetupUrl", "SetupFunction"),
-    ]:
-        assert outputs[output]["Value"] == {"Fn::GetAtt": [f"{function}Url", "FunctionUrl"]}
-    assert "HttpApiUrl" in outputs
-    for output, (_, _, path, _) in zip(
-        ["CallFormApiUrl", "CheckFormsApiUrl", "SetupApiUrl"], FUNCTIONS.values(), strict=True
-    ):
-        assert outputs[output]["Value"]["Fn::Sub"].endswith(path)
+    for name in FUNCTIONS:
+        output = name.removesuffix("Function")
+        assert outputs[f"{output}Url"]["Value"] == {"Fn::GetAtt": [f"{name}Url", "FunctionUrl"]}
+        assert outputs[f"{output}ApiUrl"]["Value"]["Fn::Sub"].endswith(FUNCTIONS[name][2])
+    assert "HttpApiUrl" in outputs and "DashboardUrl" in outputs
 
 
-def test_samconfig_has_environments_and_no_secrets():
+def test_samconfig_has_three_environments_and_no_secrets():
     config = tomllib.loads((ROOT / "samconfig.toml").read_text())
 
     assert config["version"] == 0.1
-    for env, stack in [("default", "formcall"), ("prod", "formcall-prod")]:
-        assert config[env]["deploy"]["parameters"]["stack_name"] == stack
+    for env, stack in [("default", "formcall"), ("staging", "formcall-staging"),
+                       ("prod", "formcall-prod")]:
+        deploy = config[env]["deploy"]["parameters"]
+        assert deploy["stack_name"] == config[env]["global"]["parameters"]["stack_name"] == stack
+        assert deploy["capabilities"] == "CAPABILITY_IAM"
         assert config[env]["build"]["parameters"] == {"cached": True, "parallel": True}
         assert config[env]["validate"]["parameters"] == {"lint": True}
-        assert "parameter_overrides" not in config[env]["deploy"]["parameters"]
+        assert "parameter_overrides" not in deploy
 
 
 # --- sam build ------------------------------------------------------------------------------

@@ -1,0 +1,236 @@
+"""Settings from the formcall secret in Secrets Manager (moto): read, cached, rotated, refused.
+
+The functions run through their Lambda handlers on real signed events against the real
+database and the fake Vapi; only AWS is moto. GetSecretValue calls are counted with a botocore
+event hook, so nothing of formcall or Powertools is mocked.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import secrets as random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import botocore.handlers
+import pytest
+from helpers import call_form_event, invoke
+from moto import mock_aws
+
+from formcall import clients, settings
+from formcall.errors import ConfigurationError
+from formcall.secrets import SECRET_SETTINGS
+from formcall_dev.seed import form_events, form_row
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def get_secret_value_calls():
+    """Every GetSecretValue any boto3 client makes (new sessions pick up BUILTIN_HANDLERS)."""
+    calls: list[str] = []
+    hook = ("before-parameter-build.secrets-manager.GetSecretValue",
+            lambda params, **_: calls.append(params["SecretId"]))
+    botocore.handlers.BUILTIN_HANDLERS.append(hook)
+    yield calls
+    botocore.handlers.BUILTIN_HANDLERS.remove(hook)
+
+
+@pytest.fixture
+def logged(caplog):
+    """What formcall logged, as the JSON lines Powertools writes."""
+    from formcall.observability import logger
+
+    def lines() -> list[dict]:
+        formatter = logger.registered_formatter
+        return [json.loads(formatter.format(r)) for r in caplog.records if r.name == "formcall"]
+
+    return lines
+
+
+@pytest.fixture
+def aws(get_secret_value_calls):
+    with mock_aws():
+        clients.reset()  # Powertools' provider (and its boto3 client) is made inside the mock
+        yield boto3.client("secretsmanager", region_name="us-east-1")
+        clients.reset()
+
+
+@pytest.fixture
+def in_secret(env, aws, monkeypatch):
+    """The secret settings moved from the environment into one secret; returns a helper."""
+    values = {name: env[name] for name in SECRET_SETTINGS if name in env}
+    values["WEBHOOK_SECRET"] = random.token_urlsafe(24)
+    for name in values:
+        monkeypatch.delenv(name, raising=False)
+
+    class Secret:
+        arn = aws.create_secret(Name="formcall/test", SecretString=json.dumps(values))["ARN"]
+        current = dict(values)
+
+        @classmethod
+        def use(cls, max_age: int = 300, arn: str | None = None) -> None:
+            monkeypatch.setenv("FORMCALL_SECRET_ARN", arn or cls.arn)
+            monkeypatch.setenv("FORMCALL_SECRET_MAX_AGE", str(max_age))
+            clients.reset()
+
+        @classmethod
+        def rotate(cls, **changes: str | None) -> None:
+            cls.current = {k: v for k, v in {**cls.current, **changes}.items() if v is not None}
+            aws.put_secret_value(SecretId=cls.arn, SecretString=json.dumps(cls.current))
+
+    return Secret
+
+
+def test_settings_come_from_the_secret(in_secret, vapi, conn, due_form, keys,
+                                       get_secret_value_calls):
+    in_secret.use()
+
+    answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
+
+    assert (answer.status, answer.body["status"]) == (200, "called")
+    assert form_row(conn, due_form)["call_status"] == "called"
+    assert get_secret_value_calls == [in_secret.arn]
+    assert settings.load(settings.CronSettings).CRON_SECRET.get_secret_value() == keys.cron_secret
+
+
+def test_the_secret_is_read_once_per_max_age(in_secret, vapi, conn, keys, due_form,
+                                             get_secret_value_calls):
+    in_secret.use(max_age=300)
+
+    for _ in range(3):
+        assert invoke("call_form", call_form_event(due_form, key=keys.current_key)).status == 200
+    for model in (settings.ReceiverSettings, settings.VapiSettings, settings.DatabaseSettings,
+                  settings.PublisherSettings, settings.CronSettings, settings.WebhookSettings):
+        settings.load(model)
+
+    assert get_secret_value_calls == [in_secret.arn]
+    assert len(vapi.calls_for_form(due_form)) == 1
+
+
+def test_a_rotated_signing_key_is_picked_up_after_max_age(in_secret, vapi, conn, keys, due_form,
+                                                          get_secret_value_calls):
+    in_secret.use(max_age=1)
+    new_key = "sig_" + random.token_urlsafe(21)
+    assert invoke("call_form", call_form_event(due_form, key=new_key)).status == 401
+
+    in_secret.rotate(QSTASH_CURRENT_SIGNING_KEY=new_key)
+    # Until the cached value expires the old keys still hold (no redeploy, no restart either).
+    assert invoke("call_form", call_form_event(due_form, key=new_key)).status == 401
+    time.sleep(1.1)
+    answer = invoke("call_form", call_form_event(due_form, key=new_key))
+
+    assert (answer.status, answer.body["status"]) == (200, "called")
+    assert invoke("call_form", call_form_event(due_form, key=keys.current_key)).status == 401
+    assert len(get_secret_value_calls) == 2
+
+
+def test_clients_are_rebuilt_only_when_their_settings_change(in_secret, vapi, conn, keys,
+                                                             due_form):
+    in_secret.use(max_age=1)
+    first_vapi, first_store, first_publisher = clients.vapi(), clients.store(), clients.publisher()
+
+    in_secret.rotate(CRON_SECRET=random.token_urlsafe(24))
+    time.sleep(1.1)
+    assert settings.load(settings.CronSettings).CRON_SECRET.get_secret_value() == \
+        in_secret.current["CRON_SECRET"]
+    assert (clients.vapi(), clients.store(), clients.publisher()) == (
+        first_vapi, first_store, first_publisher)
+
+    new_vapi_key, new_token = random.token_urlsafe(24), random.token_urlsafe(24)
+    in_secret.rotate(VAPI_PRIVATE_KEY=new_vapi_key, QSTASH_TOKEN=new_token)
+    vapi.api_key = new_vapi_key  # Vapi now only accepts the rotated key
+    time.sleep(1.1)
+    answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
+
+    assert (answer.status, answer.body["status"]) == (200, "called")
+    assert clients.vapi() is not first_vapi and clients.publisher() is not first_publisher
+    assert clients.store() is first_store
+
+
+BROKEN = {
+    # case: (secret string or None for "no such secret", settings named in the 500)
+    "missing": (None, ["FORMCALL_SECRET_ARN"]),
+    "not JSON": ("{QSTASH_TOKEN: nope", ["FORMCALL_SECRET_ARN"]),
+    "not an object": ('["QSTASH_TOKEN"]', ["FORMCALL_SECRET_ARN"]),
+    "no signing key": ({"QSTASH_CURRENT_SIGNING_KEY": None}, ["QSTASH_CURRENT_SIGNING_KEY"]),
+    "empty placeholder": ({"QSTASH_NEXT_SIGNING_KEY": ""}, ["QSTASH_NEXT_SIGNING_KEY"]),
+    # Past the signature check: the Vapi client fails before the form is touched.
+    "no Vapi key": ({"VAPI_PRIVATE_KEY": None}, ["VAPI_PRIVATE_KEY"]),
+    "nested value": ({"VAPI_PRIVATE_KEY": {"key": "x"}}, ["VAPI_PRIVATE_KEY"]),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_an_unusable_secret_answers_500_naming_it_and_nothing_happens(
+        case, in_secret, aws, vapi, conn, keys, due_form, logged):
+    content, named = BROKEN[case]
+    arn = None
+    if content is None:
+        arn = in_secret.arn.replace("formcall/test", "formcall/gone")
+    elif isinstance(content, str):
+        aws.put_secret_value(SecretId=in_secret.arn, SecretString=content)
+    else:
+        values = {k: v for k, v in {**in_secret.current, **content}.items() if v is not None}
+        aws.put_secret_value(SecretId=in_secret.arn, SecretString=json.dumps(values))
+    in_secret.use(arn=arn)
+    before = form_row(conn, due_form)
+
+    answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
+
+    assert answer.status == 500
+    assert answer.body["settings"] == named
+    assert vapi.requests == []
+    assert form_row(conn, due_form) == before and form_events(conn, due_form) == []
+    lines = logged()
+    assert [line["settings"] for line in lines if line["message"] == "request refused"] == [named]
+    text = json.dumps(lines) + json.dumps(answer.body)
+    assert not [name for name, value in in_secret.current.items() if value in text]
+
+
+def test_unreadable_secret_logs_the_aws_error_code(in_secret, vapi, due_form, keys, logged):
+    in_secret.use(arn=in_secret.arn.replace("formcall/test", "formcall/gone"))
+
+    invoke("call_form", call_form_event(due_form, key=keys.current_key))
+
+    (refused,) = [line for line in logged() if line["message"] == "request refused"]
+    assert refused["cause"] == "ResourceNotFoundException"
+
+
+def test_malformed_max_age_is_named(in_secret, monkeypatch):
+    in_secret.use()
+    monkeypatch.setenv("FORMCALL_SECRET_MAX_AGE", "five minutes")
+
+    with pytest.raises(ConfigurationError) as raised:
+        settings.load(settings.CronSettings)
+
+    assert raised.value.names == ["FORMCALL_SECRET_MAX_AGE"]
+
+
+def test_without_a_secret_arn_powertools_parameters_is_never_imported():
+    code = (
+        "import os, sys; os.environ['CRON_SECRET'] = 'x' * 20; "
+        "from formcall import settings, clients; "
+        "settings.load(settings.CronSettings); "
+        "print('aws_lambda_powertools.utilities.parameters' in sys.modules, 'boto3' in sys.modules)"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FORMCALL_SECRET_ARN"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=60, check=True)
+
+    assert done.stdout.split() == ["False", "False"]
+
+
+def test_each_client_is_keyed_on_exactly_the_settings_it_reads():
+    """`_built_from(...)` must list every settings model the factory loads, or a rotation is missed."""
+    for name in ("store", "vapi", "publisher", "window"):
+        factory = getattr(clients, name)
+        source = inspect.getsource(factory.__wrapped__)
+        loaded = {node.args[0].attr for node in ast.walk(ast.parse(source))
+                  if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "load"}
+        assert loaded == {model.__name__ for model in factory.models}, name
