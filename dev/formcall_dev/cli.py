@@ -171,7 +171,8 @@ def doctor(stack_json: Annotated[Optional[str], typer.Option("--stack-json", hel
 
     try:
         target = checks.find_target(
-            stack_json=checks.read_stack_json(stack_json, sys.stdin.read), data_dir=data_dir)
+            stack_json=checks.read_stack_json(stack_json, sys.stdin.read), data_dir=data_dir,
+            read_secret=not smoke)
     except checks.DoctorError as exc:
         fail(str(exc))
     findings = checks.run(target, smoke=smoke)

@@ -103,13 +103,15 @@ def _credentials(data_dir: Path) -> dict[str, str]:
 class Stack:
     def __init__(self, data_dir: Path = DEFAULT_DIR, *, real_vapi: dict[str, str] | None = None,
                  qstash_time_scale: float = 0.1, vapi_call_seconds: float = 2.0,
-                 call_window: str | None = None, vapi_concurrency: int = 10) -> None:
+                 call_window: str | None = None, vapi_concurrency: int = 10,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.real_vapi = real_vapi
         self.qstash_time_scale = qstash_time_scale
         self.vapi_call_seconds = vapi_call_seconds
         self.call_window = call_window
         self.vapi_concurrency = vapi_concurrency
+        self.extra_env = extra_env or {}
         self.processes: dict[str, subprocess.Popen] = {}
         self.postgres = None
         self.info: StackInfo | None = None
@@ -157,7 +159,7 @@ class Stack:
                 "FORMCALL_DEV_WEBHOOK_URL": self.info.schedule_form_url,
                 "VAPI_MAX_CONCURRENCY": str(self.vapi_concurrency),
                 "POWERTOOLS_SERVICE_NAME": "formcall-dev",
-                "POWERTOOLS_METRICS_NAMESPACE": "formcall"}
+                "POWERTOOLS_METRICS_NAMESPACE": "formcall", **self.extra_env}
 
     def _wait_listening(self, dsn: str, timeout: float = 15.0) -> None:
         """The webhook forwarder is ready once its LISTEN is in place."""

@@ -18,8 +18,8 @@ def handle(request: Incoming) -> Reply:
     if result.status == "called":
         return Reply({"status": "called", "formId": form_id, "callId": result.call_id})
     if result.status == "deferred":
-        return Reply({"status": "deferred", "formId": form_id,
-                      "until": result.until.isoformat()})
+        return Reply({"status": "deferred", "formId": form_id, "until": result.until.isoformat(),
+                      **({"reason": result.reason} if result.reason else {})})
     if result.status == "unknown":
         # Accepted: the sweep reconciles it against Vapi's call list; a retry could only skip.
         return Reply({"status": "unknown", "formId": form_id, "reason": result.reason}, 202)

@@ -16,7 +16,7 @@ from formcall.errors import (BadRequest, CallOutcomeUnknown, DatabaseUnavailable
                              VapiUnavailable)
 from formcall.models import CallResult, FormForCall, OverdueForm, SweepReport
 from formcall.observability import count, logger
-from formcall.publisher import CallMessage
+from formcall.publisher import CALL_RETRIES, CallMessage
 from formcall.store import FormStore
 from formcall.window import DEFAULT_WINDOW, CallWindow, next_opening, zone_for
 
@@ -53,6 +53,14 @@ def _opening(at: datetime, zone_name: str, window: CallWindow, form_id: str) -> 
     if not valid:
         logger.warning("invalid patient time zone; using UTC", extra={"form_id": form_id})
     return next_opening(at, zone, window)
+
+
+def _last_delivery(delivery: dict | None) -> bool:
+    """Whether QStash makes no further attempt after this one (Upstash-Retried is 0-based)."""
+    try:
+        return int((delivery or {}).get("retried") or 0) >= CALL_RETRIES
+    except ValueError:
+        return False
 
 
 def deadline_message(form_id: str, deadline: datetime, not_before: datetime) -> CallMessage:
@@ -106,11 +114,22 @@ def call_form(form_id: str, *, store: FormStore, vapi: Caller,
     try:
         call_id = vapi.create_call(claim.form)
     except VapiUnavailable as exc:
+        busy = isinstance(exc, VapiBusy)
         # A call refused by the concurrency limit was never placed: not the form's attempt.
-        store.release(form_id, exc.public_message, refund_attempt=isinstance(exc, VapiBusy))
+        store.release(form_id, exc.public_message, refund_attempt=busy)
         count("CallsRetried")
         logger.warning("call not placed, will retry", extra={"form_id": form_id,
                                                              "error": exc.public_message})
+        if busy and publisher is not None and self_url and _last_delivery(delivery):
+            # QStash will not retry this message again: a busy hour must not fail the form,
+            # so hand it a fresh message instead.
+            until = _now() + timedelta(seconds=exc.retry_after or 5)
+            message = CallMessage(form_id=form_id, not_before=until,
+                                  dedup_id=f"call-form-{form_id}-busy-{math.ceil(until.timestamp())}")
+            message_id = publisher().publish_call(message, destination=self_url)
+            store.record_deferred(form_id, until=until, message_id=message_id)
+            count("CallsDeferred")
+            return CallResult("deferred", form_id, until=until, reason="busy")
         raise
     except VapiRejected as exc:
         store.record_failed(form_id, exc.public_message)

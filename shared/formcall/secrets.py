@@ -1,4 +1,4 @@
-"""The formcall secret: in AWS every secret setting lives in one Secrets Manager secret (a JSON object).
+"""The formcall secret: in AWS every secret setting is in one Secrets Manager secret (JSON object).
 
 `FORMCALL_SECRET_ARN` names it; its keys are the environment variable names (`QSTASH_TOKEN`,
 `QSTASH_CURRENT_SIGNING_KEY`, ...). It is read through Powertools Parameters, which keeps it
@@ -10,6 +10,7 @@ imported: Powertools Parameters and boto3 cost ~220 ms of cold start.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -19,7 +20,7 @@ SECRET_ARN = "FORMCALL_SECRET_ARN"
 MAX_AGE = "FORMCALL_SECRET_MAX_AGE"
 DEFAULT_MAX_AGE = 300
 
-# What the secret holds; anything else is a plain parameter (template.yaml). DATABASE_URL is optional.
+# What the secret holds; the rest are plain parameters (template.yaml). DATABASE_URL is optional.
 SECRET_SETTINGS = (
     "QSTASH_TOKEN",
     "QSTASH_CURRENT_SIGNING_KEY",
@@ -38,7 +39,7 @@ _last: tuple[object, Mapping[str, str]] = (None, NO_SECRET)
 
 
 def secret_values() -> Mapping[str, str]:
-    """The secret's settings (NO_SECRET without FORMCALL_SECRET_ARN); the same object until it changes."""
+    """The secret's settings (none without FORMCALL_SECRET_ARN); one object until it changes."""
     global _last
     arn = os.environ.get(SECRET_ARN, "").strip()
     if not arn:
@@ -55,8 +56,6 @@ def forget() -> None:
     """Drop the cached secret (tests; a container otherwise keeps it for max age)."""
     global _last
     _last = (None, NO_SECRET)
-    import sys
-
     parameters = sys.modules.get("aws_lambda_powertools.utilities.parameters")
     if parameters is not None:  # never imported means nothing cached
         parameters.clear_caches()
@@ -92,10 +91,11 @@ def _fetch(arn: str, max_age: int) -> object:
 
 
 def parse_secret(raw: object) -> Mapping[str, str]:
-    """The settings in the secret's JSON value; ConfigurationError if it is not an object of strings."""
+    """The settings in the secret's JSON value; ConfigurationError unless an object of strings."""
     if not isinstance(raw, dict):
         raise ConfigurationError(
-            [SECRET_ARN], "the secret named by FORMCALL_SECRET_ARN is not a JSON object of settings")
+            [SECRET_ARN],
+            "the secret named by FORMCALL_SECRET_ARN is not a JSON object of settings")
     values: dict[str, str] = {}
     for name, value in raw.items():
         if value is None:  # JSON null: not set, like a missing key

@@ -164,7 +164,8 @@ def load(model: type[T]) -> T:
         if not names:  # a model validator raised; its message names the variables
             raise ConfigurationError([], str(exc.errors()[0]["msg"])) from None
         where = " (in the formcall secret or the environment)" if secret else ""
-        raise ConfigurationError(names, f"missing or malformed: {', '.join(names)}{where}") from None
+        raise ConfigurationError(names,
+                                 f"missing or malformed: {', '.join(names)}{where}") from None
     if cached is not None and cached[1] == validated:
         validated = cached[1]
     _validated[model] = (secret, validated)

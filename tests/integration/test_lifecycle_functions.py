@@ -298,3 +298,19 @@ def test_malformed_call_window_is_named(hook_env, conn, keys, monkeypatch, due_f
     clients.reset()
     answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
     assert (answer.status, answer.body["settings"]) == (500, ["CALL_WINDOW"])
+
+
+def test_busy_on_the_last_qstash_retry_gets_a_fresh_message(hook_env, conn, keys, vapi, due_form):
+    vapi.configure(concurrency_limit=0)
+    event = call_form_event(due_form, key=keys.current_key)
+    first = invoke("call_form", event)
+    assert first.status == 503  # QStash retries it (Retry-After)
+    event["headers"]["upstash-retried"] = "5"  # the last attempt QStash will make
+    last = invoke("call_form", event)
+    assert last.status == 200
+    assert (last.body["status"], last.body["reason"]) == ("deferred", "busy")
+    stored = form_row(conn, due_form)
+    assert (stored["call_status"], stored["call_attempts"]) == ("pending", 0)
+    queued = message(hook_env, keys, stored["qstash_message_id"])
+    assert json.loads(queued["body"]) == {"formId": due_form}
+    assert vapi.placed_calls() == []
