@@ -39,6 +39,7 @@ def setting(name: str, data_dir: Path = Path(".dev")) -> str:
 @app.command()
 def dev(serve: Annotated[bool, typer.Option("--serve", help="Keep the stack running for manual use.")] = False,
         real_vapi: Annotated[bool, typer.Option("--real-vapi", help="Use the real Vapi API (dials real phones; needs VAPI_PRIVATE_KEY, VAPI_ASSISTANT_ID, VAPI_PHONE_NUMBER_ID; --serve only).")] = False,
+        call_window: Annotated[Optional[str], typer.Option("--call-window", help="CALL_WINDOW for the stack (default: any hour, so the demo runs now).")] = None,
         data_dir: DataDir = Path(".dev")) -> None:
     """Start the whole system locally and play the demo (or keep it running with --serve)."""
     import time
@@ -60,7 +61,14 @@ def dev(serve: Annotated[bool, typer.Option("--serve", help="Keep the stack runn
     # Ctrl-C and a terminating parent both end here, with every process stopped.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = time.monotonic()
-    stack = Stack(data_dir, real_vapi=vapi)
+    if call_window:
+        from formcall.window import parse_window
+
+        try:
+            parse_window(call_window)
+        except ValueError as exc:
+            fail(str(exc))
+    stack = Stack(data_dir, real_vapi=vapi, call_window=call_window)
     ok = True
     try:
         with console.status("starting PostgreSQL, local QStash, fake Vapi and the functions…"):
@@ -178,6 +186,46 @@ def doctor(stack_json: Annotated[Optional[str], typer.Option("--stack-json", hel
     findings = checks.run(target, smoke=smoke)
     checks.show(console, target, findings)
     raise typer.Exit(1 if checks.problems(findings) else 0)
+
+
+@app.command()
+def schedule(form_id: Annotated[str, typer.Argument(help="The form whose call message to sync.")],
+             data_dir: DataDir = Path(".dev")) -> None:
+    """Publish, move or cancel a form's one-time call message to match the form (as schedule-form does)."""
+    import uuid
+
+    from formcall import clients
+    from formcall.calls import sync_form_schedule
+    from formcall.errors import FormcallError
+    from formcall.observability import logger
+
+    logger.setLevel("WARNING")  # the function's JSON logs are for CloudWatch, not this terminal
+
+    try:
+        uuid.UUID(form_id)
+    except ValueError:
+        fail(f"{form_id!r} is not a form id (a UUID)")
+    for name in ("DATABASE_URL", "QSTASH_URL", "QSTASH_TOKEN", "CALL_FORM_URL"):
+        if not os.environ.get("SUPABASE_URL") or name != "DATABASE_URL":
+            os.environ[name] = setting(name, data_dir)
+    for name in ("FAILURE_CALLBACK_URL", "CALL_WINDOW"):
+        if not os.environ.get(name):
+            from formcall_dev.stack import load_info
+
+            info = load_info(data_dir)
+            if info:
+                os.environ[name] = info.env()[name]
+    clients.reset()
+    try:
+        result = sync_form_schedule(form_id, store=clients.store(), publisher=clients.publisher(),
+                                    call_form_url=os.environ["CALL_FORM_URL"],
+                                    window=clients.window())
+    except FormcallError as exc:
+        fail(exc.public_message)
+    if result.action == "gone":
+        fail(f"no form {form_id}")
+    when = f" for {result.not_before.isoformat()}" if result.not_before else ""
+    console.print(f"{result.action}{when} (message {result.message_id or '-'})")
 
 
 def main() -> None:

@@ -183,3 +183,27 @@ def test_ctrl_c_stops_every_process(tmp_path):
     assert "curl" in output and "Bearer" in output
     for pid in pids.values():
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+
+
+def test_schedule_command_syncs_a_silently_created_form(stack, conn):
+    data_dir = str(stack[0].data_dir)
+    patient = create_patient(conn)
+    form = create_form(conn, patient_id=patient, silent=True,
+                       deadline=datetime.now(timezone.utc) + timedelta(hours=1))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "QSTASH_URL", "QSTASH_TOKEN", "CALL_FORM_URL",
+                        "FAILURE_CALLBACK_URL", "CALL_WINDOW", "SUPABASE_URL")}
+
+    def formcall(*args):
+        return subprocess.run([sys.executable, "-m", "formcall_dev.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    first = formcall("schedule", form, "--data-dir", data_dir)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stdout.startswith("scheduled for ")
+    assert form_row(conn, form)["qstash_message_id"]
+    again = formcall("schedule", form, "--data-dir", data_dir)
+    assert again.stdout.startswith("unchanged")
+    bad = formcall("schedule", "nope", "--data-dir", data_dir)
+    assert bad.returncode == 2 and "not a form id" in bad.stdout
+    assert "Traceback" not in bad.stdout + bad.stderr
