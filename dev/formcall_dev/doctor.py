@@ -248,9 +248,8 @@ def _fix_for(target: Target, name: str) -> str:
 
 
 def _validated(target: Target, model: type[BaseModel]) -> tuple[BaseModel | None, list[Finding]]:
-    values = dict(target.values)
     try:
-        return model.model_validate(values), []
+        return model.model_validate(target.values), []
     except ValidationError as exc:
         names = sorted({str(e["loc"][0]) for e in exc.errors() if e["loc"]})
         return None, [Finding(n, False, "missing or malformed", _fix_for(target, n))
@@ -444,8 +443,9 @@ def _compare_with_qstash(target: Target, keys: dict[str, str]) -> list[Finding]:
             rotated = " (QStash rotated its keys)" if keys.get(
                 "QSTASH_NEXT_SIGNING_KEY") == actual.current else ""
             findings.append(Finding(name, False, f"is not QStash's {name.split('_')[1].lower()} "
-                                    f"signing key{rotated}: deliveries signed with it would be "
-                                    "refused", _fix_for(target, name)))
+                                    f"signing key{rotated}: the functions would refuse QStash's "
+                                    "deliveries once it signs with the key they lack",
+                                    _fix_for(target, name)))
     return findings or [Finding("signing keys", True, "both keys are QStash's (GET /v2/keys) and "
                                 "verify a QStash-style token")]
 

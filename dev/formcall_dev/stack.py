@@ -158,6 +158,9 @@ class Stack:
                 "FORMCALL_DEV_VAPI_CONCURRENCY": str(self.vapi_concurrency),
                 "FORMCALL_DEV_WEBHOOK_URL": self.info.schedule_form_url,
                 "VAPI_MAX_CONCURRENCY": str(self.vapi_concurrency),
+                # The fake's lines free up after vapi_call_seconds: the rate that keeps them busy.
+                "VAPI_CALLS_PER_MINUTE": str(int(self.vapi_concurrency * 60
+                                                 / max(self.vapi_call_seconds, 0.1))),
                 "POWERTOOLS_SERVICE_NAME": "formcall-dev",
                 "POWERTOOLS_METRICS_NAMESPACE": "formcall", **self.extra_env}
 

@@ -101,10 +101,10 @@ def test_form_due_in_two_seconds_is_called_once_on_time(info, conn):
 
 
 def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monkeypatch):
-    patient = create_patient(conn, phone="+15550109999")
-    form = create_form(conn, patient_id=patient,
-                       deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
     vapi_admin(info, "POST", "/rules", json={"customer_number": "+15550109999", "status": 400})
+    patient = create_patient(conn, phone="+15550109999")
+    form = create_form(conn, patient_id=patient,  # the webhook schedules it at once
+                       deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
     httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]})
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed")
     wait_until(lambda: qstash(info).dlq.list().messages)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import boto3
+import botocore.handlers
 import httpx
 import psycopg
 import pytest
@@ -17,6 +18,7 @@ from formcall_dev import doctor
 from formcall_dev.cli import app as cli
 from formcall_dev.stack import Stack
 
+MISSING_SECRET = "arn:aws:secretsmanager:us-east-1:123456789012:secret:formcall-gone-AbCdEf"
 SETTING_NAMES = {name for model in doctor.MODELS for name in model.model_fields} | set(
     doctor.EXTRA_NAMES)
 
@@ -56,8 +58,8 @@ def outputs_of(info, **changes: str) -> str:
     """describe-stacks JSON pointing at the local stack, as the pipeline reads it from AWS."""
     urls = {"SetupUrl": info.setup_url, "CallFormUrl": info.call_form_url,
             "CheckFormsUrl": info.check_forms_url,
-            "ScheduleFormUrl": f"{info.functions_url}/api/webhooks/forms",
-            "FailureCallbackUrl": f"{info.functions_url}/api/jobs/failed",
+            "ScheduleFormUrl": info.schedule_form_url,
+            "FailureCallbackUrl": info.failure_callback_url,
             **changes}
     return json.dumps({"Stacks": [{"StackName": "formcall-local", "Outputs": [
         {"OutputKey": k, "OutputValue": v} for k, v in urls.items()]}]})
@@ -182,9 +184,8 @@ def test_settings_from_the_formcall_secret(healthy, tmp_path, clean_env):
 def test_an_unreadable_secret_is_reported_with_the_fix(healthy, tmp_path, clean_env):
     _, info = healthy
     with mock_aws():
-        missing = "arn:aws:secretsmanager:us-east-1:123456789012:secret:formcall-gone-AbCdEf"
         code, output = run_doctor("--data-dir", str(tmp_path), "--stack-json", "-",
-                                  input=outputs_of(info, SecretArn=missing))
+                                  input=outputs_of(info, SecretArn=MISSING_SECRET))
 
     assert code == 1
     assert "✗ FORMCALL_SECRET_ARN: the formcall secret cannot be read (ResourceNotFoundException)" \
@@ -197,11 +198,19 @@ def test_an_unreadable_secret_is_reported_with_the_fix(healthy, tmp_path, clean_
 
 def test_smoke_check_passes_on_the_local_functions(healthy, tmp_path):
     _, info = healthy
-
-    code, output = run_doctor("--smoke", "--data-dir", str(tmp_path), "--stack-json", "-",
-                              input=outputs_of(info))
+    reads: list[dict] = []
+    hook = ("before-parameter-build.secrets-manager.GetSecretValue",
+            lambda params, **_: reads.append(params))
+    botocore.handlers.BUILTIN_HANDLERS.append(hook)
+    try:
+        with mock_aws():  # the deploy role may not read the secret: the smoke check never does
+            code, output = run_doctor("--smoke", "--data-dir", str(tmp_path), "--stack-json", "-",
+                                      input=outputs_of(info, SecretArn=MISSING_SECRET))
+    finally:
+        botocore.handlers.BUILTIN_HANDLERS.remove(hook)
 
     assert code == 0, output
+    assert reads == []
     assert "✓ setup: GET without ?secret= or the bearer CRON_SECRET answers 401" in output
     assert "✓ call-form: POST without an Upstash-Signature answers 401" in output
     checked = [line.split(":")[0] for line in output.splitlines() if line.startswith("✓ ")]

@@ -31,7 +31,7 @@ FUNCTIONS = {
     "FailureCallbackFunction": ("failure_callback", "POST", "/api/jobs/failed", 30),
 }
 
-# The secret settings: in the formcall secret (Secrets Manager), never in a function's configuration.
+# The secret settings: in the formcall secret (Secrets Manager), never in function configuration.
 SECRET_SETTINGS = set(formcall_secrets.SECRET_SETTINGS)
 SECRET_ARN = {"Fn::If": ["CreateSecret", {"Ref": "FormcallSecret"}, {"Ref": "ExistingSecretArn"}]}
 DATABASE = {"SUPABASE_URL"}
@@ -384,8 +384,8 @@ def test_alarms_watch_failures_errors_missed_jobs_and_the_sweep(template):
     formcall = {(a["MetricName"], a["ComparisonOperator"], a["Threshold"], a["TreatMissingData"],
                  a["Period"] * a["EvaluationPeriods"])
                 for a in found.values() if a["Namespace"] == "formcall"}
-    errors = {a["Dimensions"][0]["Value"]["Ref"]
-              for a in found.values() if (a["Namespace"], a["MetricName"]) == ("AWS/Lambda", "Errors")}
+    errors = {a["Dimensions"][0]["Value"]["Ref"] for a in found.values()
+              if (a["Namespace"], a["MetricName"]) == ("AWS/Lambda", "Errors")}
 
     assert formcall == {
         ("DeliveryFailed", "GreaterThanOrEqualToThreshold", 1, "notBreaching", 300),

@@ -227,7 +227,7 @@ def test_without_a_secret_arn_powertools_parameters_is_never_imported():
 
 
 def test_each_client_is_keyed_on_exactly_the_settings_it_reads():
-    """`_built_from(...)` must list every settings model the factory loads, or a rotation is missed."""
+    """`_built_from(...)` lists every settings model the factory loads, or a rotation is missed."""
     for name in ("store", "vapi", "publisher", "window"):
         factory = getattr(clients, name)
         source = inspect.getsource(factory.__wrapped__)
