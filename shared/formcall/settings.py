@@ -1,7 +1,8 @@
 """Settings: one pydantic model per concern, field names are the environment variable names.
 
-Read when first needed (never at import), validated once per container, and a missing or
-malformed value raises ConfigurationError naming the variable.
+Read when first needed (never at import) from the environment and, in AWS, the formcall secret;
+validated once and again only when the secret changes; a missing or malformed value raises
+ConfigurationError naming the variable.
 """
 
 from __future__ import annotations
