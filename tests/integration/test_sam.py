@@ -296,9 +296,13 @@ def test_plain_settings_come_from_parameters(template):
     assert used | {"ExistingSecretArn", "AlarmTopicArn"} == set(parameters)
     assert parameters["QStashUrl"]["Default"] == "https://qstash.upstash.io"
     assert parameters["VapiBaseUrl"]["Default"] == "https://api.vapi.ai"
-    assert parameters["CallWindow"]["Default"] == "09:00-20:00"
+    from formcall.settings import CallPolicySettings
+
+    defaults = {name: field.default for name, field in CallPolicySettings.model_fields.items()}
+    assert parameters["CallWindow"]["Default"] == defaults["CALL_WINDOW"]
     assert (parameters["VapiMaxConcurrency"]["Default"],
-            parameters["VapiCallsPerMinute"]["Default"]) == (10, 120)
+            parameters["VapiCallsPerMinute"]["Default"]) == (defaults["VAPI_MAX_CONCURRENCY"],
+                                                           defaults["VAPI_CALLS_PER_MINUTE"])
     assert parameters["SecretMaxAgeSeconds"]["Default"] == formcall_secrets.DEFAULT_MAX_AGE
     assert parameters["ExistingSecretArn"]["Default"] == ""
     assert parameters["AlarmTopicArn"]["Default"] == ""
