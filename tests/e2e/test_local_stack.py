@@ -17,17 +17,11 @@ from qstash import QStash
 from typer.testing import CliRunner
 
 from formcall_dev.cli import app as cli
+from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 from formcall_dev.stack import Stack
 
 
-def wait_until(condition, timeout=20.0, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s")
-        time.sleep(interval)
-    return value
 
 
 @pytest.fixture(scope="module")

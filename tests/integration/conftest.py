@@ -11,6 +11,7 @@ import pytest
 
 from formcall import clients
 from formcall_dev.fake_vapi import FakeVapi
+from formcall_dev.polling import wait_until  # noqa: F401  (tests import it from here)
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
 
@@ -94,18 +95,6 @@ def due_form(conn):
                        deadline=datetime.now(timezone.utc) - timedelta(minutes=1))
 
 
-def wait_until(condition, *, timeout: float = 15.0, interval: float = 0.05):
-    """Poll `condition` until it returns something truthy; fail the test after `timeout` s."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")
