@@ -3,6 +3,8 @@
 #   make test    install everything into .venv / .venv-sam, then run the whole test suite
 #   make build   sam validate --lint && sam build
 #   make bench   benchmarks (writes BENCHMARKS.md and docs/*.png)
+#   make chaos   the full chaos run and 10,000+ hostile-input cases (figures into BENCHMARKS.md)
+#   make audit   pip-audit of the pinned dependencies
 
 SHELL := /bin/bash
 VENV := .venv
@@ -14,7 +16,7 @@ SAM := $(SAM_VENV)/bin/sam
 PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1); do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v "$$p" || echo "$$p"; } && break; done)
 
-.PHONY: dev serve test unit build bench chaos clean
+.PHONY: dev serve test unit build bench chaos audit clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 is required (Lambda's python3.12 runtime): install it, e.g. 'pyenv install 3.12'" >&2; exit 1; }
@@ -48,6 +50,14 @@ build: $(SAM_VENV)/.installed $(VENV)/.installed
 
 bench: $(VENV)/.installed $(SAM_VENV)/.installed
 	SAM_CLI=$(abspath $(SAM)) PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m formcall_dev.bench $(if $(QUICK),--quick) $(ARGS)
+
+chaos: $(VENV)/.installed
+	$(VENV)/bin/python -m formcall_dev.chaos --write BENCHMARKS.md $(ARGS)
+
+# Needs PyPI's per-release vulnerability data (pip-audit); run where it is reachable (the
+# GitHub workflow). Fails, rather than passes, when the data cannot be read.
+audit: $(VENV)/.installed
+	FORMCALL_REQUIRE_AUDIT=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/integration/test_secret_hygiene.py -k vulnerabilities
 
 clean:
 	rm -rf $(VENV) $(SAM_VENV) .aws-sam .dev

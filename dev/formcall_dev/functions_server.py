@@ -20,8 +20,10 @@ def load_function(name: str):
 
 
 def create_app(functions: tuple[str, ...] = FUNCTIONS) -> Starlette:
-    routes = []
+    routes, handlers = [], {}
     for name in functions:
         app = load_function(name).app
         routes += [route for route in app.routes if getattr(route, "path", "/") != "/"]
-    return Starlette(routes=routes)
+        handlers.update(app.exception_handlers)
+    # The apps' own handlers, so a 404 or 405 is JSON here too, as on Lambda.
+    return Starlette(routes=routes, exception_handlers=handlers)

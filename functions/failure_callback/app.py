@@ -13,7 +13,7 @@ def handle(request: Incoming) -> Reply:
                   public_url=settings.load(settings.CallPolicySettings).FAILURE_CALLBACK_URL)
     try:
         payload = json.loads(request.body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         raise BadRequest("body must be QStash's failure callback JSON") from None
     if not isinstance(payload, dict):
         raise BadRequest("body must be QStash's failure callback JSON")

@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -14,7 +15,7 @@ from typing import Protocol
 from formcall.errors import (BadRequest, CallOutcomeUnknown, DatabaseUnavailable,
                              PermanentFailure, TransientFailure, VapiBusy, VapiRejected,
                              VapiUnavailable)
-from formcall.models import CallResult, FormForCall, OverdueForm, SweepReport
+from formcall.models import CallFormRequest, CallResult, FormForCall, OverdueForm, SweepReport
 from formcall.observability import count, logger
 from formcall.publisher import CALL_RETRIES, CallMessage
 from formcall.store import FormStore
@@ -29,6 +30,9 @@ PAGE_SIZE = 100
 # A delivery this close before the deadline is retried at the deadline rather than skipped;
 # further ahead means the deadline moved and a newer message will come.
 EARLY_DELIVERY_SECONDS = 300
+# What a QStash message id can look like ("msg_" and URL-safe characters). An id is pasted into
+# the QStash API path by the client, so anything else (a "/", "..", a NUL) must never reach it.
+_MESSAGE_ID = re.compile(r"[A-Za-z0-9_=-]{1,256}")
 
 
 class Caller(Protocol):
@@ -178,7 +182,7 @@ def sync_form_schedule(form_id: str, *, store: FormStore, publisher: Publisher,
     if not wanted:
         if state.message_id is None:
             return ScheduleResult("unchanged")
-        publisher.cancel(state.message_id)
+        _cancel(state.message_id, publisher=publisher, form_id=form_id)
         reason = ("submitted" if state.submitted else "no deadline" if state.deadline is None
                   else f"call {state.call_status}")
         store.record_unscheduled(form_id, message_id=state.message_id, reason=reason)
@@ -194,7 +198,7 @@ def sync_form_schedule(form_id: str, *, store: FormStore, publisher: Publisher,
     message_id = publisher.publish_call(deadline_message(form_id, state.deadline, not_before),
                                         destination=call_form_url)
     if state.message_id and state.message_id != message_id:
-        publisher.cancel(state.message_id)
+        _cancel(state.message_id, publisher=publisher, form_id=form_id)
     store.record_scheduled(form_id, message_id=message_id, deadline=state.deadline,
                            not_before=not_before)
     count("FormsScheduled")
@@ -204,33 +208,58 @@ def sync_form_schedule(form_id: str, *, store: FormStore, publisher: Publisher,
     return ScheduleResult(action, message_id, not_before)
 
 
-def cancel_message(message_id: str | None, *, publisher: Publisher) -> ScheduleResult:
-    """A deleted form: cancel the message its last row pointed at."""
+def _is_message_id(value: object) -> bool:
+    return isinstance(value, str) and _MESSAGE_ID.fullmatch(value) is not None
+
+
+def _cancel(message_id: str, *, publisher: Publisher, form_id: str) -> None:
+    """Cancel a message, unless its id cannot be QStash's (then there is nothing to cancel)."""
+    if _is_message_id(message_id):
+        publisher.cancel(message_id)
+    else:
+        logger.warning("not a QStash message id; nothing cancelled", extra={"form_id": form_id})
+
+
+def cancel_message(message_id: object, *, publisher: Publisher) -> ScheduleResult:
+    """A deleted form: cancel the message its last row pointed at (the id is the webhook's)."""
     if not message_id:
+        return ScheduleResult("gone")
+    if not _is_message_id(message_id):
+        logger.warning("deleted form's message id is not a QStash message id; nothing cancelled")
         return ScheduleResult("gone")
     publisher.cancel(message_id)
     count("FormsCancelled")
     return ScheduleResult("cancelled", message_id)
 
 
+def _as_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _as_text(value: object, limit: int = 200) -> str | None:
+    """A string field of QStash's payload, as the database can store it (no NUL), or None."""
+    return value.replace("\x00", "")[:limit] if isinstance(value, str) else None
+
+
 def record_failed_delivery(payload: dict, *, store: FormStore) -> tuple[str, str]:
     """QStash's failure callback for a call-form message: mark the form failed with the reason."""
     try:
-        source = json.loads(base64.b64decode(payload.get("sourceBody") or "", validate=True))
-        form_id = str(source["formId"])
+        source = base64.b64decode(payload.get("sourceBody") or "", validate=True)
         body = base64.b64decode(payload.get("body") or "").decode("utf-8", "replace")
-    except (binascii.Error, ValueError, KeyError, TypeError):
+        form_id = str(CallFormRequest.parse(source).formId)
+    except (binascii.Error, ValueError, TypeError, BadRequest):
         raise BadRequest("not a QStash failure callback for a call-form message") from None
-    status = payload.get("status")
-    reason = f"QStash gave up after {payload.get('retried', 0)} retries: last answer HTTP {status}"
+    # Only typed values reach the database: a string with a NUL cannot be stored (500, retried).
+    status, retried = _as_int(payload.get("status")), _as_int(payload.get("retried")) or 0
+    reason = f"QStash gave up after {retried} retries: last answer HTTP {status}"
     try:
         error = json.loads(body).get("error")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         error = None
     if error:
-        reason += f" ({str(error)[:200]})"
-    detail = {"source_message_id": payload.get("sourceMessageId"), "status": status,
-              "retried": payload.get("retried", 0), "dlq_id": payload.get("dlqId")}
+        reason += f" ({str(error).replace(chr(0), '')[:200]})"
+    detail = {"source_message_id": _as_text(payload.get("sourceMessageId")), "status": status,
+              "retried": retried, "dlq_id": _as_text(payload.get("dlqId"))}
     outcome = store.record_delivery_failed(form_id, reason=reason, detail=detail)
     count("DeliveryFailed")
     logger.error("call-form message failed for good", extra={"form_id": form_id,

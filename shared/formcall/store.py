@@ -52,11 +52,24 @@ class PostgresRpc:
         from psycopg.types.json import Jsonb as PgJsonb
 
         params = {k: PgJsonb(dict(v)) if isinstance(v, Jsonb) else v for k, v in params.items()}
+        kept = getattr(self._local, "conn", None)
         try:
             row = self._connection().execute(query, params).fetchone()
         except psycopg.OperationalError as exc:
+            lost = kept is not None and kept.broken
             self._drop_connection()
-            raise DatabaseUnavailable("database unavailable", cause=type(exc).__name__) from exc
+            if not lost:
+                raise DatabaseUnavailable("database unavailable",
+                                          cause=type(exc).__name__) from exc
+            # A kept connection the server closed while it sat idle (a restart, an idle timeout,
+            # a pooler recycling it): once more on a new one. Every SQL function is safe to run
+            # twice; a claim that did commit answers "in_progress" and the sweep reconciles it.
+            try:
+                row = self._connection().execute(query, params).fetchone()
+            except psycopg.OperationalError as again:
+                self._drop_connection()
+                raise DatabaseUnavailable("database unavailable",
+                                          cause=type(again).__name__) from again
         return row[0] if row else None
 
     def _drop_connection(self) -> None:

@@ -114,8 +114,10 @@ def lambda_handler(app: Starlette):
 
     asgi = Mangum(app, lifespan="off")
 
+    # log_event=False whatever POWERTOOLS_LOGGER_LOG_EVENT says: the event carries the setup
+    # secret in its query string and the secrets' headers.
     @logger.inject_lambda_context(correlation_id_path=correlation_paths.LAMBDA_FUNCTION_URL,
-                                  clear_state=True)
+                                  clear_state=True, log_event=False)
     @metrics.log_metrics(capture_cold_start_metric=True)
     def handler(event: dict, context: Any) -> dict:
         return asgi(event, context)

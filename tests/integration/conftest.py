@@ -45,9 +45,10 @@ def vapi_server(keys):
 
 
 @pytest.fixture
-def vapi(vapi_server) -> FakeVapi:
+def vapi(vapi_server, keys) -> FakeVapi:
     fake, _ = vapi_server
     fake.reset()
+    fake.api_key = keys.vapi_key  # a test may have rotated it
     fake.configure(concurrency_limit=10, call_duration=0.0, latency=0.0)
     return fake
 
