@@ -23,8 +23,10 @@ create table public.forms (
   last_call_error text,
   -- When the current claim was taken: a 'calling' row older than the lease is reconciled by the sweep.
   claimed_at timestamptz,
-  -- The one-time QStash message that will deliver this form's deadline (schedule-form keeps it current).
+  -- The one-time QStash message that will deliver this form's deadline (schedule-form keeps it
+  -- current), and the deadline it was published for.
   qstash_message_id text,
+  scheduled_deadline timestamptz,
   created_at timestamptz not null default now(),
   updated_at timestamptz not null default now(),
   constraint forms_called_has_call check (call_status <> 'called' or vapi_call_id is not null)
