@@ -20,6 +20,8 @@ BATCH_LIMIT = 100
 # Extra attempts per call-form message; QStash waits ~12 s, 2.5 min, 30 min, 6 h, 24 h between them.
 CALL_RETRIES = 5
 FLOW_CONTROL_KEY = "formcall-vapi-calls"
+# QStash's longest flow-control period: a week, in seconds.
+MAX_FLOW_PERIOD = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -32,13 +34,27 @@ class CallMessage:
 
 
 def flow_control(max_concurrency: int, calls_per_minute: int) -> dict:
-    """QStash flow control: at most `max_concurrency` deliveries in flight, and a start rate."""
-    if calls_per_minute >= 60:
-        rate, period = max(1, round(calls_per_minute / 60)), 1
-    else:
-        rate, period = calls_per_minute, 60
-    return {"key": FLOW_CONTROL_KEY, "parallelism": max_concurrency, "rate": rate,
-            "period": period}
+    """QStash flow control keeping call starts within Vapi's lines.
+
+    Parallelism bounds deliveries in flight, but a call-form delivery ends when Vapi answers,
+    long before the call does; what keeps the lines from overflowing is the start rate. QStash
+    may start a whole period's `rate` deliveries in the same instant, so the rate must fit the
+    lines, and a call (lines x 60 / calls_per_minute seconds long) may overlap the starts of
+    as many periods as it spans. Of the whole-second periods that hold every call's window to
+    `max_concurrency` starts, this takes the fastest rate no faster than `calls_per_minute`,
+    and the shortest period for it (starts spread out: one per 6 s rather than ten a minute).
+    """
+    best_rate, best_period = 0, 1
+    span = math.ceil(max_concurrency * 60 / calls_per_minute)  # a call's seconds, rounded up
+    for period in range(1, min(MAX_FLOW_PERIOD, 2 * span) + 1):
+        periods_per_call = -(-max_concurrency * 60 // (calls_per_minute * period))
+        rate = min(max_concurrency // periods_per_call, calls_per_minute * period // 60)
+        if rate * best_period > best_rate * period:
+            best_rate, best_period = rate, period
+            if rate * 60 == calls_per_minute * period:  # as fast as asked: no period does better
+                break
+    return {"key": FLOW_CONTROL_KEY, "parallelism": max_concurrency, "rate": best_rate,
+            "period": best_period}
 
 
 class QStashPublisher:

@@ -1,0 +1,1 @@
+"""`make bench`: formcall measured on the local stack (BENCHMARKS.md, docs/bench-*.png)."""
