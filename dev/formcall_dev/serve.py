@@ -42,8 +42,10 @@ def build(name: str):
 def main() -> None:
     name, port = sys.argv[1], int(sys.argv[2])
     app = build(name)
+    # Keep idle connections longer than the local QStash's pool keeps them (5 s), so a pooled
+    # connection is never closed by the server just as a delivery goes out on it.
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=3)
+                timeout_graceful_shutdown=3, timeout_keep_alive=75)
 
 
 if __name__ == "__main__":

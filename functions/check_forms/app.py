@@ -13,7 +13,7 @@ def handle(request: Incoming) -> Reply:
         require_cron_secret(request)
     destination = settings.load(settings.CallFormUrlSettings).CALL_FORM_URL
     report = sweep_overdue_forms(store=clients.store(), vapi=clients.vapi(),
-                                 publisher=clients.publisher(), call_form_url=destination,
+                                 publisher=clients.publisher, call_form_url=destination,
                                  window=clients.window())
     return Reply({"success": True, "found": report.found, "enqueued": report.enqueued,
                   "failed": report.failed, "reconciled": report.reconciled})

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
-from formcall.errors import (BadRequest, CallOutcomeUnknown, DatabaseUnavailable,
-                             PermanentFailure, TransientFailure, VapiBusy, VapiRejected,
-                             VapiUnavailable)
+from formcall.errors import (BadRequest, CallOutcomeUnknown, ConfigurationError,
+                             DatabaseUnavailable, PermanentFailure, TransientFailure, VapiBusy,
+                             VapiRejected, VapiUnavailable)
 from formcall.models import CallFormRequest, CallResult, FormForCall, OverdueForm, SweepReport
 from formcall.observability import count, logger
 from formcall.publisher import CALL_RETRIES, CallMessage
@@ -294,12 +294,14 @@ def reconcile_stale_calls(*, store: FormStore, vapi: Caller,
     return outcome
 
 
-def sweep_overdue_forms(*, store: FormStore, vapi: Caller, publisher: Publisher,
+def sweep_overdue_forms(*, store: FormStore, vapi: Caller, publisher: Callable[[], Publisher],
                         call_form_url: str, window: CallWindow = DEFAULT_WINDOW,
                         page_size: int = PAGE_SIZE) -> SweepReport:
     """Enqueue one call-form message per overdue form (the catch-all for missed one-time jobs).
 
-    Forms outside their patient's calling window are enqueued for the window's opening.
+    Forms outside their patient's calling window are enqueued for the window's opening. The
+    publisher is built only when there is something to enqueue (its client costs ~0.25 s of
+    import). A QStash that refuses the token is a configuration error, not a failed batch.
     """
     report = SweepReport(reconciled=reconcile_stale_calls(store=store, vapi=vapi))
     now = _now()
@@ -319,7 +321,9 @@ def sweep_overdue_forms(*, store: FormStore, vapi: Caller, publisher: Publisher,
             messages.append(CallMessage(form_id=form.id, not_before=opening,
                                         dedup_id=f"sweep-{form.id}-{hour}"))
         try:
-            report.enqueued += publisher.enqueue_calls(messages, destination=call_form_url)
+            report.enqueued += publisher().enqueue_calls(messages, destination=call_form_url)
+        except ConfigurationError:
+            raise
         except Exception as exc:  # one failed batch must not stop the rest
             report.failed += len(messages)
             logger.error("enqueue batch failed", extra={"forms": len(messages),

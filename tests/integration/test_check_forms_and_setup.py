@@ -196,6 +196,26 @@ def test_setup_without_the_secret_is_refused(stack_env, keys, kwargs):
     assert invoke("setup", setup_event(**kwargs)).status == 401
 
 
+def test_sweep_with_a_refused_qstash_token_names_the_setting(stack_env, vapi, conn, keys,
+                                                            monkeypatch):
+    seed_mix(conn)
+    monkeypatch.setenv("QSTASH_TOKEN", "not-the-token")
+    clients.reset()
+    answer = invoke("check_forms", manual_trigger(keys.cron_secret))
+    assert (answer.status, answer.body["settings"]) == (500, ["QSTASH_TOKEN"])
+
+
+def test_sweep_with_nothing_overdue_never_builds_a_publisher(stack_env, vapi):
+    from formcall.calls import sweep_overdue_forms
+
+    def no_publisher():
+        raise AssertionError("nothing to enqueue: the QStash client must not be built")
+
+    report = sweep_overdue_forms(store=clients.store(), vapi=clients.vapi(),
+                                 publisher=no_publisher, call_form_url=stack_env["CALL_FORM_URL"])
+    assert (report.found, report.enqueued, report.failed) == (0, 0, 0)
+
+
 def test_setup_with_a_refused_qstash_token_names_the_setting(stack_env, keys, monkeypatch):
     monkeypatch.setenv("QSTASH_TOKEN", "not-the-token")
     clients.reset()
