@@ -453,5 +453,9 @@ def render(results: dict, *, meta: dict) -> str:
 
 
 def write(results: dict, *, meta: dict, path: Path) -> Path:
-    path.write_text(render(results, meta=meta))
+    # `make chaos` keeps its figures in the same file, in a "## Chaos" section: keep it.
+    old = path.read_text() if path.exists() else ""
+    chaos = old[old.find("\n## Chaos\n") + 1:] if "\n## Chaos\n" in old else ""
+    text = render(results, meta=meta)
+    path.write_text(text.rstrip("\n") + "\n\n" + chaos if chaos else text)
     return path
