@@ -20,6 +20,15 @@ from formcall_dev.events import http_event
 from formcall_dev.seed import create_form, create_patient, form_row
 
 
+@pytest.fixture(autouse=True)
+def no_schedule_left(local_qstash, keys):
+    """A schedule left in place would sweep at the top of the hour, in the middle of a test."""
+    yield
+    client = QStash(keys.qstash_token, base_url=local_qstash, retry=False)
+    for schedule in client.schedule.list():
+        client.schedule.delete(schedule.schedule_id)
+
+
 def manual_trigger(secret: str | None, **kwargs) -> dict:
     headers = {"authorization": f"Bearer {secret}"} if secret else {}
     return http_event(method="GET", path="/api/cron/check-forms", headers=headers, domain=DOMAIN,

@@ -142,6 +142,11 @@ def target(pg_dsn, keys, vapi_server, local_qstash, function_server):
             setup = httpx.get(f"{function_server}{PATHS['setup']}",
                               params={"secret": keys.cron_secret}, timeout=30)
             assert setup.status_code == 200
+            # Paused: an hourly tick during the run would sweep the bait (a real write) and
+            # look like a hostile request getting through.
+            httpx.patch(f"{local_qstash}/v2/schedules/formcall-check-forms/pause",
+                        headers={"Authorization": f"Bearer {keys.qstash_token}"}
+                        ).raise_for_status()
             fake.reset()
             subject = Target(function_server, conn, fake, local_qstash, keys)
             yield subject
