@@ -35,5 +35,13 @@ def pg_dsn(tmp_path_factory) -> str:
 def db(pg_dsn) -> str:
     """The session database, emptied of formcall rows before the test."""
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        conn.execute("truncate form_call_events, forms, patients cascade")
+        # A delivery from an earlier test may still be writing: its locks and the truncate's
+        # can deadlock, and PostgreSQL then cancels the truncate. Try again.
+        for attempt in range(5):
+            try:
+                conn.execute("truncate form_call_events, forms, patients cascade")
+                break
+            except psycopg.errors.DeadlockDetected:
+                if attempt == 4:
+                    raise
     return pg_dsn

@@ -150,15 +150,29 @@ def test_due_at_night_is_called_at_the_windows_opening(tmp_path):
 def test_burst_of_200_against_5_lines(tmp_path):
     lines, call_seconds = 5, 0.3
     started = time.monotonic()
+    # QStash's retry backoff is not what this measures: a delivery that needs a retry (a
+    # transient fault on a loaded machine) comes back in seconds, not minutes.
     with Stack(tmp_path, vapi_concurrency=lines, vapi_call_seconds=call_seconds,
+               qstash_time_scale=0.01,
                extra_env={"VAPI_CALLS_PER_MINUTE": str(int(lines * 60 / call_seconds))}) as info, \
             psycopg.connect(info.dsn, autocommit=True) as conn:
         patient = create_patient(conn)
         deadline = datetime.now(timezone.utc) + timedelta(seconds=3)
         with conn.transaction():
             forms = [create_form(conn, patient_id=patient, deadline=deadline) for _ in range(200)]
-        wait_until(lambda: conn.execute("select count(*) from forms where call_status = 'called'"
-                                        ).fetchone()[0] == 200, timeout=120, interval=0.5)
+
+        def settled() -> bool:
+            return conn.execute("select count(*) from forms where call_status in ('called',"
+                                " 'failed')").fetchone()[0] == len(forms)
+
+        try:
+            wait_until(settled, timeout=180, interval=0.5)
+        except AssertionError:
+            states = conn.execute("select call_status, count(*) from forms group by 1").fetchall()
+            events = conn.execute("select event, count(*) from form_call_events group by 1"
+                                  ).fetchall()
+            raise AssertionError(f"not settled: forms {states}, events {events},"
+                                 f" Vapi {fake(info, 'GET', '/stats')}") from None
         drained = (datetime.now(timezone.utc) - deadline).total_seconds()
         stats = fake(info, "GET", "/stats")
         per_form = conn.execute("select count(*) filter (where event = 'called'),"
