@@ -90,9 +90,10 @@ def dev(serve: Annotated[bool, typer.Option("--serve", help="Keep the stack runn
 
 def print_serve_help(info) -> None:
     table = Table(title="formcall local stack (Ctrl-C stops everything)", show_header=False)
-    rows = [("call-form", info.call_form_url), ("check-forms", info.check_forms_url),
-            ("setup", info.setup_url), ("QStash", info.qstash_url), ("Vapi", info.vapi_url),
-            ("database", info.dsn)]
+    rows = [("console", info.console_url)]
+    rows += [("call-form", info.call_form_url), ("check-forms", info.check_forms_url),
+             ("setup", info.setup_url), ("QStash", info.qstash_url), ("Vapi", info.vapi_url),
+             ("database", info.dsn)]
     rows += [(name, value) for name, value in info.credentials.items()]
     for name, value in rows:
         table.add_row(name, value)

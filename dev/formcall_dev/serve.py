@@ -32,11 +32,15 @@ def build(name: str):
         forward(env["FORMCALL_DEV_DSN"], url=env["FORMCALL_DEV_WEBHOOK_URL"],
                 secret=env["WEBHOOK_SECRET"])
         raise SystemExit(0)
+    if name == "console":
+        from formcall_dev.console import ConsoleConfig, create_app
+
+        return create_app(ConsoleConfig.from_env(env))
     if name == "functions":
         from formcall_dev.functions_server import create_app
 
         return create_app()
-    raise SystemExit(f"unknown component {name!r}: qstash, vapi or functions")
+    raise SystemExit(f"unknown component {name!r}: qstash, vapi, functions or console")
 
 
 def main() -> None:

@@ -37,6 +37,8 @@ class StackInfo:
     real_vapi: bool = False
     # The dev stack calls at any hour unless told otherwise (`formcall dev --call-window`).
     call_window: str = "00:00-23:59:59"
+    # The local console (formcall_dev.console), on 127.0.0.1.
+    console_url: str = ""
     pids: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -123,18 +125,19 @@ class Stack:
         self.postgres, dsn = start_embedded_postgres(self.data_dir / "pgdata")
         apply_migrations(dsn)
         webhooks.install(dsn)
-        ports = {name: free_port() for name in ("qstash", "vapi", "functions")}
+        ports = {name: free_port() for name in ("qstash", "vapi", "functions", "console")}
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         if self.real_vapi:
             creds = {**creds, **self.real_vapi}
             urls["vapi"] = self.real_vapi.get("VAPI_BASE_URL", "https://api.vapi.ai")
         info = StackInfo(dsn=dsn, qstash_url=urls["qstash"], functions_url=urls["functions"],
-                         vapi_url=urls["vapi"], credentials=creds, real_vapi=bool(self.real_vapi))
+                         vapi_url=urls["vapi"], credentials=creds, real_vapi=bool(self.real_vapi),
+                         console_url=urls["console"])
         if self.call_window:
             info.call_window = self.call_window
         self.info = info
         env = self._env()
-        components = ["qstash", "functions"] + ([] if self.real_vapi else ["vapi"])
+        components = ["qstash", "functions", "console"] + ([] if self.real_vapi else ["vapi"])
         try:
             for name in components:
                 self._spawn(name, ports[name], env)
@@ -157,6 +160,7 @@ class Stack:
                 "FORMCALL_DEV_VAPI_CALL_SECONDS": str(self.vapi_call_seconds),
                 "FORMCALL_DEV_VAPI_CONCURRENCY": str(self.vapi_concurrency),
                 "FORMCALL_DEV_WEBHOOK_URL": self.info.schedule_form_url,
+                "FORMCALL_DEV_REAL_VAPI": "1" if self.real_vapi else "",
                 "VAPI_MAX_CONCURRENCY": str(self.vapi_concurrency),
                 # The fake's lines free up after vapi_call_seconds: the rate that keeps them busy.
                 "VAPI_CALLS_PER_MINUTE": str(int(self.vapi_concurrency * 60

@@ -1,0 +1,386 @@
+"""The console's Starlette app: pages, their live fragments and the Act buttons; thin handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import urllib.parse
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import psycopg
+from psycopg import AsyncConnection
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from formcall_dev.console import actions, journey, queries
+from formcall_dev.console.upstream import (PLAY_OUTCOMES, FakeVapiAdmin, LocalQStash, Refused,
+                                           Unavailable, trigger_sweep)
+
+HERE = Path(__file__).parent
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+MAX_FORM_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """Where the stack's parts are; `vapi_url` is None when the stack uses the real Vapi."""
+
+    dsn: str
+    qstash_url: str
+    qstash_token: str
+    check_forms_url: str
+    cron_secret: str
+    vapi_url: str | None
+    vapi_key: str
+    refresh_ms: int = 1000
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | os._Environ) -> ConsoleConfig:
+        """The settings the dev stack gives its components (stack.py)."""
+        return cls(dsn=env["FORMCALL_DEV_DSN"], qstash_url=env["QSTASH_URL"],
+                   qstash_token=env["QSTASH_TOKEN"], check_forms_url=env["CHECK_FORMS_URL"],
+                   cron_secret=env["CRON_SECRET"],
+                   vapi_url=None if env.get("FORMCALL_DEV_REAL_VAPI") else env["VAPI_BASE_URL"],
+                   vapi_key=env["VAPI_PRIVATE_KEY"])
+
+
+class LocalOnly:
+    """Refuse what a web page elsewhere could send: other host names and cross-site POSTs.
+
+    The console binds 127.0.0.1 and has no login; the Host check stops DNS rebinding, the
+    Origin check stops another site's form from submitting to it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            host = urllib.parse.urlsplit("//" + headers.get("host", "")).hostname
+            origin = headers.get("origin")
+            if host not in LOCAL_HOSTS:
+                response: Response = PlainTextResponse(
+                    "the console answers on 127.0.0.1 only", status_code=400)
+                return await response(scope, receive, send)
+            if scope["method"] not in ("GET", "HEAD") and (
+                    headers.get("sec-fetch-site") == "cross-site"
+                    or (origin is not None
+                        and urllib.parse.urlsplit(origin).hostname not in LOCAL_HOSTS)):
+                response = PlainTextResponse("cross-site request refused", status_code=403)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+# --- template helpers
+
+def _time(value: Any, precise: bool = False) -> str:
+    moment = journey.parse_time(value)
+    if moment is None:
+        return ""
+    text = moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if precise else \
+        moment.strftime("%Y-%m-%d %H:%M:%S")
+    return text + " UTC"
+
+
+def _local(value: Any, zone: str) -> str:
+    """The time in the patient's own zone (what the calling window is judged by)."""
+    moment = journey.parse_time(value)
+    if moment is None:
+        return ""
+    try:
+        return moment.astimezone(ZoneInfo(zone)).strftime("%H:%M:%S %Z")
+    except (ValueError, KeyError):
+        return ""
+
+
+def _templates() -> Jinja2Templates:
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.filters["time"] = _time
+    templates.env.filters["local"] = _local
+    templates.env.filters["short"] = lambda value: (value or "")[:8]
+    return templates
+
+
+# --- the app
+
+def create_app(config: ConsoleConfig) -> Starlette:
+    templates = _templates()
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        async with httpx.AsyncClient(timeout=10) as http:
+            state["http"] = http
+            state["qstash"] = LocalQStash(http, url=config.qstash_url, token=config.qstash_token)
+            state["vapi"] = (FakeVapiAdmin(http, url=config.vapi_url, key=config.vapi_key)
+                             if config.vapi_url else None)
+            yield
+
+    def db() -> Any:
+        return AsyncConnection.connect(config.dsn, autocommit=True, connect_timeout=5)
+
+    def render(request: Request, name: str, context: dict, status: int = 200) -> Response:
+        return templates.TemplateResponse(
+            request, name, {"refresh_ms": config.refresh_ms, **context}, status_code=status)
+
+    async def optional(source: Any) -> tuple[Any, str | None]:
+        """A read whose failure shows as a note on the page rather than failing it."""
+        try:
+            return await source, None
+        except (Unavailable, Refused) as exc:
+            return None, str(exc)
+
+    # --- forms
+
+    async def forms_context(request: Request) -> dict:
+        status = request.query_params.get("status") or None
+        outcome = request.query_params.get("outcome") or None
+        async with await db() as conn:
+            have = await queries.features(conn)
+            if status and status not in have.statuses:
+                raise actions.InvalidInput(f"unknown call status {status!r}")
+            if outcome and outcome not in queries.OUTCOMES:
+                raise actions.InvalidInput(f"unknown outcome {outcome!r}")
+            forms = await queries.list_forms(conn, have, status=status, outcome=outcome)
+            counts = await queries.count_forms(conn)
+        queued, note = await optional(state["qstash"].queued())
+        by_id = {m["messageId"]: m for m in queued or []}
+        return {"forms": forms, "counts": counts, "have": have, "status": status,
+                "outcome": outcome, "outcomes": queries.OUTCOMES, "messages": by_id,
+                "qstash_note": note, "query": urllib.parse.urlencode(
+                    {k: v for k, v in (("status", status), ("outcome", outcome)) if v})}
+
+    async def forms_page(request: Request) -> Response:
+        return render(request, "forms.html", await forms_context(request))
+
+    async def forms_rows(request: Request) -> Response:
+        return render(request, "_forms_rows.html", await forms_context(request))
+
+    # --- one form's journey
+
+    async def journey_context(request: Request) -> dict:
+        form_id = _form_id(request)
+        async with await db() as conn:
+            have = await queries.features(conn)
+            form = await queries.get_form(conn, have, form_id)
+            if form is None:
+                raise actions.NotFound(f"no form {form_id}")
+            events = await queries.form_events(conn, form_id)
+            call_rows = await queries.form_calls(conn, have, form_id)
+        ids = journey.message_ids(form, events)
+        (qstash_events, qstash_note), (dlq, _), (vapi_calls, vapi_note), (vapi_requests, _) = \
+            await asyncio.gather(
+                optional(state["qstash"].events(ids)), optional(state["qstash"].dlq()),
+                *((optional(state["vapi"].calls()), optional(state["vapi"].requests()))
+                  if state["vapi"] else (_nothing(), _nothing())))
+        call_ids = {row["vapi_call_id"] for row in call_rows} | {form["vapi_call_id"]} | {
+            event["detail"].get("call_id") for event in events}
+        calls = journey.calls_of_form(form_id, call_ids, vapi_calls or [])
+        entries = journey.timeline(
+            journey.audit_entries(events), journey.qstash_entries(qstash_events or []),
+            journey.vapi_entries(journey.requests_of_form(form_id, vapi_requests or []), calls))
+        return {"form": form, "have": have, "entries": entries, "calls": calls,
+                "call_rows": call_rows, "play_outcomes": PLAY_OUTCOMES,
+                "dead_letters": journey.dead_letters_of_form(form_id, ids, dlq or []),
+                "qstash_note": qstash_note, "vapi_note": vapi_note,
+                "fake_vapi": state["vapi"] is not None, "back": f"/forms/{form_id}"}
+
+    async def journey_page(request: Request) -> Response:
+        return render(request, "journey.html", await journey_context(request))
+
+    async def journey_timeline(request: Request) -> Response:
+        return render(request, "_journey.html", await journey_context(request))
+
+    # --- QStash
+
+    async def qstash_context(request: Request) -> dict:
+        qstash = state["qstash"]
+        (schedules, schedules_note), (queued, queued_note), (dlq, dlq_note) = \
+            await asyncio.gather(optional(qstash.schedules()), optional(qstash.queued()),
+                                 optional(qstash.dlq()))
+        return {"schedules": schedules or [], "queued": queued or [], "dlq": dlq or [],
+                "notes": [n for n in (schedules_note, queued_note, dlq_note) if n], "back": "/qstash"}
+
+    async def qstash_page(request: Request) -> Response:
+        return render(request, "qstash.html", await qstash_context(request))
+
+    async def qstash_panel(request: Request) -> Response:
+        return render(request, "_qstash.html", await qstash_context(request))
+
+    async def dlq_retry(request: Request) -> Response:
+        fields = await _fields(request)
+        message_id = await state["qstash"].retry_dlq(_dlq_id(request))
+        return _back(fields, "/qstash", f"published again as message {message_id}")
+
+    async def dlq_delete(request: Request) -> Response:
+        fields = await _fields(request)
+        await state["qstash"].delete_dlq(_dlq_id(request))
+        return _back(fields, "/qstash", "deleted from the DLQ")
+
+    # --- Act
+
+    async def live_calls() -> tuple[list[dict], str | None]:
+        if state["vapi"] is None:
+            return [], "the stack uses the real Vapi: calls are not playable here"
+        calls, note = await optional(state["vapi"].calls())
+        return [c for c in calls or [] if c.get("status") != "ended"], note
+
+    async def act_page(request: Request) -> Response:
+        async with await db() as conn:
+            pending = await queries.pending_forms(conn)
+        calls, note = await live_calls()
+        return render(request, "act.html", {"pending": pending, "calls": calls,
+                                            "vapi_note": note, "play_outcomes": PLAY_OUTCOMES,
+                                            "back": "/act"})
+
+    async def act_calls(request: Request) -> Response:
+        calls, note = await live_calls()
+        return render(request, "_calls.html", {"calls": calls, "vapi_note": note,
+                                               "play_outcomes": PLAY_OUTCOMES, "back": "/act"})
+
+    async def create_form(request: Request) -> Response:
+        new = actions.NewForm.parse(await _fields(request))
+        async with await db() as conn:
+            form_id = await actions.create_test_form(conn, new)
+        return RedirectResponse(f"/forms/{form_id}?notice=" + urllib.parse.quote(
+            f"created a form due in {new.due_in_seconds} s"), status_code=303)
+
+    async def submit_form(request: Request) -> Response:
+        fields, form_id = await _fields(request), _form_id(request)
+        async with await db() as conn:
+            await actions.submit_form(conn, form_id)
+        return _back(fields, f"/forms/{form_id}", "submitted")
+
+    async def move_deadline(request: Request) -> Response:
+        fields, form_id = await _fields(request), _form_id(request)
+        seconds = actions.parse_due_seconds(fields.get("due_in_seconds", ""))
+        async with await db() as conn:
+            await actions.move_deadline(conn, form_id, seconds)
+        return _back(fields, f"/forms/{form_id}", f"deadline moved to {seconds} s from now")
+
+    async def sweep(request: Request) -> Response:
+        fields = await _fields(request)
+        answer = await trigger_sweep(state["http"], url=config.check_forms_url,
+                                     cron_secret=config.cron_secret)
+        summary = ", ".join(f"{k} {answer.get(k)}" for k in ("found", "enqueued", "failed"))
+        return _back(fields, "/act", f"sweep ran: {summary}")
+
+    async def end_call(request: Request) -> Response:
+        fields = await _fields(request)
+        outcome = fields.get("outcome", "")
+        if outcome not in PLAY_OUTCOMES:
+            raise actions.InvalidInput(f"outcome must be one of {', '.join(PLAY_OUTCOMES)}")
+        if state["vapi"] is None:
+            raise actions.Conflict("the stack uses the real Vapi: its calls cannot be played")
+        call_id = request.path_params["call_id"]
+        if not _is_uuid(call_id):
+            raise actions.InvalidInput("not a call id")
+        await state["vapi"].end_call(call_id, outcome)
+        return _back(fields, "/act", f"call {call_id[:8]} ended: {outcome.replace('_', ' ')}")
+
+    # --- errors: the one place that maps them to statuses
+
+    def error_page(status: int):
+        async def handle(request: Request, exc: Exception) -> Response:
+            message = str(exc) if not isinstance(exc, psycopg.OperationalError) else \
+                "the database is not reachable"
+            return render(request, "error.html", {"status": status, "message": message},
+                          status=status)
+        return handle
+
+    async def refused(request: Request, exc: Exception) -> Response:
+        status = exc.status if isinstance(exc, Refused) and exc.status in (404, 409) else 409
+        return await error_page(status)(request, exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return await error_page(exc.status_code)(request, Exception(exc.detail))
+
+    routes = [
+        Route("/", lambda request: RedirectResponse("/forms", status_code=303)),
+        Route("/forms", forms_page),
+        Route("/forms/rows", forms_rows),
+        Route("/forms/{form_id}", journey_page),
+        Route("/forms/{form_id}/timeline", journey_timeline),
+        Route("/forms/{form_id}/submit", submit_form, methods=["POST"]),
+        Route("/forms/{form_id}/deadline", move_deadline, methods=["POST"]),
+        Route("/qstash", qstash_page),
+        Route("/qstash/panel", qstash_panel),
+        Route("/qstash/dlq/{dlq_id}/retry", dlq_retry, methods=["POST"]),
+        Route("/qstash/dlq/{dlq_id}/delete", dlq_delete, methods=["POST"]),
+        Route("/act", act_page),
+        Route("/act/calls", act_calls),
+        Route("/act/forms", create_form, methods=["POST"]),
+        Route("/act/sweep", sweep, methods=["POST"]),
+        Route("/act/calls/{call_id}/end", end_call, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        actions.InvalidInput: error_page(400), actions.NotFound: error_page(404),
+        actions.Conflict: error_page(409), Refused: refused, Unavailable: error_page(503),
+        psycopg.OperationalError: error_page(503), HTTPException: http_error})
+    app.add_middleware(LocalOnly)
+    return app
+
+
+async def _nothing() -> tuple[None, None]:
+    return None, None
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _form_id(request: Request) -> str:
+    form_id = request.path_params["form_id"]
+    if not _is_uuid(form_id):
+        raise actions.InvalidInput(f"{form_id!r} is not a form id (a UUID)")
+    return form_id
+
+
+def _dlq_id(request: Request) -> str:
+    dlq_id = request.path_params["dlq_id"]
+    if not dlq_id.replace("-", "").isalnum() or len(dlq_id) > 100:
+        raise actions.InvalidInput("not a DLQ id")
+    return dlq_id
+
+
+async def _fields(request: Request) -> dict[str, str]:
+    """A posted HTML form (urlencoded; Starlette's own parser needs python-multipart)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    body = await request.body()
+    if body and kind != "application/x-www-form-urlencoded":
+        raise actions.InvalidInput("post an HTML form (application/x-www-form-urlencoded)")
+    if len(body) > MAX_FORM_BYTES:
+        raise actions.InvalidInput("form too large")
+    try:
+        return dict(urllib.parse.parse_qsl(body.decode(), strict_parsing=bool(body)))
+    except (UnicodeDecodeError, ValueError):
+        raise actions.InvalidInput("malformed form data") from None
+
+
+def _back(fields: dict[str, str], default: str, notice: str) -> Response:
+    """See other: back to the page the button was on (a local path only), with a notice."""
+    target = fields.get("next", "")
+    if not target.startswith("/") or target.startswith("//") or "\\" in target:
+        target = default
+    target = target.split("?")[0]
+    return RedirectResponse(f"{target}?notice={urllib.parse.quote(notice)}", status_code=303)
