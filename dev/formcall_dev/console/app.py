@@ -45,7 +45,8 @@ class ConsoleConfig:
     cron_secret: str
     vapi_url: str | None
     vapi_key: str
-    refresh_ms: int = 1000
+    # How often a page refreshes its live parts: a new form shows within about this long.
+    refresh_ms: int = 500
 
     @classmethod
     def from_env(cls, env: dict[str, str] | os._Environ) -> ConsoleConfig:
@@ -107,11 +108,17 @@ def _local(value: Any, zone: str) -> str:
         return ""
 
 
+def _short(value: str | None) -> str:
+    """Enough of an id to tell rows apart: a UUID's first group, 8 characters after msg_."""
+    value = value or ""
+    return value[:12] if value.startswith("msg_") else value[:8]
+
+
 def _templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters["time"] = _time
     templates.env.filters["local"] = _local
-    templates.env.filters["short"] = lambda value: (value or "")[:8]
+    templates.env.filters["short"] = _short
     return templates
 
 
@@ -213,7 +220,8 @@ def create_app(config: ConsoleConfig) -> Starlette:
             await asyncio.gather(optional(qstash.schedules()), optional(qstash.queued()),
                                  optional(qstash.dlq()))
         return {"schedules": schedules or [], "queued": queued or [], "dlq": dlq or [],
-                "notes": [n for n in (schedules_note, queued_note, dlq_note) if n], "back": "/qstash"}
+                "notes": [n for n in (schedules_note, queued_note, dlq_note) if n],
+                "back": "/qstash"}
 
     async def qstash_page(request: Request) -> Response:
         return render(request, "qstash.html", await qstash_context(request))

@@ -63,7 +63,7 @@ def message_ids(form: dict, events: list[dict]) -> list[str]:
 
 
 def _form_ids_of(body: Any) -> set[str]:
-    """The form ids a create-call body names (metadata.formId and, for one call per patient, formIds)."""
+    """The form ids a create-call body names: metadata.formId, and formIds (one call, N forms)."""
     overrides = body.get("assistantOverrides") if isinstance(body, dict) else None
     metadata = overrides.get("metadata") if isinstance(overrides, dict) else None
     if not isinstance(metadata, dict):
@@ -73,13 +73,14 @@ def _form_ids_of(body: Any) -> set[str]:
 
 
 def calls_of_form(form_id: str, call_ids: set[str], calls: list[dict]) -> list[dict]:
-    """The fake Vapi's calls that are for this form: by metadata, or by a call id formcall recorded."""
+    """The fake Vapi's calls for this form: by their metadata, or by a call id formcall recorded."""
     return [call for call in calls
             if call.get("id") in call_ids or form_id in _form_ids_of(call)]
 
 
 def requests_of_form(form_id: str, requests: list[dict]) -> list[dict]:
-    return [r for r in requests if r.get("form_id") == form_id or form_id in _form_ids_of(r.get("body"))]
+    return [r for r in requests
+            if r.get("form_id") == form_id or form_id in _form_ids_of(r.get("body"))]
 
 
 def dead_letters_of_form(form_id: str, ids: list[str], dlq: list[dict]) -> list[dict]:

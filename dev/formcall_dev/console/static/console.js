@@ -15,7 +15,7 @@
         })
         .then(function (html) {
           if (html !== last) {
-            if (last !== null) { region.innerHTML = html; }
+            region.innerHTML = html;
             last = html;
           }
           region.classList.remove("stale");
