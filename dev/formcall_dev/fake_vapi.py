@@ -1,5 +1,4 @@
-"""A fake Vapi for tests and the dev stack: the call API's wire format, line limit, injected
-faults, and calls that ring, end and report to their server URL as Vapi's do."""
+"""A fake Vapi for tests and the dev stack: the call API, line limit, faults, and calls that report as Vapi's do."""
 
 from __future__ import annotations
 
