@@ -206,9 +206,8 @@ def _validate_overrides(overrides: dict[str, Any]) -> list[str]:
     prefix += "server."
     if not isinstance(server.get("url"), str):
         errors.append(f"{prefix}url must be a string")
-    for name in ("credentialId",):
-        if name in server and not isinstance(server[name], str):
-            errors.append(f"{prefix}{name} must be a string")
+    if "credentialId" in server and not isinstance(server["credentialId"], str):
+        errors.append(f"{prefix}credentialId must be a string")
     if "headers" in server and not isinstance(server["headers"], dict):
         errors.append(f"{prefix}headers must be an object")
     errors += _number_errors(server, "timeoutSeconds", 1, 300, prefix)
@@ -382,10 +381,6 @@ class _Call:
     @property
     def id(self) -> str:
         return self.data["id"]
-
-    @property
-    def form_id(self) -> str | None:
-        return self.form_ids[0] if self.form_ids else None
 
     def ended(self, now: datetime) -> bool:
         return self.blocked or (self.ends is not None and now >= self.ends)
