@@ -480,6 +480,13 @@ class FakeVapi:
     outcome mix (seeded; default always reached). Timers and deliveries run on one background
     asyncio loop, so the server's event loop never waits on them.
 
+    Settings (constructor, configure, POST /_fake/configure): concurrency_limit, latency (s
+    before each create-call answer), ring_seconds (default 0: answered at once), call_duration
+    (talk time of reached and voicemail calls), time_scale (multiplies ring, talk and backoff
+    delays), outcome_mix ({outcome: weight}), seed, scripts ({number: [outcome, ...]}), hold,
+    credentials ({credentialId: HMAC secret}), report_drop_rate, report_duplicate_rate and
+    reorder (the final status-update after the end-of-call report).
+
     Python API: configure, add_rule, clear_rules, rules, requests, placed_calls, calls_for_form,
     get_call, end_call, reports, max_concurrent, lines_in_use, stats, reset, close. The same over
     HTTP (bearer key needed): GET /_fake/requests[?formId=], GET /_fake/calls[?formId=],
