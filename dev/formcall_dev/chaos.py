@@ -426,7 +426,7 @@ class Chaos:
 
     def _sweep_rounds(self, conn: psycopg.Connection) -> list[dict]:
         from formcall import clients
-        from formcall.calls import reconcile_stale_calls
+        from formcall.sweep import reconcile_stale_calls
 
         assert self.info is not None
         rounds = []

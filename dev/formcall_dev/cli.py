@@ -196,7 +196,7 @@ def schedule(form_id: Annotated[str, typer.Argument(help="The form whose call me
     import uuid
 
     from formcall import clients
-    from formcall.calls import sync_form_schedule
+    from formcall.schedule import sync_form_schedule
     from formcall.errors import FormcallError
     from formcall.observability import logger
 

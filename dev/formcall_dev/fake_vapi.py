@@ -1,20 +1,28 @@
-"""A fake Vapi call API for tests and the dev stack: wire format, line limit, injected faults."""
+"""A fake Vapi for tests and the dev stack: the call API, line limit, faults, and calls that report as Vapi's do."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import copy
+import hashlib
+import hmac
 import itertools
 import json
+import random
 import re
 import secrets
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from typing import Any
 
+import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,6 +31,39 @@ from starlette.types import Receive, Scope, Send
 
 CONCURRENCY_ENDED_REASON = "call.start.error-subscription-concurrency-limit-reached"
 COMPLETED_ENDED_REASON = "customer-ended-call"
+# What can become of a placed call (`hold`: it rings until end_call), and how Vapi says it ended.
+PLAY_OUTCOMES = ("reached", "voicemail", "no_answer", "busy", "not_connected", "bad_number",
+                 "opt_out", "hold")
+END_OUTCOMES = PLAY_OUTCOMES[:-1]
+CONNECTED_OUTCOMES = frozenset({"reached", "voicemail", "opt_out"})
+ENDED_REASONS = {
+    "reached": COMPLETED_ENDED_REASON,
+    "opt_out": "assistant-ended-call",
+    "voicemail": "voicemail",
+    "no_answer": "customer-did-not-answer",
+    "busy": "customer-busy",
+    "not_connected": "twilio-failed-to-connect-call",
+    "bad_number": "twilio-reported-customer-misdialed",
+}
+SUMMARIES = {
+    "reached": "The assistant reminded the patient about the overdue forms.",
+    "opt_out": "The patient asked not to be called again.",
+    "voicemail": "The assistant left a voicemail asking for a call back.",
+}
+# Made-up words, never a real patient's; formcall must ignore them all the same.
+TRANSCRIPTS = {
+    "reached": "AI: Hello, this is your clinic calling about forms that are due.\n"
+               "User: Thanks, I will fill them in today.",
+    "opt_out": "AI: Hello, this is your clinic calling about forms that are due.\n"
+               "User: Please do not call me again.",
+    "voicemail": "AI: This is your clinic. Please call us back about your forms.",
+}
+# The server messages the fake sends; without `serverMessages` Vapi's default list has both.
+REPORTED_TYPES = ("status-update", "end-of-call-report")
+BACKOFF_TYPES = ("fixed", "exponential")
+SETTINGS = ("concurrency_limit", "call_duration", "latency", "ring_seconds", "time_scale",
+            "outcome_mix", "scripts", "seed", "hold", "credentials", "report_drop_rate",
+            "report_duplicate_rate", "reorder")
 INVALID_KEY_MESSAGE = (
     "Invalid Key. Hot tip, you may be using the private key instead of the public key, "
     "or vice versa."
@@ -95,6 +136,8 @@ def validate_create_call(body: Any) -> list[str]:
         errors.append("name must be shorter than or equal to 40 characters")
     if isinstance(body.get("customer"), dict):
         errors += _validate_customer(body["customer"])
+    if isinstance(body.get("assistantOverrides"), dict):
+        errors += _validate_overrides(body["assistantOverrides"])
     return errors
 
 
@@ -130,10 +173,77 @@ def form_id_of(body: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def form_ids_of(body: Any) -> list[str]:
+    """Every form a call covers: `metadata.formIds`, else the single `metadata.formId`."""
+    overrides = body.get("assistantOverrides") if isinstance(body, dict) else None
+    metadata = overrides.get("metadata") if isinstance(overrides, dict) else None
+    ids = metadata.get("formIds") if isinstance(metadata, dict) else None
+    if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
+        return list(ids)
+    form_id = form_id_of(body)
+    return [form_id] if form_id else []
+
+
 def _customer_number_of(body: Any) -> str | None:
     customer = body.get("customer") if isinstance(body, dict) else None
     number = customer.get("number") if isinstance(customer, dict) else None
     return number if isinstance(number, str) else None
+
+
+def _validate_overrides(overrides: dict[str, Any]) -> list[str]:
+    """The checks Vapi's DTO makes on the server-URL settings the fake acts on."""
+    prefix = "assistantOverrides."
+    errors: list[str] = []
+    messages = overrides.get("serverMessages")
+    if "serverMessages" in overrides and not (
+            isinstance(messages, list) and all(isinstance(m, str) for m in messages)):
+        errors.append(f"{prefix}serverMessages must be an array of strings")
+    if "server" not in overrides:
+        return errors
+    server = overrides["server"]
+    if not isinstance(server, dict):
+        return [*errors, f"{prefix}server must be an object"]
+    prefix += "server."
+    if not isinstance(server.get("url"), str):
+        errors.append(f"{prefix}url must be a string")
+    if "credentialId" in server and not isinstance(server["credentialId"], str):
+        errors.append(f"{prefix}credentialId must be a string")
+    if "headers" in server and not isinstance(server["headers"], dict):
+        errors.append(f"{prefix}headers must be an object")
+    errors += _number_errors(server, "timeoutSeconds", 1, 300, prefix)
+    if "backoffPlan" in server:
+        plan = server["backoffPlan"]
+        if not isinstance(plan, dict):
+            errors.append(f"{prefix}backoffPlan must be an object")
+        else:
+            if plan.get("type") not in BACKOFF_TYPES:
+                errors.append(f"{prefix}backoffPlan.type must be one of the following values: "
+                              f"{', '.join(BACKOFF_TYPES)}")
+            for name in ("maxRetries", "baseDelaySeconds"):
+                if name not in plan:
+                    errors.append(f"{prefix}backoffPlan.{name} should not be empty")
+                errors += _number_errors(plan, name, 0, 10, f"{prefix}backoffPlan.")
+    return errors
+
+
+def _number_errors(data: dict[str, Any], name: str, low: float, high: float,
+                   prefix: str) -> list[str]:
+    if name not in data:
+        return []
+    value = data[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return [f"{prefix}{name} must be a number conforming to the specified constraints"]
+    if value < low:
+        return [f"{prefix}{name} must not be less than {low}"]
+    if value > high:
+        return [f"{prefix}{name} must not be greater than {high}"]
+    return []
+
+
+def hmac_signature(secret: str, timestamp: str, raw_body: bytes) -> str:
+    """Vapi's HMAC credential: hex HMAC-SHA256 of `{timestamp}.{body}`."""
+    return hmac.new(secret.encode(), timestamp.encode() + b"." + raw_body,
+                    hashlib.sha256).hexdigest()
 
 
 @dataclass
@@ -142,8 +252,9 @@ class Rule:
 
     Matches on `customer_number` and/or `form_id` (neither: every request), for `times`
     requests (None: unlimited). With `status`, answer that status and `body` (default: a
-    Vapi-shaped error) without placing a call. Otherwise the call is placed, then the answer
-    waits `delay` seconds and, with `drop`, the connection is closed without a response.
+    Vapi-shaped error) without placing a call, or, with `place`, after placing it (a 5xx from
+    a Vapi that did create the call). Otherwise the call is placed, then the answer waits
+    `delay` seconds and, with `drop`, the connection is closed without a response.
     """
 
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -155,6 +266,7 @@ class Rule:
     headers: dict[str, str] | None = None
     delay: float = 0.0
     drop: bool = False
+    place: bool = False
     hits: int = 0
 
     def __post_init__(self) -> None:
@@ -164,6 +276,8 @@ class Rule:
             raise ValueError("a rule either answers a status or drops the connection, not both")
         if self.status is None and not self.drop and not self.delay:
             raise ValueError("a rule needs a status, a delay or drop")
+        if self.place and self.status is None:
+            raise ValueError("place goes with a status: without one the call is placed anyway")
         if self.delay < 0 or (self.times is not None and self.times < 1):
             raise ValueError("delay must be >= 0 and times >= 1 (or null for unlimited)")
 
@@ -190,9 +304,9 @@ class Rule:
 class RecordedRequest:
     """One create-call request and what the fake did with it.
 
-    outcome: "placed" (a line was taken; also when the answer was delayed or dropped),
-    "blocked" (created but over the concurrency limit) or "rejected" (no call; `reason` is
-    "unauthorized", "invalid" or "injected").
+    outcome: "placed" (a line was taken; also when the answer was delayed, dropped or an
+    injected status with `place`), "blocked" (created but over the concurrency limit) or
+    "rejected" (no call; `reason` is "unauthorized", "invalid" or "injected").
     """
 
     seq: int
@@ -212,29 +326,120 @@ class RecordedRequest:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """One attempt to deliver a server message to a call's server URL.
+
+    `status` is the call status a status-update carries (None for other messages); `answer`
+    the HTTP status the server gave (None: no answer, see `error`). `dropped`: a fault
+    swallowed the message (nothing was sent); `duplicate`: the second copy of a message.
+    """
+
+    seq: int
+    at: str
+    call_id: str
+    type: str
+    status: str | None
+    ended_reason: str | None
+    attempt: int
+    answer: int | None
+    error: str | None = None
+    signed: bool = False
+    dropped: bool = False
+    duplicate: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.answer is not None and 200 <= self.answer < 300
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
 class _Call:
+    """A call and its timeline; the state at any moment is a function of the timeline.
+
+    answered: when someone or something picked up (None: never connects); ends: when it
+    ends (None: holds, ringing until told). A GET and every message read the same view.
+    """
+
     seq: int
     data: dict[str, Any]
     created: datetime
-    ends: datetime
     blocked: bool
-    form_id: str | None
+    form_ids: list[str]
+    outcome: str | None = None
+    answered: datetime | None = None
+    ends: datetime | None = None
+    server: dict[str, Any] | None = None
+    message_types: frozenset[str] = frozenset()
+    reported: set[str] = field(default_factory=set)
+    generation: int = 0
+    # Set (on the background loop) when end_call changes the timeline.
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def view(self, now: datetime) -> dict[str, Any]:
-        """The Call resource as a later GET sees it: in progress for its duration, then ended."""
+    @property
+    def id(self) -> str:
+        return self.data["id"]
+
+    def ended(self, now: datetime) -> bool:
+        return self.blocked or (self.ends is not None and now >= self.ends)
+
+    def status(self, now: datetime) -> str:
+        if self.ended(now):
+            return "ended"
+        if self.answered is not None and now >= self.answered:
+            return "in-progress"
+        return "ringing"
+
+    def connected(self) -> bool:
+        return self.answered is not None and (self.ends is None or self.answered <= self.ends)
+
+    def view(self, now: datetime, status: str | None = None) -> dict[str, Any]:
+        """The Call resource at `now` (as a GET would show it), or in the phase `status`."""
         data = dict(self.data)
         if self.blocked:
             return data
-        data["startedAt"] = data["createdAt"]
-        if now >= self.ends:
-            data.update(status="ended", endedReason=COMPLETED_ENDED_REASON,
-                        endedAt=iso(self.ends), updatedAt=iso(self.ends))
-        else:
-            data["status"] = "in-progress"
+        status = status or self.status(now)
+        data["status"] = status
+        if status == "ringing":
+            return data
+        assert self.answered is not None or status == "ended"
+        if self.answered is not None and self.connected():
+            data["startedAt"] = iso(self.answered)
+            data["updatedAt"] = iso(self.answered)
+        if status == "ended":
+            assert self.ends is not None and self.outcome is not None
+            data.update(status="ended", endedReason=ENDED_REASONS[self.outcome],
+                        endedAt=iso(self.ends), updatedAt=iso(self.ends), cost=self.cost(),
+                        analysis=_analysis(self.outcome))
         return data
 
+    def cost(self) -> float:
+        if not self.connected() or self.ends is None or self.answered is None:
+            return 0
+        minutes = (self.ends - self.answered).total_seconds() / 60
+        return round(0.01 + 0.1 * minutes, 4)
+
     def updated(self, now: datetime) -> datetime:
-        return self.ends if not self.blocked and now >= self.ends else self.created
+        if self.blocked:
+            return self.created
+        if self.ended(now):
+            assert self.ends is not None
+            return self.ends
+        if self.answered is not None and now >= self.answered:
+            return self.answered
+        return self.created
+
+
+def _analysis(outcome: str) -> dict[str, Any]:
+    return {"summary": SUMMARIES.get(outcome, "The call did not connect."),
+            "structuredData": {"optOut": outcome == "opt_out"}}
+
+
+def _artifact(outcome: str) -> dict[str, Any]:
+    # A made-up conversation: formcall must ignore it (transcripts are PHI).
+    return {"transcript": TRANSCRIPTS.get(outcome, ""), "messages": []}
 
 
 class _DropConnection:
@@ -262,23 +467,56 @@ class _App(Starlette):
         await super().__call__(scope, receive, send)
 
 
+class CallAlreadyEnded(Exception):
+    """end_call on a call that has ended (HTTP 409)."""
+
+
 class FakeVapi:
-    """Vapi's call API in memory; one lock guards the state, so any thread may read it.
+    """Vapi's call API in memory, playing every placed call; one lock guards the state.
+
+    Each placed call rings, is answered or not, ends, and reports its progress to its
+    `assistantOverrides.server.url` as Vapi does (see `_due_messages`). Its fate: the next entry
+    of the customer number's script, else `hold` (ring until told), else a draw from the
+    outcome mix (seeded; default always reached). Timers and deliveries run on one background
+    asyncio loop, so the server's event loop never waits on them.
+
+    Settings (constructor, configure, POST /_fake/configure): concurrency_limit, latency (s
+    before each create-call answer), ring_seconds (default 0: answered at once), call_duration
+    (talk time of reached and voicemail calls), time_scale (multiplies ring, talk and backoff
+    delays), outcome_mix ({outcome: weight}), seed, scripts ({number: [outcome, ...]}), hold,
+    credentials ({credentialId: HMAC secret}), report_drop_rate, report_duplicate_rate and
+    reorder (the final status-update after the end-of-call report).
 
     Python API: configure, add_rule, clear_rules, rules, requests, placed_calls, calls_for_form,
-    get_call, max_concurrent, lines_in_use, stats, reset. The same over HTTP (bearer key needed):
-    GET /_fake/requests[?formId=], GET /_fake/calls[?formId=], GET /_fake/stats,
+    get_call, end_call, reports, max_concurrent, lines_in_use, stats, reset, close. The same over
+    HTTP (bearer key needed): GET /_fake/requests[?formId=], GET /_fake/calls[?formId=],
+    POST /_fake/calls/{id}/end {"outcome"}, GET /_fake/reports[?callId=], GET /_fake/stats,
     POST /_fake/reset, POST /_fake/configure, GET|POST|DELETE /_fake/rules.
     """
 
     def __init__(self, *, api_key: str, concurrency_limit: int = 10, call_duration: float = 0.0,
-                 latency: float = 0.0) -> None:
+                 latency: float = 0.0, ring_seconds: float = 0.0, time_scale: float = 1.0,
+                 outcome_mix: dict[str, float] | None = None,
+                 scripts: dict[str, list[str]] | None = None, seed: int = 0, hold: bool = False,
+                 credentials: dict[str, str] | None = None, report_drop_rate: float = 0.0,
+                 report_duplicate_rate: float = 0.0, reorder: bool = False) -> None:
         self.api_key = api_key
         self.org_id = str(uuid.uuid4())
-        self._defaults = {"concurrency_limit": concurrency_limit, "call_duration": call_duration,
-                          "latency": latency}
+        self._defaults = _checked_settings({
+            "concurrency_limit": concurrency_limit, "call_duration": call_duration,
+            "latency": latency, "ring_seconds": ring_seconds, "time_scale": time_scale,
+            "outcome_mix": outcome_mix or {"reached": 1}, "scripts": scripts or {},
+            "seed": seed, "hold": hold, "credentials": credentials or {},
+            "report_drop_rate": report_drop_rate,
+            "report_duplicate_rate": report_duplicate_rate, "reorder": reorder})
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
+        self._report_seq = itertools.count(1)
+        self._generation = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._tasks: set[concurrent.futures.Future[None]] = set()
         self.reset()
         self.app = _App(routes=[
             Route("/call", self._create_call, methods=["POST"]),
@@ -286,39 +524,40 @@ class FakeVapi:
             Route("/call/{call_id}", self._get_call, methods=["GET"]),
             Route("/_fake/requests", self._admin_requests, methods=["GET"]),
             Route("/_fake/calls", self._admin_calls, methods=["GET"]),
+            Route("/_fake/calls/{call_id}/end", self._admin_end_call, methods=["POST"]),
+            Route("/_fake/reports", self._admin_reports, methods=["GET"]),
             Route("/_fake/stats", self._admin_stats, methods=["GET"]),
             Route("/_fake/reset", self._admin_reset, methods=["POST"]),
             Route("/_fake/configure", self._admin_configure, methods=["POST"]),
             Route("/_fake/rules", self._admin_rules, methods=["GET", "POST", "DELETE"]),
-        ])
+        ], lifespan=self._lifespan)
 
     # ---- Python API -------------------------------------------------------------------------
 
     def configure(self, *, concurrency_limit: int | None = None, call_duration: float | None = None,
-                  latency: float | None = None) -> None:
-        """Change settings for the calls that come next; None leaves a setting as it is."""
-        for name, value in (("concurrency_limit", concurrency_limit),
-                            ("call_duration", call_duration), ("latency", latency)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or value < 0):
-                raise ValueError(f"{name} must be a number >= 0")
-        if concurrency_limit is not None and not float(concurrency_limit).is_integer():
-            raise ValueError("concurrency_limit must be an integer")
-        with self._lock:
-            if concurrency_limit is not None:
-                self._concurrency_limit = int(concurrency_limit)
-            if call_duration is not None:
-                self._call_duration = float(call_duration)
-            if latency is not None:
-                self._latency = float(latency)
+                  latency: float | None = None, ring_seconds: float | None = None,
+                  time_scale: float | None = None, outcome_mix: dict[str, float] | None = None,
+                  scripts: dict[str, list[str]] | None = None, seed: int | None = None,
+                  hold: bool | None = None, credentials: dict[str, str] | None = None,
+                  report_drop_rate: float | None = None,
+                  report_duplicate_rate: float | None = None,
+                  reorder: bool | None = None) -> None:
+        """Change settings for the calls that come next; None leaves a setting as it is.
+
+        A new seed (or outcome mix) restarts the mix's random sequence; scripts replace the
+        current ones.
+        """
+        given = {name: value for name, value in locals().items()
+                 if name in SETTINGS and value is not None}
+        self._apply(_checked_settings(given))
 
     def add_rule(self, *, customer_number: str | None = None, form_id: str | None = None,
                  times: int | None = None, status: int | None = None, body: Any = None,
                  headers: dict[str, str] | None = None, delay: float = 0.0,
-                 drop: bool = False) -> str:
+                 drop: bool = False, place: bool = False) -> str:
         """Add a fault rule (see `Rule`); rules are tried in the order added. Returns its id."""
         rule = Rule(customer_number=customer_number, form_id=form_id, times=times, status=status,
-                    body=body, headers=headers, delay=delay, drop=drop)
+                    body=body, headers=headers, delay=delay, drop=drop, place=place)
         with self._lock:
             self._rules.append(rule)
         return rule.id
@@ -343,12 +582,47 @@ class FakeVapi:
             return [call.view(now) for call in self._calls if not call.blocked]
 
     def calls_for_form(self, form_id: str) -> list[dict[str, Any]]:
-        return [call for call in self.placed_calls() if form_id_of(call) == form_id]
+        """Placed calls covering the form (its `metadata.formId` or one of `formIds`)."""
+        return [call for call in self.placed_calls() if form_id in form_ids_of(call)]
 
     def get_call(self, call_id: str) -> dict[str, Any] | None:
+        now = _now()
         with self._lock:
             call = self._calls_by_id.get(call_id)
-        return call.view(_now()) if call else None
+            return call.view(now) if call else None
+
+    def end_call(self, call_id: str, outcome: str) -> dict[str, Any]:
+        """Play the patient: end a ringing or in-progress call with `outcome` now.
+
+        Raises KeyError (unknown call), ValueError (not an outcome) or CallAlreadyEnded. The
+        reports still due go out at once. Returns the call as it now is.
+        """
+        if outcome not in END_OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(END_OUTCOMES)}")
+        with self._lock:
+            call = self._calls_by_id.get(call_id)
+            if call is None:
+                raise KeyError(call_id)
+            now = _now()
+            if call.ended(now):
+                raise CallAlreadyEnded(call_id)
+            if outcome in CONNECTED_OUTCOMES:
+                if call.answered is None or call.answered > now:
+                    call.answered = now
+            elif call.answered is not None and call.answered > now:
+                call.answered = None  # it was going to be answered; now it never is
+            call.outcome, call.ends = outcome, now
+            self._active.pop(call.id, None)
+            loop = self._loop
+            view = call.view(now)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(call.wake.set)
+        return view
+
+    def reports(self, call_id: str | None = None) -> list[Delivery]:
+        """Every delivery attempt of a server message, oldest first (one call's, with call_id)."""
+        with self._lock:
+            return [d for d in self._deliveries if call_id is None or d.call_id == call_id]
 
     @property
     def max_concurrent(self) -> int:
@@ -357,7 +631,7 @@ class FakeVapi:
 
     def lines_in_use(self) -> int:
         with self._lock:
-            return self._lines_in_use(time.monotonic())
+            return self._lines_in_use(_now())
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -370,35 +644,81 @@ class FakeVapi:
                 "invalid": self._count("reason", "invalid"),
                 "injected": self._count("reason", "injected"),
                 "dropped": sum(r.dropped for r in self._requests),
-                "lines_in_use": self._lines_in_use(time.monotonic()),
+                "lines_in_use": self._lines_in_use(_now()),
                 "max_concurrent": self._max_concurrent,
-                "concurrency_limit": self._concurrency_limit,
-                "call_duration": self._call_duration,
-                "latency": self._latency,
                 "rules": len(self._rules),
+                "reports": len(self._deliveries),
+                "reports_failed": sum(not d.ok and not d.dropped for d in self._deliveries),
+                "reports_dropped": sum(d.dropped for d in self._deliveries),
+                "calls_playing": len(self._tasks),
+                **{name: value for name, value in self._settings.items() if name != "credentials"},
+                "credentials": sorted(self._settings["credentials"]),  # ids only, never secrets
             }
 
     def reset(self) -> None:
-        """Forget requests, calls and rules, and go back to the constructor's settings."""
+        """Forget requests, calls, reports and rules, cancel every call still playing, and go
+        back to the constructor's settings."""
         with self._lock:
-            self._concurrency_limit = int(self._defaults["concurrency_limit"])
-            self._call_duration = float(self._defaults["call_duration"])
-            self._latency = float(self._defaults["latency"])
+            self._generation += 1
+            self._settings: dict[str, Any] = {}
+            self._apply_locked(copy.deepcopy(self._defaults))
             self._rules: list[Rule] = []
             self._requests: list[RecordedRequest] = []
             self._calls: list[_Call] = []
             self._calls_by_id: dict[str, _Call] = {}
-            self._line_ends: list[float] = []
+            self._active: dict[str, _Call] = {}
+            self._deliveries: list[Delivery] = []
             self._max_concurrent = 0
+            tasks, self._tasks = self._tasks, set()
+        # Outside the lock: a cancelled future runs its done-callback in this thread.
+        for task in tasks:
+            task.cancel()
+
+    def close(self) -> None:
+        """Stop playing calls and shut the background loop down (it restarts when needed)."""
+        with self._lock:
+            self._generation += 1
+            tasks, self._tasks = self._tasks, set()
+            loop, thread, client = self._loop, self._loop_thread, self._client
+            self._loop = self._loop_thread = self._client = None
+        for task in tasks:
+            task.cancel()
+        if loop is None or loop.is_closed():
+            return
+        if client is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(timeout=5)
+        if not loop.is_running():
+            loop.close()
+
+    # ---- settings, under the lock -----------------------------------------------------------
+
+    def _apply(self, settings: dict[str, Any]) -> None:
+        with self._lock:
+            self._apply_locked(settings)
+
+    def _apply_locked(self, settings: dict[str, Any]) -> None:
+        if "scripts" in settings:
+            settings["scripts"] = {number: list(script)
+                                   for number, script in settings["scripts"].items()}
+        self._settings.update(settings)
+        if {"seed", "outcome_mix"} & set(settings):
+            self._mix_random = random.Random(self._settings["seed"])
+            # Faults draw from their own sequence, so they never shift the mix's draws.
+            self._fault_random = random.Random(self._settings["seed"] + 1)
 
     # ---- state changes, under the lock ------------------------------------------------------
 
     def _count(self, attribute: str, value: str) -> int:
         return sum(getattr(r, attribute) == value for r in self._requests)
 
-    def _lines_in_use(self, now: float) -> int:
-        self._line_ends = [end for end in self._line_ends if end > now]
-        return len(self._line_ends)
+    def _lines_in_use(self, now: datetime) -> int:
+        for call_id in [i for i, call in self._active.items() if call.ended(now)]:
+            del self._active[call_id]
+        return len(self._active)
 
     def _record(self, **kwargs: Any) -> RecordedRequest:
         record = RecordedRequest(seq=next(self._seq), **kwargs)
@@ -413,16 +733,20 @@ class FakeVapi:
                 return rule
         return None
 
+    def _next_outcome(self, number: str | None) -> str:
+        script = self._settings["scripts"].get(number) if number else None
+        if script:
+            return script.pop(0)
+        if self._settings["hold"]:
+            return "hold"
+        mix = self._settings["outcome_mix"]
+        return self._mix_random.choices(list(mix), weights=list(mix.values()))[0]
+
     def _create(self, body: dict[str, Any], created: datetime) -> tuple[dict[str, Any], bool]:
-        """Create the call, placed on a free line or blocked by the concurrency limit."""
-        now = time.monotonic()
-        in_use = self._lines_in_use(now)
-        limit = self._concurrency_limit
+        """Create the call, placed on a free line (and set playing) or blocked by the limit."""
+        in_use = self._lines_in_use(created)
+        limit = self._settings["concurrency_limit"]
         blocked = in_use >= limit
-        if not blocked:
-            self._line_ends.append(now + self._call_duration)
-            in_use += 1
-            self._max_concurrent = max(self._max_concurrent, in_use)
         data: dict[str, Any] = {
             "id": str(uuid.uuid4()),
             "orgId": self.org_id,
@@ -435,14 +759,167 @@ class FakeVapi:
         if blocked:
             data.update(status="ended", endedReason=CONCURRENCY_ENDED_REASON,
                         endedAt=iso(created))
-        ends = created + timedelta(seconds=0 if blocked else self._call_duration)
-        call = _Call(seq=len(self._calls), data=data, created=created, ends=ends,
-                     blocked=blocked, form_id=form_id_of(body))
+        call = _Call(seq=len(self._calls), data=data, created=created, blocked=blocked,
+                     form_ids=form_ids_of(body), generation=self._generation)
         self._calls.append(call)
-        self._calls_by_id[data["id"]] = call
+        self._calls_by_id[call.id] = call
+        if not blocked:
+            in_use += 1
+            self._max_concurrent = max(self._max_concurrent, in_use)
+            self._plan(call, self._next_outcome(_customer_number_of(body)), body)
         limits = {"concurrencyBlocked": blocked, "concurrencyLimit": limit,
                   "remainingConcurrentCalls": 0 if blocked else max(limit - in_use, 0)}
+        # The answer is the call as created, before any timer moved it on.
         return {**data, "subscriptionLimits": limits}, blocked
+
+    def _plan(self, call: _Call, outcome: str, body: dict[str, Any]) -> None:
+        scale = self._settings["time_scale"]
+        ring = timedelta(seconds=self._settings["ring_seconds"] * scale)
+        talk = timedelta(seconds=self._settings["call_duration"] * scale)
+        if outcome != "hold":
+            call.outcome = outcome
+            if outcome in CONNECTED_OUTCOMES:
+                call.answered = call.created + ring
+                call.ends = call.answered + talk
+            else:
+                call.ends = call.created + ring
+        self._active[call.id] = call
+        overrides = body.get("assistantOverrides") or {}
+        server = overrides.get("server")
+        if not isinstance(server, dict) or not server.get("url"):
+            return
+        wanted = overrides.get("serverMessages")
+        call.server = copy.deepcopy(server)
+        call.message_types = frozenset(REPORTED_TYPES if wanted is None else
+                                       set(wanted) & set(REPORTED_TYPES))
+        if call.message_types:
+            self._submit(self._play(call))
+
+    def _due_messages(self, call: _Call, now: datetime) -> list[dict[str, Any]]:
+        """The messages of the phases the call has reached and not reported yet, in order:
+        status-update ringing, in-progress (when answered), ended, then the end-of-call report
+        (the report first with `reorder`)."""
+        due: list[dict[str, Any]] = []
+        if "ringing" not in call.reported:
+            call.reported.add("ringing")
+            due.append(_status_update(call, "ringing", call.created))
+        if (call.answered is not None and call.connected() and now >= call.answered
+                and "in-progress" not in call.reported):
+            call.reported.add("in-progress")
+            due.append(_status_update(call, "in-progress", call.answered))
+        if call.ended(now) and "ended" not in call.reported:
+            call.reported.add("ended")
+            ended, report = _status_update(call, "ended", call.ends), _end_of_call_report(call)
+            due += [report, ended] if self._settings["reorder"] else [ended, report]
+        return [m for m in due if m["message"]["type"] in call.message_types]
+
+    # ---- the background loop: call timers and deliveries ------------------------------------
+
+    def _submit(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        if self._loop is None or self._loop.is_closed():
+            self._loop = asyncio.new_event_loop()
+            self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                                 name="fake-vapi-calls")
+            self._loop_thread.start()
+        task = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        self._tasks.add(task)
+        task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self._tasks.discard(task)
+
+    async def _play(self, call: _Call) -> None:
+        """Report each phase of the call when it is reached, until the end-of-call report."""
+        while True:
+            call.wake.clear()
+            with self._lock:
+                if call.generation != self._generation:
+                    return
+                now = _now()
+                due = self._due_messages(call, now)
+                finished = "ended" in call.reported
+                moments = [] if finished else [
+                    t for t in (call.answered, call.ends) if t is not None and t > now]
+            for message in due:
+                await self._send(call, message)
+            if finished:
+                return
+            timeout = (min(moments) - _now()).total_seconds() if moments else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(call.wake.wait(),
+                                       None if timeout is None else max(timeout, 0))
+
+    async def _send(self, call: _Call, message: dict[str, Any]) -> None:
+        with self._lock:
+            drop_rate = self._settings["report_drop_rate"]
+            duplicate_rate = self._settings["report_duplicate_rate"]
+            dropped = bool(drop_rate) and self._fault_random.random() < drop_rate
+            duplicated = bool(duplicate_rate) and self._fault_random.random() < duplicate_rate
+        if dropped:
+            self._record_delivery(call, message, attempt=1, answer=None, dropped=True)
+            return
+        for copy_number in range(2 if duplicated else 1):
+            await self._deliver(call, message, duplicate=copy_number > 0)
+
+    async def _deliver(self, call: _Call, message: dict[str, Any], *, duplicate: bool) -> None:
+        """POST one message, retrying per the server's backoffPlan (none: a single attempt)."""
+        assert call.server is not None
+        server = call.server
+        raw = json.dumps(message, separators=(",", ":")).encode()
+        plan = server.get("backoffPlan") if isinstance(server.get("backoffPlan"), dict) else {}
+        retries = int(plan.get("maxRetries", 0))
+        excluded = set(plan.get("excludedStatusCodes") or ())
+        timeout = float(server.get("timeoutSeconds", 20))
+        if self._client is None:
+            self._client = httpx.AsyncClient()
+        for attempt in itertools.count(1):
+            headers = {"content-type": "application/json",
+                       **{str(k): str(v) for k, v in (server.get("headers") or {}).items()}}
+            with self._lock:
+                secret = self._settings["credentials"].get(server.get("credentialId"))
+                scale = self._settings["time_scale"]
+            if secret is not None:
+                # Signed per attempt, as Vapi does: the timestamp is the attempt's.
+                timestamp = str(int(time.time() * 1000))
+                headers.update({"x-timestamp": timestamp,
+                                "x-signature": hmac_signature(secret, timestamp, raw)})
+            answer, error = None, None
+            try:
+                response = await self._client.post(server["url"], content=raw, headers=headers,
+                                                   timeout=timeout)
+                answer = response.status_code
+            except httpx.HTTPError as exc:
+                error = type(exc).__name__
+            if not self._record_delivery(call, message, attempt=attempt, answer=answer,
+                                         error=error, signed=secret is not None,
+                                         duplicate=duplicate):
+                return  # reset since: this call is gone
+            if (answer is not None and 200 <= answer < 300) or attempt > retries \
+                    or answer in excluded:
+                return
+            base = float(plan.get("baseDelaySeconds", 0))
+            factor = 2 ** (attempt - 1) if plan.get("type") == "exponential" else 1
+            await asyncio.sleep(base * factor * scale)
+
+    def _record_delivery(self, call: _Call, message: dict[str, Any], *, attempt: int,
+                         answer: int | None, error: str | None = None, signed: bool = False,
+                         dropped: bool = False, duplicate: bool = False) -> bool:
+        body = message["message"]
+        with self._lock:
+            if call.generation != self._generation:
+                return False
+            self._deliveries.append(Delivery(
+                seq=next(self._report_seq), at=iso(_now()), call_id=call.id, type=body["type"],
+                status=body.get("status"), ended_reason=body.get("endedReason"),
+                attempt=attempt, answer=answer, error=error, signed=signed, dropped=dropped,
+                duplicate=duplicate))
+            return True
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(self.close)
 
     # ---- HTTP -------------------------------------------------------------------------------
 
@@ -458,7 +935,7 @@ class FakeVapi:
         except ValueError:
             body = None
         with self._lock:
-            latency = self._latency
+            latency = self._settings["latency"]
             form_id = form_id_of(body)
             record = {"at": iso(created), "body": body, "form_id": form_id}
             if not self._authorized(request):
@@ -470,21 +947,25 @@ class FakeVapi:
             elif errors := validate_create_call(body):
                 self._record(outcome="rejected", status=400, reason="invalid", **record)
                 response = _json(error_body(400, errors), 400)
-            elif (rule := self._match_rule(body)) and rule.status is not None:
+            elif (rule := self._match_rule(body)) and rule.status is not None and not rule.place:
                 self._record(outcome="rejected", status=rule.status, reason="injected",
                              rule_id=rule.id, delay=rule.delay, **record)
-                payload = rule.body if rule.body is not None else error_body(rule.status)
-                response = _json(payload, rule.status, rule.headers)
+                response = _injected(rule)
                 latency += rule.delay
             else:
                 call, blocked = self._create(body, created)
+                injected = rule is not None and rule.status is not None
                 dropped = bool(rule and rule.drop)
                 delay = rule.delay if rule else 0.0
-                self._record(outcome="blocked" if blocked else "placed",
-                             status=None if dropped else 201, call_id=call["id"],
+                status = rule.status if rule and injected else None if dropped else 201
+                self._record(outcome="blocked" if blocked else "placed", status=status,
+                             reason="injected" if injected else None, call_id=call["id"],
                              rule_id=rule.id if rule else None, delay=delay, dropped=dropped,
                              **record)
-                response = _DropConnection() if dropped else _json(call, 201)
+                if rule is not None and injected:
+                    response = _injected(rule)
+                else:
+                    response = _DropConnection() if dropped else _json(call, 201)
                 latency += delay
         if latency:
             await asyncio.sleep(latency)
@@ -520,14 +1001,13 @@ class FakeVapi:
             return _json(error_body(400, errors), 400)
         now = _now()
         with self._lock:
-            calls = list(self._calls)
-        matches = [
-            call.view(now) for call in reversed(calls)
-            if all(call.data.get(name) == query[name]
-                   for name in ("id", "assistantId", "phoneNumberId") if name in query)
-            and all(_compare(call.created if attribute == "createdAt" else call.updated(now),
-                             op, bound) for attribute, op, bound in bounds)
-        ]
+            matches = [
+                call.view(now) for call in reversed(self._calls)
+                if all(call.data.get(name) == query[name]
+                       for name in ("id", "assistantId", "phoneNumberId") if name in query)
+                and all(_compare(call.created if attribute == "createdAt" else call.updated(now),
+                                 op, bound) for attribute, op, bound in bounds)
+            ]
         return _json(matches[:limit])
 
     async def _get_call(self, request: Request) -> Response:
@@ -556,6 +1036,28 @@ class FakeVapi:
         form_id = request.query_params.get("formId")
         return _json(self.placed_calls() if form_id is None else self.calls_for_form(form_id))
 
+    async def _admin_end_call(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        try:
+            payload = await request.json()
+        except ValueError:
+            payload = None
+        outcome = payload.get("outcome") if isinstance(payload, dict) else None
+        try:
+            return _json(self.end_call(request.path_params["call_id"], outcome))
+        except KeyError:
+            return _json(error_body(404, "Call not found"), 404)
+        except ValueError as error:
+            return _json(error_body(400, [str(error)]), 400)
+        except CallAlreadyEnded:
+            return _json(error_body(409, "Call has already ended"), 409)
+
+    async def _admin_reports(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        return _json([d.to_json() for d in self.reports(request.query_params.get("callId"))])
+
     async def _admin_stats(self, request: Request) -> Response:
         if not self._authorized(request):
             return _unauthorized()
@@ -572,9 +1074,9 @@ class FakeVapi:
             return _unauthorized()
         try:
             settings = await request.json()
-            if not isinstance(settings, dict) or not set(settings) <= set(self._defaults):
+            if not isinstance(settings, dict) or not set(settings) <= set(SETTINGS):
                 raise ValueError(f"settings must be an object with keys among "
-                                 f"{', '.join(sorted(self._defaults))}")
+                                 f"{', '.join(sorted(SETTINGS))}")
             self.configure(**settings)
         except ValueError as error:
             return _json(error_body(400, [str(error)]), 400)
@@ -596,6 +1098,91 @@ class FakeVapi:
         return _json(self.rules())
 
 
+def _status_update(call: _Call, status: str, at: datetime | None) -> dict[str, Any]:
+    assert at is not None
+    view = call.view(at, status)
+    message: dict[str, Any] = {"type": "status-update", "status": status}
+    if status == "ended":
+        message["endedReason"] = view["endedReason"]
+    return {"message": {**message, "timestamp": _epoch_ms(at), **_about(call, view)}}
+
+
+def _end_of_call_report(call: _Call) -> dict[str, Any]:
+    assert call.ends is not None and call.outcome is not None
+    view = call.view(call.ends, "ended")
+    message = {"type": "end-of-call-report", "endedReason": view["endedReason"],
+               "timestamp": _epoch_ms(call.ends), "endedAt": view["endedAt"],
+               "cost": view["cost"], "artifact": _artifact(call.outcome),
+               "analysis": view["analysis"]}
+    if "startedAt" in view:
+        message["startedAt"] = view["startedAt"]
+    return {"message": {**message, **_about(call, view)}}
+
+
+def _about(call: _Call, view: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a server message that say which call it is about."""
+    about: dict[str, Any] = {"call": view}
+    if isinstance(call.data.get("customer"), dict):
+        about["customer"] = call.data["customer"]
+    return about
+
+
+def _epoch_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _checked_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings, validated and normalised; ValueError names the first bad one."""
+    out: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name not in SETTINGS:
+            raise ValueError(f"unknown setting {name}")
+        if name in ("hold", "reorder"):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false")
+            out[name] = value
+        elif name == "seed":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError("seed must be an integer")
+            out[name] = value
+        elif name == "outcome_mix":
+            out[name] = _checked_mix(value)
+        elif name == "scripts":
+            if not isinstance(value, dict) or not all(
+                    isinstance(number, str) and isinstance(script, list)
+                    and all(outcome in PLAY_OUTCOMES for outcome in script)
+                    for number, script in value.items()):
+                raise ValueError("scripts must map numbers to lists of outcomes among "
+                                 f"{', '.join(PLAY_OUTCOMES)}")
+            out[name] = {number: list(script) for number, script in value.items()}
+        elif name == "credentials":
+            if not isinstance(value, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
+                raise ValueError("credentials must map credential ids to HMAC secrets")
+            out[name] = dict(value)
+        else:
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0")
+            if name == "concurrency_limit":
+                if not float(value).is_integer():
+                    raise ValueError("concurrency_limit must be an integer")
+                value = int(value)
+            elif name.endswith("_rate") and value > 1:
+                raise ValueError(f"{name} must be between 0 and 1")
+            out[name] = value if name == "concurrency_limit" else float(value)
+    return out
+
+
+def _checked_mix(mix: Any) -> dict[str, float]:
+    if not isinstance(mix, dict) or not mix or not all(
+            outcome in PLAY_OUTCOMES and not isinstance(weight, bool)
+            and isinstance(weight, int | float) and weight >= 0
+            for outcome, weight in mix.items()) or sum(mix.values()) <= 0:
+        raise ValueError("outcome_mix must map outcomes among "
+                         f"{', '.join(PLAY_OUTCOMES)} to weights >= 0, not all 0")
+    return {outcome: float(weight) for outcome, weight in mix.items()}
+
+
 def _compare(value: datetime, op: str, bound: datetime) -> bool:
     return {"Gt": value > bound, "Lt": value < bound, "Ge": value >= bound,
             "Le": value <= bound}[op]
@@ -603,6 +1190,12 @@ def _compare(value: datetime, op: str, bound: datetime) -> bool:
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return JSONResponse(payload, status_code=status, headers=headers)
+
+
+def _injected(rule: Rule) -> Response:
+    assert rule.status is not None
+    payload = rule.body if rule.body is not None else error_body(rule.status)
+    return _json(payload, rule.status, rule.headers)
 
 
 def _unauthorized() -> Response:

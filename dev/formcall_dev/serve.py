@@ -21,11 +21,18 @@ def build(name: str):
                           next_signing_key=env["QSTASH_NEXT_SIGNING_KEY"],
                           time_scale=float(env.get("FORMCALL_DEV_QSTASH_TIME_SCALE", "1")))
     if name == "vapi":
+        import json
+
         from formcall_dev.fake_vapi import FakeVapi
 
+        mix = env.get("FORMCALL_DEV_VAPI_OUTCOME_MIX")
         return FakeVapi(api_key=env["VAPI_PRIVATE_KEY"],
                         concurrency_limit=int(env.get("FORMCALL_DEV_VAPI_CONCURRENCY", "10")),
-                        call_duration=float(env.get("FORMCALL_DEV_VAPI_CALL_SECONDS", "2"))).app
+                        call_duration=float(env.get("FORMCALL_DEV_VAPI_CALL_SECONDS", "2")),
+                        time_scale=float(env.get("FORMCALL_DEV_VAPI_TIME_SCALE", "1")),
+                        # {credential id: HMAC secret}, as made in Vapi's dashboard.
+                        credentials=json.loads(env.get("FORMCALL_DEV_VAPI_CREDENTIALS") or "{}"),
+                        outcome_mix=json.loads(mix) if mix else None).app
     if name == "webhooks":
         from formcall_dev.webhooks import forward
 

@@ -1,7 +1,7 @@
 """call-form: QStash delivers a form's deadline here; claim the form, call the patient, record it."""
 
 from formcall import clients, settings
-from formcall.calls import call_form
+from formcall.call_form import call_form
 from formcall.models import CallFormRequest
 from formcall.web import Incoming, Reply, create_app, lambda_handler, verify_qstash
 

@@ -1,7 +1,7 @@
 """check-forms: the hourly sweep (QStash schedule, POST) and its manual trigger (GET, bearer secret)."""
 
 from formcall import clients, settings
-from formcall.calls import sweep_overdue_forms
+from formcall.sweep import sweep_overdue_forms
 from formcall.web import (Incoming, Reply, create_app, lambda_handler, require_cron_secret,
                           verify_qstash)
 

@@ -3,7 +3,7 @@
 import json
 
 from formcall import clients, settings
-from formcall.calls import record_failed_delivery
+from formcall.failures import record_failed_delivery
 from formcall.errors import BadRequest
 from formcall.web import Incoming, Reply, create_app, lambda_handler, verify_qstash
 

@@ -1,7 +1,7 @@
 """schedule-form: Supabase Database Webhooks for `forms` keep each form's one-time call message current."""
 
 from formcall import clients, settings
-from formcall.calls import cancel_message, sync_form_schedule
+from formcall.schedule import cancel_message, sync_form_schedule
 from formcall.models import WebhookPayload
 from formcall.web import Incoming, Reply, create_app, lambda_handler, require_webhook_secret
 

@@ -1,7 +1,7 @@
 """setup: run once after deploy; creates (or overwrites) the hourly check-forms schedule."""
 
 from formcall import clients, settings
-from formcall.calls import ensure_check_forms_schedule
+from formcall.sweep import ensure_check_forms_schedule
 from formcall.web import Incoming, Reply, create_app, lambda_handler, require_cron_secret
 
 

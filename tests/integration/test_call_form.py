@@ -11,7 +11,7 @@ import pytest
 from helpers import DOMAIN, call_form_event, invoke
 
 from formcall import clients
-from formcall.calls import reconcile_stale_calls
+from formcall.sweep import reconcile_stale_calls
 from formcall.signatures import body_hash, sign
 from formcall_dev.events import http_event
 from formcall_dev.seed import create_form, create_patient, form_events, form_row

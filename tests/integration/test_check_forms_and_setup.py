@@ -14,7 +14,8 @@ from helpers import DOMAIN, invoke
 from qstash import QStash
 
 from formcall import clients
-from formcall.calls import CHECK_FORMS_SCHEDULE_ID, sync_form_schedule
+from formcall.schedule import sync_form_schedule
+from formcall.sweep import CHECK_FORMS_SCHEDULE_ID
 from formcall.signatures import sign
 from formcall_dev.events import http_event
 from formcall_dev.seed import create_form, create_patient, form_row
@@ -215,7 +216,7 @@ def test_sweep_with_a_refused_qstash_token_names_the_setting(stack_env, vapi, co
 
 
 def test_sweep_with_nothing_overdue_never_builds_a_publisher(stack_env, vapi):
-    from formcall.calls import sweep_overdue_forms
+    from formcall.sweep import sweep_overdue_forms
 
     def no_publisher():
         raise AssertionError("nothing to enqueue: the QStash client must not be built")

@@ -52,7 +52,7 @@ GLOBAL_ENVIRONMENT = {
     "FORMCALL_SECRET_ARN": SECRET_ARN,
     "FORMCALL_SECRET_MAX_AGE": {"Ref": "SecretMaxAgeSeconds"},
 }
-# The metric names formcall emits (formcall.calls); alarms and the dashboard use only these.
+# The metric names formcall emits (formcall.call_form, formcall.sweep, formcall.failures, formcall.schedule); alarms and the dashboard use only these.
 METRICS = {
     "CallsPlaced", "CallsSkipped", "CallsFailed", "CallsRetried", "CallsOutcomeUnknown",
     "CallsDeferred", "FormsFound", "FormsEnqueued", "EnqueueFailed", "DeliveryFailed",

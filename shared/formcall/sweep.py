@@ -1,0 +1,101 @@
+"""check-forms' and setup's use cases: the hourly sweep (the catch-all) and its schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+from formcall.errors import ConfigurationError, VapiUnavailable
+from formcall.messages import now, opening, sweep_message
+from formcall.models import OverdueForm, SweepReport
+from formcall.observability import count, logger
+from formcall.ports import Caller, Publisher
+from formcall.store import FormStore
+from formcall.window import DEFAULT_WINDOW, CallWindow
+
+# A claim older than this with no recorded outcome is reconciled against Vapi's call list.
+# It is longer than any Lambda invocation (15 min), so the claimant is certainly gone.
+CLAIM_LEASE_SECONDS = 900
+CHECK_FORMS_SCHEDULE_ID = "formcall-check-forms"
+CHECK_FORMS_CRON = "0 * * * *"
+PAGE_SIZE = 100
+
+
+def reconcile_stale_calls(*, store: FormStore, vapi: Caller,
+                          lease_seconds: int = CLAIM_LEASE_SECONDS) -> dict[str, int]:
+    """Resolve claims whose outcome was never recorded: found in Vapi -> called, absent -> released."""
+    outcome = {"found": 0, "released": 0, "unresolved": 0}
+    at = now()
+    for stale in store.stale_calls(lease_seconds=lease_seconds):
+        try:
+            call_id = vapi.find_call_for_form(
+                stale.id, created_after=stale.claimed_at - timedelta(minutes=1),
+                created_before=at)
+        except VapiUnavailable as exc:
+            outcome["unresolved"] += 1
+            logger.error("could not reconcile a stale call", extra={"form_id": stale.id,
+                                                                   "error": exc.public_message})
+            continue
+        if call_id:
+            store.record_placed(stale.id, call_id)
+            outcome["found"] += 1
+        else:
+            store.release(stale.id, "no call found in Vapi after an unknown outcome")
+            outcome["released"] += 1
+        logger.warning("stale call reconciled", extra={"form_id": stale.id,
+                                                       "found": bool(call_id)})
+    return outcome
+
+
+def sweep_overdue_forms(*, store: FormStore, vapi: Caller, publisher: Callable[[], Publisher],
+                        call_form_url: str, window: CallWindow = DEFAULT_WINDOW,
+                        page_size: int = PAGE_SIZE) -> SweepReport:
+    """Enqueue one call-form message per overdue form (the catch-all for missed one-time jobs).
+
+    Forms outside their patient's calling window are enqueued for the window's opening. The
+    publisher is built only when there is something to enqueue (its client costs ~0.25 s of
+    import). A QStash that refuses the token is a configuration error, not a failed batch.
+    """
+    report = SweepReport(reconciled=reconcile_stale_calls(store=store, vapi=vapi))
+    at = now()
+    overdue_long = 0
+    after: OverdueForm | None = None
+    while True:
+        page = store.overdue_page(limit=page_size, after=after)
+        if not page:
+            break
+        report.found += len(page)
+        overdue_long += sum(form.deadline < at - timedelta(hours=1) for form in page)
+        messages = []
+        for form in page:
+            messages.append(sweep_message(form.id, at=at, not_before=opening(
+                at, form.timezone, window, form.id)))
+        try:
+            report.enqueued += publisher().enqueue_calls(messages, destination=call_form_url)
+        except ConfigurationError:
+            raise
+        except Exception as exc:  # one failed batch must not stop the rest
+            report.failed += len(messages)
+            logger.error("enqueue batch failed", extra={"forms": len(messages),
+                                                        "error": type(exc).__name__})
+        if len(page) < page_size:
+            break
+        after = page[-1]
+    count("FormsFound", report.found)
+    count("FormsEnqueued", report.enqueued)
+    count("EnqueueFailed", report.failed)
+    count("OverdueOverAnHour", overdue_long)
+    if not report.failed:
+        count("SweepSucceeded")
+    if overdue_long:
+        logger.warning("forms overdue by more than an hour: one-time jobs were missed",
+                       extra={"forms": overdue_long})
+    logger.info("sweep done", extra={"found": report.found, "enqueued": report.enqueued,
+                                     "failed": report.failed, "reconciled": report.reconciled})
+    return report
+
+
+def ensure_check_forms_schedule(*, publisher: Publisher, destination: str) -> dict:
+    """Create or overwrite the hourly sweep schedule under a fixed id: never a second schedule."""
+    return publisher.upsert_schedule(schedule_id=CHECK_FORMS_SCHEDULE_ID, destination=destination,
+                                     cron=CHECK_FORMS_CRON)
