@@ -279,24 +279,46 @@ def test_dlq_delete(web, conn, vapi, qstash):
     assert web.post("/qstash/dlq/..%2f..%2fetc/delete").status_code in (400, 404)
 
 
-def test_live_calls_list_a_call_under_way_with_the_patient_buttons(web, conn, vapi):
-    vapi.configure(call_duration=60)
+def test_hold_makes_calls_ring_until_played(web, vapi):
+    assert 'id="hold-toggle"' in web.get("/act/calls").text
+    answer = web.post("/act/hold", data={"hold": "on"})
+    assert answer.status_code == 303 and vapi.stats()["hold"] is True
+    assert "ring until you play the patient" in web.get("/act/calls").text
+    assert web.post("/act/hold", data={"hold": "maybe"}).status_code == 400
+    assert vapi.stats()["hold"] is True
+    web.post("/act/hold", data={"hold": "off"})
+    assert vapi.stats()["hold"] is False
+
+
+def test_play_the_patient_ends_a_ringing_call_that_way(web, conn, vapi):
+    vapi.configure(hold=True)
     form = overdue_form(conn)
     sweep(web)
     wait_until(lambda: form_row(conn, form)["call_status"] == "called")
     call_id = form_row(conn, form)["vapi_call_id"]
     fragment = web.get("/act/calls").text
-    assert f'data-call-id="{call_id}"' in fragment
+    assert re.search(f'data-call-id="{call_id}" data-status="ringing"', fragment)
     for label in ("answer", "don&#39;t answer", "voicemail", "busy", "opt out"):
-        assert label in fragment
+        assert f">{label}</button>" in fragment
     assert f"/act/calls/{call_id}/end" in web.get("/act").text
+    assert f"/act/calls/{call_id}/end" in web.get(f"/forms/{form}").text  # on its journey too
+    answer = web.post(f"/act/calls/{call_id}/end", data={"outcome": "no_answer",
+                                                         "next": f"/forms/{form}"})
+    assert answer.status_code == 303
+    assert answer.headers["location"].startswith(f"/forms/{form}?notice=")
+    call = vapi.get_call(call_id)
+    assert (call["status"], call["endedReason"]) == ("ended", "customer-did-not-answer")
+    assert f'data-call-id="{call_id}"' not in web.get("/act/calls").text
+    timeline = web.get(f"/forms/{form}").text
+    assert 'data-what="call ended"' in timeline and "customer-did-not-answer" in timeline
+    # Ended already: the fake Vapi refuses, and the console says so.
+    assert web.post(f"/act/calls/{call_id}/end", data={"outcome": "busy"}).status_code == 409
 
 
 def test_playing_the_patient_refuses_bad_input(web):
     call = str(uuid.uuid4())
     assert web.post(f"/act/calls/{call}/end", data={"outcome": "hang_up"}).status_code == 400
     assert web.post("/act/calls/not-a-call/end", data={"outcome": "busy"}).status_code == 400
-    # An unknown call: the fake Vapi has no such call (404).
     assert web.post(f"/act/calls/{call}/end", data={"outcome": "busy"}).status_code == 404
 
 

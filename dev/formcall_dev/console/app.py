@@ -241,24 +241,36 @@ def create_app(config: ConsoleConfig) -> Starlette:
 
     # --- Act
 
-    async def live_calls() -> tuple[list[dict], str | None]:
+    async def live_calls() -> dict:
+        """The calls under way on the fake Vapi, and whether new ones ring until played."""
+        context: dict[str, Any] = {"calls": [], "holding": None, "vapi_note": None,
+                                   "play_outcomes": PLAY_OUTCOMES, "back": "/act"}
         if state["vapi"] is None:
-            return [], "the stack uses the real Vapi: calls are not playable here"
-        calls, note = await optional(state["vapi"].calls())
-        return [c for c in calls or [] if c.get("status") != "ended"], note
+            context["vapi_note"] = "the stack uses the real Vapi: calls are not playable here"
+            return context
+        (calls, note), (holding, _) = await asyncio.gather(
+            optional(state["vapi"].calls()), optional(state["vapi"].holding()))
+        context.update(calls=[c for c in calls or [] if c.get("status") != "ended"],
+                       holding=holding, vapi_note=note)
+        return context
 
     async def act_page(request: Request) -> Response:
         async with await db() as conn:
             pending = await queries.pending_forms(conn)
-        calls, note = await live_calls()
-        return render(request, "act.html", {"pending": pending, "calls": calls,
-                                            "vapi_note": note, "play_outcomes": PLAY_OUTCOMES,
-                                            "back": "/act"})
+        return render(request, "act.html", {"pending": pending, **await live_calls()})
 
     async def act_calls(request: Request) -> Response:
-        calls, note = await live_calls()
-        return render(request, "_calls.html", {"calls": calls, "vapi_note": note,
-                                               "play_outcomes": PLAY_OUTCOMES, "back": "/act"})
+        return render(request, "_calls.html", await live_calls())
+
+    async def hold_calls(request: Request) -> Response:
+        fields = await _fields(request)
+        if fields.get("hold") not in ("on", "off"):
+            raise actions.InvalidInput("hold must be on or off")
+        if state["vapi"] is None:
+            raise actions.Conflict("the stack uses the real Vapi: its calls cannot be held")
+        await state["vapi"].hold(fields["hold"] == "on")
+        return _back(fields, "/act", "new calls now ring until you play the patient"
+                     if fields["hold"] == "on" else "new calls now end by themselves")
 
     async def create_form(request: Request) -> Response:
         new = actions.NewForm.parse(await _fields(request))
@@ -335,6 +347,7 @@ def create_app(config: ConsoleConfig) -> Starlette:
         Route("/act/forms", create_form, methods=["POST"]),
         Route("/act/sweep", sweep, methods=["POST"]),
         Route("/act/calls/{call_id}/end", end_call, methods=["POST"]),
+        Route("/act/hold", hold_calls, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={

@@ -144,6 +144,16 @@ class FakeVapiAdmin:
         return await _call(self.http, "the fake Vapi", "GET", f"{self.url}/_fake/requests",
                            headers=self._headers)
 
+    async def holding(self) -> bool:
+        """Whether new calls ring until a patient is played (the fake's `hold` setting)."""
+        stats = await _call(self.http, "the fake Vapi", "GET", f"{self.url}/_fake/stats",
+                            headers=self._headers)
+        return bool(stats.get("hold"))
+
+    async def hold(self, on: bool) -> None:
+        await _call(self.http, "the fake Vapi", "POST", f"{self.url}/_fake/configure",
+                    json={"hold": on}, headers=self._headers)
+
     async def end_call(self, call_id: str, outcome: str) -> Any:
         """Play the patient: end a call that way; the fake Vapi then sends its reports."""
         return await _call(self.http, "the fake Vapi", "POST",
