@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
 import urllib.parse
 import uuid
+from collections.abc import Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from formcall_dev.console import actions, journey, queries
+from formcall_dev.console import actions, queries, views
+from formcall_dev.console.journey import parse_time
 from formcall_dev.console.upstream import (PLAY_OUTCOMES, FakeVapiAdmin, LocalQStash, Refused,
                                            Unavailable, trigger_sweep)
 
@@ -49,7 +49,7 @@ class ConsoleConfig:
     refresh_ms: int = 500
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | os._Environ) -> ConsoleConfig:
+    def from_env(cls, env: Mapping[str, str]) -> ConsoleConfig:
         """The settings the dev stack gives its components (stack.py)."""
         return cls(dsn=env["FORMCALL_DEV_DSN"], qstash_url=env["QSTASH_URL"],
                    qstash_token=env["QSTASH_TOKEN"], check_forms_url=env["CHECK_FORMS_URL"],
@@ -89,7 +89,7 @@ class LocalOnly:
 # --- template helpers
 
 def _time(value: Any, precise: bool = False) -> str:
-    moment = journey.parse_time(value)
+    moment = parse_time(value)
     if moment is None:
         return ""
     text = moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if precise else \
@@ -99,7 +99,7 @@ def _time(value: Any, precise: bool = False) -> str:
 
 def _local(value: Any, zone: str) -> str:
     """The time in the patient's own zone (what the calling window is judged by)."""
-    moment = journey.parse_time(value)
+    moment = parse_time(value)
     if moment is None:
         return ""
     try:
@@ -144,90 +144,34 @@ def create_app(config: ConsoleConfig) -> Starlette:
         return templates.TemplateResponse(
             request, name, {"refresh_ms": config.refresh_ms, **context}, status_code=status)
 
-    async def optional(source: Any) -> tuple[Any, str | None]:
-        """A read whose failure shows as a note on the page rather than failing it."""
-        try:
-            return await source, None
-        except (Unavailable, Refused) as exc:
-            return None, str(exc)
+    # --- pages, and the live fragments they refresh themselves from
 
-    # --- forms
-
-    async def forms_context(request: Request) -> dict:
-        status = request.query_params.get("status") or None
-        outcome = request.query_params.get("outcome") or None
+    async def forms(request: Request, template: str) -> Response:
         async with await db() as conn:
-            have = await queries.features(conn)
-            if status and status not in have.statuses:
-                raise actions.InvalidInput(f"unknown call status {status!r}")
-            if outcome and outcome not in queries.OUTCOMES:
-                raise actions.InvalidInput(f"unknown outcome {outcome!r}")
-            forms = await queries.list_forms(conn, have, status=status, outcome=outcome)
-            counts = await queries.count_forms(conn)
-        queued, note = await optional(state["qstash"].queued())
-        by_id = {m["messageId"]: m for m in queued or []}
-        return {"forms": forms, "counts": counts, "have": have, "status": status,
-                "outcome": outcome, "outcomes": queries.OUTCOMES, "messages": by_id,
-                "qstash_note": note, "query": urllib.parse.urlencode(
-                    {k: v for k, v in (("status", status), ("outcome", outcome)) if v})}
+            view = await views.forms_view(
+                conn, state["qstash"], status=request.query_params.get("status") or None,
+                outcome=request.query_params.get("outcome") or None)
+        return render(request, template, view)
 
-    async def forms_page(request: Request) -> Response:
-        return render(request, "forms.html", await forms_context(request))
-
-    async def forms_rows(request: Request) -> Response:
-        return render(request, "_forms_rows.html", await forms_context(request))
-
-    # --- one form's journey
-
-    async def journey_context(request: Request) -> dict:
+    async def form_journey(request: Request, template: str) -> Response:
         form_id = _form_id(request)
         async with await db() as conn:
-            have = await queries.features(conn)
-            form = await queries.get_form(conn, have, form_id)
-            if form is None:
-                raise actions.NotFound(f"no form {form_id}")
-            events = await queries.form_events(conn, form_id)
-            call_rows = await queries.form_calls(conn, have, form_id)
-        ids = journey.message_ids(form, events)
-        (qstash_events, qstash_note), (dlq, _), (vapi_calls, vapi_note), (vapi_requests, _) = \
-            await asyncio.gather(
-                optional(state["qstash"].events(ids)), optional(state["qstash"].dlq()),
-                *((optional(state["vapi"].calls()), optional(state["vapi"].requests()))
-                  if state["vapi"] else (_nothing(), _nothing())))
-        call_ids = {row["vapi_call_id"] for row in call_rows} | {form["vapi_call_id"]} | {
-            event["detail"].get("call_id") for event in events}
-        calls = journey.calls_of_form(form_id, call_ids, vapi_calls or [])
-        entries = journey.timeline(
-            journey.audit_entries(events), journey.qstash_entries(qstash_events or []),
-            journey.vapi_entries(journey.requests_of_form(form_id, vapi_requests or []), calls))
-        return {"form": form, "have": have, "entries": entries, "calls": calls,
-                "call_rows": call_rows, "play_outcomes": PLAY_OUTCOMES,
-                "dead_letters": journey.dead_letters_of_form(form_id, ids, dlq or []),
-                "qstash_note": qstash_note, "vapi_note": vapi_note,
-                "fake_vapi": state["vapi"] is not None, "back": f"/forms/{form_id}"}
+            view = await views.journey_view(conn, state["qstash"], state["vapi"], form_id)
+        return render(request, template, view)
 
-    async def journey_page(request: Request) -> Response:
-        return render(request, "journey.html", await journey_context(request))
+    async def qstash(request: Request, template: str) -> Response:
+        return render(request, template, await views.qstash_view(state["qstash"]))
 
-    async def journey_timeline(request: Request) -> Response:
-        return render(request, "_journey.html", await journey_context(request))
+    async def act_page(request: Request) -> Response:
+        async with await db() as conn:
+            pending = await queries.pending_forms(conn)
+        return render(request, "act.html",
+                      {"pending": pending, **await views.calls_view(state["vapi"])})
 
-    # --- QStash
+    async def act_calls(request: Request) -> Response:
+        return render(request, "_calls.html", await views.calls_view(state["vapi"]))
 
-    async def qstash_context(request: Request) -> dict:
-        qstash = state["qstash"]
-        (schedules, schedules_note), (queued, queued_note), (dlq, dlq_note) = \
-            await asyncio.gather(optional(qstash.schedules()), optional(qstash.queued()),
-                                 optional(qstash.dlq()))
-        return {"schedules": schedules or [], "queued": queued or [], "dlq": dlq or [],
-                "notes": [n for n in (schedules_note, queued_note, dlq_note) if n],
-                "back": "/qstash"}
-
-    async def qstash_page(request: Request) -> Response:
-        return render(request, "qstash.html", await qstash_context(request))
-
-    async def qstash_panel(request: Request) -> Response:
-        return render(request, "_qstash.html", await qstash_context(request))
+    # --- buttons: each answers 303 back to its page with a notice
 
     async def dlq_retry(request: Request) -> Response:
         fields = await _fields(request)
@@ -238,29 +182,6 @@ def create_app(config: ConsoleConfig) -> Starlette:
         fields = await _fields(request)
         await state["qstash"].delete_dlq(_dlq_id(request))
         return _back(fields, "/qstash", "deleted from the DLQ")
-
-    # --- Act
-
-    async def live_calls() -> dict:
-        """The calls under way on the fake Vapi, and whether new ones ring until played."""
-        context: dict[str, Any] = {"calls": [], "holding": None, "vapi_note": None,
-                                   "play_outcomes": PLAY_OUTCOMES, "back": "/act"}
-        if state["vapi"] is None:
-            context["vapi_note"] = "the stack uses the real Vapi: calls are not playable here"
-            return context
-        (calls, note), (holding, _) = await asyncio.gather(
-            optional(state["vapi"].calls()), optional(state["vapi"].holding()))
-        context.update(calls=[c for c in calls or [] if c.get("status") != "ended"],
-                       holding=holding, vapi_note=note)
-        return context
-
-    async def act_page(request: Request) -> Response:
-        async with await db() as conn:
-            pending = await queries.pending_forms(conn)
-        return render(request, "act.html", {"pending": pending, **await live_calls()})
-
-    async def act_calls(request: Request) -> Response:
-        return render(request, "_calls.html", await live_calls())
 
     async def hold_calls(request: Request) -> Response:
         fields = await _fields(request)
@@ -332,14 +253,14 @@ def create_app(config: ConsoleConfig) -> Starlette:
 
     routes = [
         Route("/", lambda request: RedirectResponse("/forms", status_code=303)),
-        Route("/forms", forms_page),
-        Route("/forms/rows", forms_rows),
-        Route("/forms/{form_id}", journey_page),
-        Route("/forms/{form_id}/timeline", journey_timeline),
+        Route("/forms", page(forms, "forms.html")),
+        Route("/forms/rows", page(forms, "_forms_rows.html")),
+        Route("/forms/{form_id}", page(form_journey, "journey.html")),
+        Route("/forms/{form_id}/timeline", page(form_journey, "_journey.html")),
         Route("/forms/{form_id}/submit", submit_form, methods=["POST"]),
         Route("/forms/{form_id}/deadline", move_deadline, methods=["POST"]),
-        Route("/qstash", qstash_page),
-        Route("/qstash/panel", qstash_panel),
+        Route("/qstash", page(qstash, "qstash.html")),
+        Route("/qstash/panel", page(qstash, "_qstash.html")),
         Route("/qstash/dlq/{dlq_id}/retry", dlq_retry, methods=["POST"]),
         Route("/qstash/dlq/{dlq_id}/delete", dlq_delete, methods=["POST"]),
         Route("/act", act_page),
@@ -358,8 +279,11 @@ def create_app(config: ConsoleConfig) -> Starlette:
     return app
 
 
-async def _nothing() -> tuple[None, None]:
-    return None, None
+def page(handler, template: str):
+    """A route for a whole page or its live fragment: the same view, another template."""
+    async def endpoint(request: Request) -> Response:
+        return await handler(request, template)
+    return endpoint
 
 
 def _is_uuid(value: str) -> bool:
