@@ -172,6 +172,30 @@ def test_dlq_retry_redelivers(stack, browser, conn):
     wait(browser, lambda d: ("formcall", "skipped") in timeline(d))
 
 
+def test_playing_the_patient_ends_a_ringing_call_that_way(stack, browser, conn):
+    browser.get(f"{stack.console_url}/act")
+    click(browser, "#hold-toggle")
+    wait(browser, lambda d: "ring until" in d.find_element(By.ID, "holding").text)
+    try:
+        patient = create_patient(conn, full_name="Marie Curie", phone="+15550100505")
+        form = create_form(conn, patient_id=patient, title="Family history",
+                           deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
+        browser.get(f"{stack.console_url}/forms/{form}")
+        call = wait(browser, lambda d: d.find_elements(
+            By.CSS_SELECTOR, 'tr[data-call-id][data-status="ringing"]'))[0]
+        call_id = call.get_attribute("data-call-id")
+        click(browser, f'tr[data-call-id="{call_id}"] button.play-no_answer')
+        wait(browser, lambda d: "ended: no answer" in d.find_element(By.ID, "notice").text)
+        row = wait(browser, lambda d: d.find_element(
+            By.CSS_SELECTOR, f'tr[data-call-id="{call_id}"][data-status="ended"]'))
+        assert "customer-did-not-answer" in row.text
+        wait(browser, lambda d: ("Vapi", "call ended") in timeline(d))
+    finally:
+        browser.get(f"{stack.console_url}/act")
+        click(browser, "#hold-toggle")
+        wait(browser, lambda d: "by themselves" in d.find_element(By.ID, "holding").text)
+
+
 def test_every_page_renders_without_a_console_error(stack, browser, conn):
     patient = create_patient(conn, full_name="Katherine Johnson", phone="+15550100504",
                              timezone="America/Chicago")
