@@ -1,4 +1,4 @@
-"""call-form: QStash delivers a form's deadline here; claim the form, call the patient, record it."""
+"""call-form: QStash delivers a form's due moment here; claim the patient's due forms, call, record it."""
 
 from formcall import clients, settings
 from formcall.call_form import call_form
@@ -7,14 +7,16 @@ from formcall.web import Incoming, Reply, create_app, lambda_handler, verify_qst
 
 
 def handle(request: Incoming) -> Reply:
-    claims = verify_qstash(request,
-                           public_url=settings.load(settings.PublicUrlSettings).CALL_FORM_URL)
+    own_url = settings.load(settings.CallFormUrlSettings).CALL_FORM_URL
+    claims = verify_qstash(request, public_url=own_url)
     form_id = str(CallFormRequest.parse(request.body).formId)
-    delivery = {"message_id": request.headers.get("upstash-message-id"),
-                "retried": request.headers.get("upstash-retried")}
+    # The token id is signed; QStash's message headers are not, so they are kept as unverified.
+    delivery = {"jti": claims.get("jti"),
+                "unverified_message_id": request.headers.get("upstash-message-id"),
+                "unverified_retried": request.headers.get("upstash-retried")}
     result = call_form(form_id, store=clients.store(), vapi=clients.vapi(),
-                       window=clients.window(), publisher=clients.publisher,
-                       self_url=claims["sub"], delivery=delivery)
+                       publisher=clients.publisher, call_form_url=own_url,
+                       window=clients.window(), delivery=delivery)
     if result.status == "called":
         return Reply({"status": "called", "formId": form_id, "callId": result.call_id})
     if result.status == "deferred":

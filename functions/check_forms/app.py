@@ -12,11 +12,14 @@ def handle(request: Incoming) -> Reply:
     else:
         require_cron_secret(request)
     destination = settings.load(settings.CallFormUrlSettings).CALL_FORM_URL
+    rules = settings.load(settings.CallRulesSettings)
     report = sweep_overdue_forms(store=clients.store(), vapi=clients.vapi(),
                                  publisher=clients.publisher, call_form_url=destination,
-                                 window=clients.window())
+                                 window=clients.window(),
+                                 outcome_timeout_seconds=rules.CALL_OUTCOME_TIMEOUT_SECONDS)
     return Reply({"success": True, "found": report.found, "enqueued": report.enqueued,
-                  "failed": report.failed, "reconciled": report.reconciled})
+                  "failed": report.failed, "reconciled": report.reconciled,
+                  "outcomes": report.outcomes})
 
 
 app = create_app(handle, paths=["/api/cron/check-forms"], methods=["GET", "POST"])

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from formcall import settings
-from formcall.store import FormStore, PostgresRpc, SupabaseRpc
+from formcall.store import CallRules, FormStore, PostgresRpc, SupabaseRpc
 
 C = TypeVar("C")
 
@@ -39,26 +39,34 @@ def _built_from(*models: type) -> Callable[[Callable[[], C]], Callable[[], C]]:
     return decorate
 
 
-@_built_from(settings.DatabaseSettings)
+@_built_from(settings.DatabaseSettings, settings.CallRulesSettings)
 def store() -> FormStore:
     config = settings.load(settings.DatabaseSettings)
+    rules = settings.load(settings.CallRulesSettings)
     if config.DATABASE_URL is not None:
         rpc = PostgresRpc(config.DATABASE_URL.get_secret_value())
     else:
         rpc = SupabaseRpc(config.SUPABASE_URL, config.SUPABASE_SERVICE_ROLE_KEY.get_secret_value())
-    return FormStore(rpc, max_attempts=config.MAX_CALL_ATTEMPTS)
+    return FormStore(rpc, rules=CallRules(
+        max_attempts=rules.MAX_CALL_ATTEMPTS, max_calls_per_form=rules.MAX_CALLS_PER_FORM,
+        follow_up_on=rules.FOLLOW_UP_ON, follow_up_delay_seconds=rules.FOLLOW_UP_DELAY_SECONDS,
+        max_per_day=rules.PATIENT_MAX_CALLS_PER_DAY, max_per_week=rules.PATIENT_MAX_CALLS_PER_WEEK))
 
 
 @_built_from(settings.VapiSettings)
 def vapi():
-    from formcall.vapi import VapiClient
+    from formcall.vapi import VapiClient, server_override
 
     config = settings.load(settings.VapiSettings)
     return VapiClient(base_url=config.VAPI_BASE_URL,
                       api_key=config.VAPI_PRIVATE_KEY.get_secret_value(),
                       assistant_id=config.VAPI_ASSISTANT_ID,
                       phone_number_id=config.VAPI_PHONE_NUMBER_ID,
-                      timeout=config.VAPI_TIMEOUT_SECONDS)
+                      timeout=config.VAPI_TIMEOUT_SECONDS,
+                      server=server_override(
+                          url=config.CALL_EVENTS_URL,
+                          secret=config.VAPI_WEBHOOK_SECRET.get_secret_value(),
+                          credential_id=config.VAPI_SERVER_CREDENTIAL_ID))
 
 
 @_built_from(settings.PublisherSettings, settings.CallPolicySettings)

@@ -34,25 +34,88 @@ class CallFormRequest(BaseModel):
 
 
 @dataclass(frozen=True)
-class FormForCall:
-    """A claimed form with what the call needs."""
+class FormOnCall:
+    """One form a call is about."""
 
     id: str
     title: str
     deadline: datetime
+    call_attempts: int
+
+
+@dataclass(frozen=True)
+class PatientCall:
+    """A claimed call: the patient and every form of theirs that was due, in deadline order."""
+
+    call_id: str
+    patient_id: str
     patient_name: str
     phone: str
     timezone: str
-    call_attempts: int
     claimed_at: datetime
+    forms: tuple[FormOnCall, ...]
+
+    @property
+    def form_ids(self) -> list[str]:
+        return [form.id for form in self.forms]
+
+
+@dataclass(frozen=True)
+class MessageToCancel:
+    form_id: str
+    message_id: str
 
 
 @dataclass(frozen=True)
 class Claim:
-    outcome: Literal["claimed", "skipped", "not_found", "failed"]
-    form: FormForCall | None = None
+    outcome: Literal["claimed", "skipped", "capped", "not_found", "failed"]
+    call: PatientCall | None = None
     reason: str | None = None
     due_in_seconds: float | None = None
+    # capped: the earliest moment the caps allow a call, and the patient's zone.
+    until: datetime | None = None
+    timezone: str = "UTC"
+    # skipped because the patient opted out: the messages of their forms to cancel.
+    cancel: tuple[MessageToCancel, ...] = ()
+
+
+@dataclass(frozen=True)
+class CallEvent:
+    """What Vapi said about a call (a server message, or its call record), as formcall keeps it.
+
+    `outcome` is set once the call ended (formcall.outcomes classifies the endedReason).
+    """
+
+    vapi_call_id: str
+    form_ids: tuple[str, ...] = ()
+    status: str | None = None
+    ended_reason: str | None = None
+    outcome: str | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    cost: float | None = None
+    opt_out: bool = False
+
+
+@dataclass(frozen=True)
+class FollowUp:
+    """A form due for another call: one message at next_call_at (or the window's opening)."""
+
+    form_id: str
+    next_call_at: datetime
+    timezone: str
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    status: Literal["recorded", "ignored"]
+    call_id: str | None = None
+    reason: str | None = None
+    ended: bool = False
+    duplicate: bool = False
+    outcome: str | None = None
+    follow_ups: tuple[FollowUp, ...] = ()
+    cancel: tuple[MessageToCancel, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,7 +127,11 @@ class OverdueForm:
 
 @dataclass(frozen=True)
 class ScheduleState:
-    """A form as scheduling and the calling window see it."""
+    """A form as scheduling and the calling window see it.
+
+    due_at is when the form is next due: its deadline, or a later next call (a follow-up, or
+    a patient over a cap).
+    """
 
     id: str
     deadline: datetime | None
@@ -74,13 +141,26 @@ class ScheduleState:
     scheduled_deadline: datetime | None
     timezone: str
     due: bool
+    next_call_at: datetime | None = None
+    due_at: datetime | None = None
+    opted_out: bool = False
 
 
 @dataclass(frozen=True)
 class StaleCall:
-    id: str
+    """A claim whose Vapi answer was never recorded."""
+
+    call_id: str
     claimed_at: datetime
-    call_attempts: int
+    form_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OpenCall:
+    """A placed call whose end was never reported."""
+
+    call_id: str
+    vapi_call_id: str
 
 
 @dataclass(frozen=True)
@@ -100,6 +180,8 @@ class SweepReport:
     enqueued: int = 0
     failed: int = 0
     reconciled: dict[str, int] = field(default_factory=dict)
+    # Placed calls whose end was looked up in Vapi (lost reports): ended, still open, unresolved.
+    outcomes: dict[str, int] = field(default_factory=dict)
 
 
 class WebhookPayload(BaseModel):

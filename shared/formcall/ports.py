@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
-from formcall.models import FormForCall
+
+from formcall.models import PatientCall
 from formcall.publisher import CallMessage
 
 
 class Caller(Protocol):
-    def create_call(self, form: FormForCall) -> str: ...
+    def create_call(self, call: PatientCall) -> tuple[str, str | None]: ...
+    def get_call(self, vapi_call_id: str) -> dict[str, Any] | None: ...
     def find_call_for_form(self, form_id: str, *, created_after: datetime,
-                           created_before: datetime) -> str | None: ...
+                           created_before: datetime) -> dict[str, Any] | None: ...
 
 
 class Publisher(Protocol):

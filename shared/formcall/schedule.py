@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from formcall.messages import deadline_message, now, opening
+from formcall.messages import call_message, deadline_message, now, opening
 from formcall.observability import count, logger
 from formcall.ports import Publisher
 from formcall.store import FormStore
-from formcall.window import DEFAULT_WINDOW, CallWindow
+from formcall.models import FollowUp, MessageToCancel
+from formcall.window import CallWindow
 
 # What a QStash message id can look like ("msg_" and URL-safe characters). An id is pasted into
 # the QStash API path by the client, so anything else (a "/", "..", a NUL) must never reach it.
@@ -25,7 +27,7 @@ class ScheduleResult:
 
 
 def sync_form_schedule(form_id: str, *, store: FormStore, publisher: Publisher,
-                       call_form_url: str, window: CallWindow = DEFAULT_WINDOW) -> ScheduleResult:
+                       call_form_url: str, window: CallWindow) -> ScheduleResult:
     """Make the form's one-time message match the form, whatever happened before.
 
     A pending, unsubmitted form with a deadline has exactly one message, for that deadline
@@ -36,29 +38,30 @@ def sync_form_schedule(form_id: str, *, store: FormStore, publisher: Publisher,
     if state is None:
         return ScheduleResult("gone")
     wanted = (state.deadline is not None and not state.submitted
-              and state.call_status == "pending")
+              and state.call_status == "pending" and not state.opted_out)
     if not wanted:
         if state.message_id is None:
             return ScheduleResult("unchanged")
         _cancel(state.message_id, publisher=publisher, form_id=form_id)
         reason = ("submitted" if state.submitted else "no deadline" if state.deadline is None
-                  else f"call {state.call_status}")
+                  else "opted out" if state.opted_out else f"call {state.call_status}")
         store.record_unscheduled(form_id, message_id=state.message_id, reason=reason)
         count("FormsCancelled")
         logger.info("call message cancelled", extra={"form_id": form_id, "reason": reason})
         return ScheduleResult("cancelled", state.message_id)
 
     assert state.deadline is not None
-    if state.message_id and state.scheduled_deadline == state.deadline:
+    # Due at the deadline, or at a later next call (a follow-up, a cap): one message for it.
+    due = state.due_at or state.deadline
+    if state.message_id and state.scheduled_deadline == due:
         return ScheduleResult("unchanged", state.message_id)
-    not_before = opening(max(state.deadline, now()), state.timezone, window, form_id) \
-        or state.deadline
-    message_id = publisher.publish_call(deadline_message(form_id, state.deadline, not_before),
-                                        destination=call_form_url)
+    not_before = opening(max(due, now()), state.timezone, window, form_id) or due
+    message = (deadline_message(form_id, due, not_before) if due == state.deadline
+               else call_message(form_id, reason="follow-up", moment=due, not_before=not_before))
+    message_id = publisher.publish_call(message, destination=call_form_url)
     if state.message_id and state.message_id != message_id:
         _cancel(state.message_id, publisher=publisher, form_id=form_id)
-    store.record_scheduled(form_id, message_id=message_id, deadline=state.deadline,
-                           not_before=not_before)
+    store.record_scheduled(form_id, message_id=message_id, deadline=due, not_before=not_before)
     count("FormsScheduled")
     action = "rescheduled" if state.message_id else "scheduled"
     logger.info("call message published", extra={"form_id": form_id, "action": action,
@@ -88,3 +91,38 @@ def cancel_message(message_id: object, *, publisher: Publisher) -> ScheduleResul
     publisher.cancel(message_id)
     count("FormsCancelled")
     return ScheduleResult("cancelled", message_id)
+
+
+def cancel_form_messages(messages: Iterable[MessageToCancel], *, publisher: Publisher) -> int:
+    """Cancel the messages of forms that will not be called (an opted-out patient's)."""
+    cancelled = 0
+    for message in messages:
+        _cancel(message.message_id, publisher=publisher, form_id=message.form_id)
+        cancelled += 1
+    if cancelled:
+        count("FormsCancelled", cancelled)
+    return cancelled
+
+
+def publish_follow_ups(follow_ups: Iterable[FollowUp], *, store: FormStore, publisher: Publisher,
+                       call_form_url: str, window: CallWindow) -> int:
+    """One message per follow-up, for its next call (or the window's opening after it).
+
+    Deduplicated by form and moment, and recorded on the form: a repeated report publishes
+    the same message again at most, never a second one.
+    """
+    published = 0
+    for follow_up in follow_ups:
+        at = max(follow_up.next_call_at, now())
+        not_before = opening(at, follow_up.timezone, window, follow_up.form_id) or at
+        message = call_message(follow_up.form_id, reason="follow-up",
+                               moment=follow_up.next_call_at, not_before=not_before)
+        message_id = publisher.publish_call(message, destination=call_form_url)
+        store.record_scheduled(follow_up.form_id, message_id=message_id,
+                               deadline=follow_up.next_call_at, not_before=not_before)
+        published += 1
+        logger.info("follow-up call scheduled", extra={"form_id": follow_up.form_id,
+                                                        "not_before": not_before.isoformat()})
+    if published:
+        count("FollowUpsScheduled", published)
+    return published

@@ -113,3 +113,28 @@ def _error_code(exc: BaseException) -> str:
         if code:
             return str(code)
     return type(exc).__name__
+
+
+# Settings a function cannot be given in its environment because CloudFormation would have to
+# name the function inside itself (call-form's own URL): SSM parameters named by NAME_PARAMETER.
+PARAMETER_SETTINGS = ("CALL_FORM_URL",)
+
+
+def parameter_values() -> Mapping[str, str]:
+    """The PARAMETER_SETTINGS read from SSM (an environment value of their own wins)."""
+    names = {name: os.environ[f"{name}_PARAMETER"].strip() for name in PARAMETER_SETTINGS
+             if not os.environ.get(name) and os.environ.get(f"{name}_PARAMETER", "").strip()}
+    if not names:
+        return NO_SECRET
+    from aws_lambda_powertools.utilities import parameters
+
+    values = {}
+    for name, parameter in names.items():
+        try:
+            values[name] = str(parameters.get_parameter(parameter, max_age=_max_age()))
+        except Exception as exc:  # not found, access denied, throttled: all unreadable
+            error = ConfigurationError([f"{name}_PARAMETER"],
+                                       f"the SSM parameter named by {name}_PARAMETER cannot be read")
+            error.detail["cause"] = _error_code(exc)
+            raise error from None
+    return MappingProxyType(values)

@@ -54,8 +54,6 @@ class DatabaseSettings(BaseModel):
     DATABASE_URL: SecretStr | None = None
     SUPABASE_URL: str | None = Field(default=None, pattern=_URL)
     SUPABASE_SERVICE_ROLE_KEY: SecretStr | None = None
-    # How many attempts a form gets before it is marked failed for good.
-    MAX_CALL_ATTEMPTS: int = Field(default=5, ge=1, le=50)
 
     @model_validator(mode="before")
     @classmethod
@@ -78,16 +76,80 @@ class DatabaseSettings(BaseModel):
         return self
 
 
-class VapiSettings(BaseModel):
-    """Placing calls with Vapi."""
+class VapiServerSettings(BaseModel):
+    """How Vapi's server messages (call-events) are authenticated.
+
+    With VAPI_SERVER_CREDENTIAL_ID (an HMAC credential made in Vapi's dashboard whose secret is
+    VAPI_WEBHOOK_SECRET) Vapi signs each message; without it formcall asks Vapi to send the
+    secret itself in an X-Vapi-Secret header.
+    """
 
     model_config = _SETTINGS
+    VAPI_WEBHOOK_SECRET: SecretStr = Field(min_length=16)
+    VAPI_SERVER_CREDENTIAL_ID: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_unset(cls, values: dict) -> dict:
+        if values.get("VAPI_SERVER_CREDENTIAL_ID") == "":
+            values = {**values, "VAPI_SERVER_CREDENTIAL_ID": None}
+        return values
+
+
+class VapiSettings(VapiServerSettings):
+    """Placing calls with Vapi, and where Vapi reports how they went (the call-events URL)."""
+
     VAPI_PRIVATE_KEY: SecretStr = Field(min_length=1)
     VAPI_ASSISTANT_ID: str = Field(min_length=1)
     VAPI_PHONE_NUMBER_ID: str = Field(min_length=1)
     VAPI_BASE_URL: str = Field(default="https://api.vapi.ai", pattern=_URL)
     # Create-call read timeout; past it the outcome is unknown and the call is never re-sent blindly.
     VAPI_TIMEOUT_SECONDS: float = Field(default=15.0, gt=0, le=120)
+    CALL_EVENTS_URL: str = Field(pattern=_URL)
+
+
+# Outcomes that may be followed up (formcall.outcomes.OUTCOMES less reached and bad_number).
+FOLLOW_UP_OUTCOMES = frozenset({"no_answer", "busy", "voicemail", "not_connected"})
+
+
+class CallRulesSettings(BaseModel):
+    """How often a form and a patient may be called (the caps are the FCC's healthcare exemption)."""
+
+    model_config = _SETTINGS
+    # Attempts at one call (transient faults included) before the form is marked failed.
+    MAX_CALL_ATTEMPTS: int = Field(default=5, ge=1, le=50)
+    # Calls placed for one form, the first included.
+    MAX_CALLS_PER_FORM: int = Field(default=3, ge=1, le=10)
+    # Comma-separated outcomes after which an unsubmitted form is called again.
+    FOLLOW_UP_ON: frozenset[str] = FOLLOW_UP_OUTCOMES
+    FOLLOW_UP_DELAY_SECONDS: int = Field(default=86_400, ge=0, le=30 * 86_400)
+    # Calls to one patient (any of their forms): per local calendar day, per rolling 7 days.
+    PATIENT_MAX_CALLS_PER_DAY: int = Field(default=1, ge=1, le=50)
+    PATIENT_MAX_CALLS_PER_WEEK: int = Field(default=3, ge=1, le=350)
+    # A placed call without a reported end after this long is looked up in Vapi by the sweep.
+    CALL_OUTCOME_TIMEOUT_SECONDS: int = Field(default=1800, ge=0, le=7 * 86_400)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _outcome_list(cls, values: dict) -> dict:
+        text = values.get("FOLLOW_UP_ON")
+        if isinstance(text, str):
+            names = frozenset(n.strip() for n in text.split(",") if n.strip())
+            unknown = sorted(names - FOLLOW_UP_OUTCOMES)
+            if unknown:
+                raise ConfigurationError(["FOLLOW_UP_ON"], (
+                    f"FOLLOW_UP_ON: {', '.join(unknown)} cannot be followed up; choose among "
+                    f"{', '.join(sorted(FOLLOW_UP_OUTCOMES))} (comma-separated, or empty)"))
+            values = {**values, "FOLLOW_UP_ON": names}
+        return values
+
+    @model_validator(mode="after")
+    def _week_holds_a_day(self) -> CallRulesSettings:
+        if self.PATIENT_MAX_CALLS_PER_WEEK < self.PATIENT_MAX_CALLS_PER_DAY:
+            raise ConfigurationError(
+                ["PATIENT_MAX_CALLS_PER_DAY", "PATIENT_MAX_CALLS_PER_WEEK"],
+                "PATIENT_MAX_CALLS_PER_WEEK must be at least PATIENT_MAX_CALLS_PER_DAY")
+        return self
 
 
 class CallFormUrlSettings(BaseModel):
@@ -154,9 +216,9 @@ def load(model: type[T]) -> T:
     keeps it FORMCALL_SECRET_MAX_AGE seconds, so a rotated key is picked up without a
     redeploy. An unchanged result keeps its object, so clients built from it are kept too.
     """
-    secret = secrets.secret_values()
+    secret = {**secrets.parameter_values(), **secrets.secret_values()}
     cached = _validated.get(model)
-    if cached is not None and (cached[0] is secret or cached[0] == secret):
+    if cached is not None and cached[0] == secret:
         return cached[1]  # type: ignore[return-value]
     try:
         validated = model.model_validate({**os.environ, **secret})

@@ -7,11 +7,13 @@ transport differs. Atomicity lives in those functions, not here.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
 from formcall.errors import DatabaseUnavailable
-from formcall.models import Claim, FormForCall, OverdueForm, ScheduleState, StaleCall
+from formcall.models import (CallEvent, Claim, FollowUp, FormOnCall, MessageToCancel, OpenCall,
+                             OverdueForm, PatientCall, RecordedEvent, ScheduleState, StaleCall)
 
 
 class Jsonb(dict):
@@ -120,57 +122,107 @@ def _ts(value: str | datetime) -> datetime:
     return value if isinstance(value, datetime) else datetime.fromisoformat(value)
 
 
+def _maybe_ts(value: str | datetime | None) -> datetime | None:
+    return None if value is None else _ts(value)
+
+
+def _cancels(rows: list[dict[str, Any]] | None) -> tuple[MessageToCancel, ...]:
+    return tuple(MessageToCancel(form_id=r["form_id"], message_id=r["message_id"])
+                 for r in rows or [])
+
+
+@dataclass(frozen=True)
+class CallRules:
+    """How often formcall may call (settings.CallRulesSettings), passed to the SQL functions."""
+
+    max_attempts: int = 5
+    max_calls_per_form: int = 3
+    follow_up_on: frozenset[str] = frozenset({"no_answer", "busy", "voicemail", "not_connected"})
+    follow_up_delay_seconds: int = 86400
+    max_per_day: int = 1
+    max_per_week: int = 3
+
+
 class FormStore:
     """The call state machine, one method per SQL function."""
 
-    def __init__(self, rpc: Rpc, *, max_attempts: int = 5) -> None:
+    def __init__(self, rpc: Rpc, *, rules: CallRules = CallRules()) -> None:
         self._rpc = rpc
-        self._max_attempts = max_attempts
+        self.rules = rules
 
     def claim(self, form_id: str, *, delivery: dict[str, Any] | None = None) -> Claim:
-        params: dict[str, Any] = {"p_form_id": form_id, "p_max_attempts": self._max_attempts}
+        params: dict[str, Any] = {"p_form_id": form_id, "p_max_attempts": self.rules.max_attempts,
+                                  "p_max_per_day": self.rules.max_per_day,
+                                  "p_max_per_week": self.rules.max_per_week}
         if delivery is not None:
             params["p_delivery"] = Jsonb(delivery)
         result = self._rpc("claim_form_call", params)
-        form = result.get("form")
-        return Claim(
-            outcome=result["outcome"],
-            reason=result.get("reason"),
-            due_in_seconds=result.get("due_in_seconds"),
-            form=FormForCall(
-                id=form["id"], title=form["title"], deadline=_ts(form["deadline"]),
-                patient_name=form["patient_name"], phone=form["phone"],
-                timezone=form["timezone"], call_attempts=form["call_attempts"],
-                claimed_at=_ts(form["claimed_at"]),
-            ) if form else None,
-        )
+        call = None
+        if result["outcome"] == "claimed":
+            patient = result["patient"]
+            call = PatientCall(
+                call_id=result["call_id"], patient_id=patient["id"], patient_name=patient["name"],
+                phone=patient["phone"], timezone=patient["timezone"],
+                claimed_at=_ts(result["claimed_at"]),
+                forms=tuple(FormOnCall(id=f["id"], title=f["title"], deadline=_ts(f["deadline"]),
+                                       call_attempts=f["call_attempts"])
+                            for f in result["forms"]))
+        return Claim(outcome=result["outcome"], call=call, reason=result.get("reason"),
+                     due_in_seconds=result.get("due_in_seconds"),
+                     until=_maybe_ts(result.get("until")),
+                     timezone=result.get("timezone") or "UTC",
+                     cancel=_cancels(result.get("cancel")))
 
-    def record_placed(self, form_id: str, call_id: str) -> bool:
-        return self._rpc("record_call_placed", {"p_form_id": form_id, "p_call_id": call_id})["recorded"]
+    def record_placed(self, call_id: str, vapi_call_id: str, *, status: str | None = None) -> bool:
+        return self._rpc("record_call_placed", {"p_call_id": call_id,
+                                                "p_vapi_call_id": vapi_call_id,
+                                                "p_status": status})["recorded"]
 
-    def release(self, form_id: str, error: str, *, refund_attempt: bool = False) -> bool:
-        return self._rpc("release_form_call", {"p_form_id": form_id, "p_error": error,
-                                               "p_refund_attempt": refund_attempt})["released"]
+    def release(self, call_id: str, error: str, *, refund_attempt: bool = False) -> bool:
+        return self._rpc("release_call", {"p_call_id": call_id, "p_error": error,
+                                          "p_refund_attempt": refund_attempt})["released"]
 
-    def record_failed(self, form_id: str, error: str) -> bool:
-        return self._rpc("record_call_failed", {"p_form_id": form_id, "p_error": error})["recorded"]
+    def record_failed(self, call_id: str, error: str) -> bool:
+        return self._rpc("record_call_failed", {"p_call_id": call_id, "p_error": error})["recorded"]
 
-    def record_unknown(self, form_id: str, error: str) -> bool:
-        return self._rpc("record_call_unknown", {"p_form_id": form_id, "p_error": error})["recorded"]
+    def record_unknown(self, call_id: str, error: str) -> bool:
+        return self._rpc("record_call_unknown", {"p_call_id": call_id, "p_error": error})["recorded"]
+
+    def record_call_event(self, event: CallEvent, *, source: str = "call-events") -> RecordedEvent:
+        result = self._rpc("record_call_event", {
+            "p_vapi_call_id": event.vapi_call_id, "p_form_ids": list(event.form_ids),
+            "p_status": event.status, "p_ended_reason": event.ended_reason,
+            "p_outcome": event.outcome,
+            "p_started_at": event.started_at.isoformat() if event.started_at else None,
+            "p_ended_at": event.ended_at.isoformat() if event.ended_at else None,
+            "p_cost": event.cost, "p_opt_out": event.opt_out,
+            "p_follow_up_on": sorted(self.rules.follow_up_on),
+            "p_max_calls_per_form": self.rules.max_calls_per_form,
+            "p_follow_up_delay_seconds": self.rules.follow_up_delay_seconds,
+            "p_source": source})
+        return RecordedEvent(
+            status=result["status"], call_id=result.get("call_id"), reason=result.get("reason"),
+            ended=bool(result.get("ended")), duplicate=bool(result.get("duplicate")),
+            outcome=result.get("outcome"),
+            follow_ups=tuple(FollowUp(form_id=f["form_id"], next_call_at=_ts(f["next_call_at"]),
+                                      timezone=f["timezone"])
+                             for f in result.get("follow_ups") or []),
+            cancel=_cancels(result.get("cancel")))
 
     def schedule_state(self, form_id: str) -> ScheduleState | None:
         row = self._rpc("form_schedule_state", {"p_form_id": form_id})
         if not row:
             return None
         return ScheduleState(
-            id=row["id"], deadline=_ts(row["deadline"]) if row["deadline"] else None,
-            submitted=row["submitted"], call_status=row["call_status"],
-            message_id=row["qstash_message_id"],
-            scheduled_deadline=_ts(row["scheduled_deadline"]) if row["scheduled_deadline"] else None,
-            timezone=row["timezone"], due=row["due"])
+            id=row["id"], deadline=_maybe_ts(row["deadline"]), submitted=row["submitted"],
+            call_status=row["call_status"], message_id=row["qstash_message_id"],
+            scheduled_deadline=_maybe_ts(row["scheduled_deadline"]), timezone=row["timezone"],
+            due=row["due"], next_call_at=_maybe_ts(row.get("next_call_at")),
+            due_at=_maybe_ts(row.get("due_at")), opted_out=bool(row.get("opted_out")))
 
     def record_scheduled(self, form_id: str, *, message_id: str, deadline: datetime,
                          not_before: datetime) -> bool:
+        """The form's message is `message_id`, for the due moment `deadline` (or a follow-up's)."""
         return self._rpc("record_form_scheduled", {
             "p_form_id": form_id, "p_message_id": message_id, "p_deadline": deadline.isoformat(),
             "p_not_before": not_before.isoformat()})["recorded"]
@@ -190,6 +242,7 @@ class FormStore:
                                                     "p_detail": Jsonb(detail)})["outcome"]
 
     def overdue_page(self, *, limit: int, after: OverdueForm | None = None) -> list[OverdueForm]:
+        """Due forms (deadlines and follow-ups) by due moment; `deadline` is that moment."""
         params: dict[str, Any] = {"p_limit": limit}
         if after is not None:
             params |= {"p_after_deadline": after.deadline.isoformat(), "p_after_id": after.id}
@@ -199,5 +252,10 @@ class FormStore:
 
     def stale_calls(self, *, lease_seconds: int, limit: int = 100) -> list[StaleCall]:
         rows = self._rpc("find_stale_calls", {"p_lease_seconds": lease_seconds, "p_limit": limit})
-        return [StaleCall(id=r["id"], claimed_at=_ts(r["claimed_at"]),
-                          call_attempts=r["call_attempts"]) for r in rows]
+        return [StaleCall(call_id=r["call_id"], claimed_at=_ts(r["claimed_at"]),
+                          form_ids=tuple(r["form_ids"] or ())) for r in rows]
+
+    def calls_awaiting_outcome(self, *, timeout_seconds: int, limit: int = 100) -> list[OpenCall]:
+        rows = self._rpc("find_calls_awaiting_outcome", {"p_timeout_seconds": timeout_seconds,
+                                                         "p_limit": limit})
+        return [OpenCall(call_id=r["call_id"], vapi_call_id=r["vapi_call_id"]) for r in rows]

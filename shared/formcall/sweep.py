@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
+from formcall.call_events import record_call_event
 from formcall.errors import ConfigurationError, VapiUnavailable
 from formcall.messages import now, opening, sweep_message
 from formcall.models import OverdueForm, SweepReport
 from formcall.observability import count, logger
 from formcall.ports import Caller, Publisher
 from formcall.store import FormStore
-from formcall.window import DEFAULT_WINDOW, CallWindow
+from formcall.vapi_webhooks import call_event_from_record, ended_without_record
+from formcall.window import CallWindow
 
 # A claim older than this with no recorded outcome is reconciled against Vapi's call list.
 # It is longer than any Lambda invocation (15 min), so the claimant is certainly gone.
@@ -23,40 +25,76 @@ PAGE_SIZE = 100
 
 def reconcile_stale_calls(*, store: FormStore, vapi: Caller,
                           lease_seconds: int = CLAIM_LEASE_SECONDS) -> dict[str, int]:
-    """Resolve claims whose outcome was never recorded: found in Vapi -> called, absent -> released."""
+    """Resolve claims whose Vapi answer was never recorded: found in Vapi -> placed, absent -> released."""
     outcome = {"found": 0, "released": 0, "unresolved": 0}
     at = now()
     for stale in store.stale_calls(lease_seconds=lease_seconds):
+        if not stale.form_ids:  # its forms are gone (deleted): nothing to call about
+            store.release(stale.call_id, "the call's forms were deleted")
+            continue
         try:
-            call_id = vapi.find_call_for_form(
-                stale.id, created_after=stale.claimed_at - timedelta(minutes=1),
+            found = vapi.find_call_for_form(
+                stale.form_ids[0], created_after=stale.claimed_at - timedelta(minutes=1),
                 created_before=at)
         except VapiUnavailable as exc:
             outcome["unresolved"] += 1
-            logger.error("could not reconcile a stale call", extra={"form_id": stale.id,
+            logger.error("could not reconcile a stale call", extra={"call_id": stale.call_id,
                                                                    "error": exc.public_message})
             continue
-        if call_id:
-            store.record_placed(stale.id, call_id)
+        if found:
+            store.record_placed(stale.call_id, found["id"], status=found.get("status"))
             outcome["found"] += 1
         else:
-            store.release(stale.id, "no call found in Vapi after an unknown outcome")
+            store.release(stale.call_id, "no call found in Vapi after an unknown outcome")
             outcome["released"] += 1
-        logger.warning("stale call reconciled", extra={"form_id": stale.id,
-                                                       "found": bool(call_id)})
+        logger.warning("stale call reconciled", extra={"call_id": stale.call_id,
+                                                       "found": bool(found)})
+    return outcome
+
+
+def look_up_lost_outcomes(*, store: FormStore, vapi: Caller, publisher: Callable[[], Publisher],
+                          call_form_url: str, window: CallWindow,
+                          timeout_seconds: int) -> dict[str, int]:
+    """Placed calls whose end was never reported: record the end Vapi's own record shows."""
+    outcome = {"ended": 0, "open": 0, "unresolved": 0}
+    for call in store.calls_awaiting_outcome(timeout_seconds=timeout_seconds):
+        try:
+            record = vapi.get_call(call.vapi_call_id)
+        except VapiUnavailable as exc:
+            outcome["unresolved"] += 1
+            logger.error("could not look a call up", extra={"call_id": call.vapi_call_id,
+                                                            "error": exc.public_message})
+            continue
+        event = (ended_without_record(call.vapi_call_id, now()) if record is None
+                 else call_event_from_record(record))
+        if event.outcome is None:
+            outcome["open"] += 1
+            continue
+        record_call_event(event, store=store, publisher=publisher, call_form_url=call_form_url,
+                          window=window, source="lookup")
+        outcome["ended"] += 1
+        logger.warning("lost call report recovered from Vapi's record",
+                       extra={"call_id": call.vapi_call_id, "outcome": event.outcome})
     return outcome
 
 
 def sweep_overdue_forms(*, store: FormStore, vapi: Caller, publisher: Callable[[], Publisher],
-                        call_form_url: str, window: CallWindow = DEFAULT_WINDOW,
+                        call_form_url: str, window: CallWindow,
+                        outcome_timeout_seconds: int = 1800,
                         page_size: int = PAGE_SIZE) -> SweepReport:
-    """Enqueue one call-form message per overdue form (the catch-all for missed one-time jobs).
+    """Enqueue one call-form message per due form (the catch-all for missed one-time jobs).
 
-    Forms outside their patient's calling window are enqueued for the window's opening. The
-    publisher is built only when there is something to enqueue (its client costs ~0.25 s of
-    import). A QStash that refuses the token is a configuration error, not a failed batch.
+    First it resolves stale claims and looks up calls whose end was never reported (their
+    follow-ups are then due like any other). Forms outside their patient's calling window
+    are enqueued for the window's opening. The publisher is built only when there is
+    something to publish (its client costs ~0.25 s of import). A QStash that refuses the
+    token is a configuration error, not a failed batch.
     """
-    report = SweepReport(reconciled=reconcile_stale_calls(store=store, vapi=vapi))
+    report = SweepReport(
+        reconciled=reconcile_stale_calls(store=store, vapi=vapi),
+        outcomes=look_up_lost_outcomes(store=store, vapi=vapi, publisher=publisher,
+                                       call_form_url=call_form_url, window=window,
+                                       timeout_seconds=outcome_timeout_seconds))
     at = now()
     overdue_long = 0
     after: OverdueForm | None = None
@@ -91,7 +129,8 @@ def sweep_overdue_forms(*, store: FormStore, vapi: Caller, publisher: Callable[[
         logger.warning("forms overdue by more than an hour: one-time jobs were missed",
                        extra={"forms": overdue_long})
     logger.info("sweep done", extra={"found": report.found, "enqueued": report.enqueued,
-                                     "failed": report.failed, "reconciled": report.reconciled})
+                                     "failed": report.failed, "reconciled": report.reconciled,
+                                     "outcomes": report.outcomes})
     return report
 
 

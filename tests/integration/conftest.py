@@ -14,6 +14,7 @@ from formcall_dev.fake_vapi import FakeVapi
 from formcall_dev.polling import wait_until  # noqa: F401  (tests import it from here)
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
+from helpers import DOMAIN, EVENTS_DOMAIN
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Secrets:
     qstash_token: str
     vapi_key: str
     service_role_key: str
+    vapi_webhook_secret: str
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +35,8 @@ def keys() -> Secrets:
 
     return Secrets(current_key=key(), next_key=key(), cron_secret=secrets.token_urlsafe(24),
                    qstash_token=secrets.token_urlsafe(24), vapi_key=secrets.token_urlsafe(24),
-                   service_role_key=secrets.token_urlsafe(24))
+                   service_role_key=secrets.token_urlsafe(24),
+                   vapi_webhook_secret=secrets.token_urlsafe(24))
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +73,17 @@ def env(monkeypatch, db, keys, vapi_server):
         "VAPI_TIMEOUT_SECONDS": "2",
         # Tests run at any hour; the calling window has tests of its own.
         "CALL_WINDOW": "00:00-23:59:59",
+        # call-form's own URL (signed deliveries in these tests arrive on it).
+        "CALL_FORM_URL": f"https://{DOMAIN}/",
+        "CALL_EVENTS_URL": f"https://{EVENTS_DOMAIN}/",
+        "VAPI_WEBHOOK_SECRET": keys.vapi_webhook_secret,
     }
     for name in ("SUPABASE_URL", "NEXT_PUBLIC_SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY",
-                 "CALL_FORM_URL", "CHECK_FORMS_URL", "QSTASH_URL", "FAILURE_CALLBACK_URL",
-                 "WEBHOOK_SECRET", "VAPI_MAX_CONCURRENCY", "VAPI_CALLS_PER_MINUTE"):
+                 "CHECK_FORMS_URL", "QSTASH_URL", "FAILURE_CALLBACK_URL",
+                 "WEBHOOK_SECRET", "VAPI_MAX_CONCURRENCY", "VAPI_CALLS_PER_MINUTE",
+                 "VAPI_SERVER_CREDENTIAL_ID", "MAX_CALLS_PER_FORM", "FOLLOW_UP_ON",
+                 "FOLLOW_UP_DELAY_SECONDS", "PATIENT_MAX_CALLS_PER_DAY",
+                 "PATIENT_MAX_CALLS_PER_WEEK", "CALL_OUTCOME_TIMEOUT_SECONDS"):
         monkeypatch.delenv(name, raising=False)
     for name, value in values.items():
         monkeypatch.setenv(name, value)

@@ -11,6 +11,7 @@ from formcall_dev.events import http_event, sign_event
 from formcall_dev.functions_server import load_function
 
 DOMAIN = "abc123.lambda-url.us-east-1.on.aws"
+EVENTS_DOMAIN = "events123.lambda-url.us-east-1.on.aws"
 
 
 @dataclass

@@ -10,6 +10,8 @@ import jwt
 import pytest
 from helpers import DOMAIN, call_form_event, invoke
 
+from formcall_dev.polling import wait_until
+
 from formcall import clients
 from formcall.sweep import reconcile_stale_calls
 from formcall.signatures import body_hash, sign
@@ -35,15 +37,25 @@ def test_due_form_is_called_once_and_recorded(env, vapi, conn, due_form, keys):
     assert sent["customer"] == {"number": "+15550100001", "name": "Ada Lovelace"}
     assert "metadata" not in sent
     overrides = sent["assistantOverrides"]
-    assert overrides["metadata"] == {"formId": due_form}
+    assert overrides["metadata"] == {"formId": due_form, "formIds": [due_form]}
     assert overrides["variableValues"]["formTitle"] == "Pre-visit questionnaire"
+    assert overrides["variableValues"]["formTitles"] == "Pre-visit questionnaire"
+    assert overrides["variableValues"]["formCount"] == 1
     assert overrides["variableValues"]["patientName"] == "Ada Lovelace"
     assert overrides["variableValues"]["deadline"]
+    # Vapi reports the call's progress and end to call-events, proving itself with the secret.
+    assert overrides["server"] == {
+        "url": env["CALL_EVENTS_URL"], "timeoutSeconds": 20,
+        "backoffPlan": {"type": "exponential", "maxRetries": 5, "baseDelaySeconds": 2},
+        "headers": {"X-Vapi-Secret": keys.vapi_webhook_secret}}
+    assert set(overrides["serverMessages"]) == {"status-update", "end-of-call-report"}
     row = form_row(conn, due_form)
-    assert row["call_status"] == "called"
+    assert row["call_status"] == "called" and row["call_outcome"] is None
     assert row["vapi_call_id"] == calls[0]["id"]
     assert row["call_attempts"] == 1 and row["called_at"] is not None
     assert form_events(conn, due_form) == ["delivered", "claimed", "called"]
+    (call,) = conn.execute("select vapi_call_id, status, outcome, patient_id from calls").fetchall()
+    assert call[0] == calls[0]["id"] and call[1] == "queued" and call[2] is None
 
 
 def test_redelivery_after_call_is_skipped(env, vapi, conn, due_form, keys):
@@ -216,18 +228,27 @@ def test_unknown_form_is_permanent(env, vapi, keys):
     assert vapi.requests == []
 
 
-def test_vapi_rejection_is_recorded_and_permanent(env, vapi, conn, due_form, keys):
-    vapi.add_rule(form_id=due_form, status=400)
+def test_vapi_rejection_is_recorded_and_permanent(env, vapi, conn, due_form, keys, capsys):
+    # A provider's error can quote the number dialled and the patient's name.
+    vapi.add_rule(form_id=due_form, status=400, body={
+        "message": ["customer.number +15550100001 (Ada Lovelace) is not reachable"],
+        "error": "Bad Request", "statusCode": 400})
     answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
     assert answer.status == 489
     assert answer.headers["upstash-nonretryable-error"] == "true"
+    assert answer.body == {"error": "Vapi rejected the call: HTTP 400", "formId": due_form}
     row = form_row(conn, due_form)
     assert row["call_status"] == "failed"
-    assert row["last_call_error"].startswith("Vapi rejected the call: HTTP 400")
+    assert row["last_call_error"] == ("HTTP 400: customer.number [number] ([name]) "
+                                      "is not reachable")
     assert form_events(conn, due_form) == ["delivered", "claimed", "failed"]
     again = invoke("call_form", call_form_event(due_form, key=keys.current_key))
     assert again.body["reason"] == "already_failed"
     assert len(vapi.requests) == 1
+    # No call was placed: the caps do not count it.
+    assert conn.execute("select count(*) from calls").fetchone()[0] == 0
+    logged = capsys.readouterr().out
+    assert "5550100001" not in logged and "Lovelace" not in logged
 
 
 @pytest.mark.parametrize("status", [500, 502, 429])
@@ -250,17 +271,25 @@ def test_transient_vapi_failure_then_retry_calls_once(env, vapi, conn, due_form,
                                           "delivered", "claimed", "called"]
 
 
-def test_concurrency_blocked_call_is_released_with_retry_after(env, vapi, conn, due_form, keys):
+def test_concurrency_blocked_call_comes_back_in_a_fresh_message(stack_env, vapi, conn, due_form,
+                                                                  keys):
+    # Whatever the (unsigned) Upstash-Retried header says, a busy line never uses up QStash's
+    # retries: the delivery is answered "deferred" and a new message comes back in seconds.
     vapi.configure(concurrency_limit=0)
-    answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
-    assert answer.status == 503
-    assert 3 <= int(answer.headers["retry-after"]) <= 8
+    event = call_form_event(due_form, key=keys.current_key)
+    event["headers"]["upstash-retried"] = "0"
+    answer = invoke("call_form", event)
+    assert answer.status == 200
+    assert answer.body["status"] == "deferred" and answer.body["reason"] == "busy"
     row = form_row(conn, due_form)
     assert row["call_status"] == "pending"
     assert row["call_attempts"] == 0  # a blocked call is not the form's attempt
+    assert row["qstash_message_id"]
     assert vapi.calls_for_form(due_form) == []
+    assert conn.execute("select count(*) from calls").fetchone()[0] == 0
     vapi.configure(concurrency_limit=10)
-    assert invoke("call_form", call_form_event(due_form, key=keys.current_key)).status == 200
+    # The fresh message is delivered by the local QStash a few seconds later and calls once.
+    wait_until(lambda: form_row(conn, due_form)["call_status"] == "called", timeout=30)
     assert len(vapi.calls_for_form(due_form)) == 1
 
 

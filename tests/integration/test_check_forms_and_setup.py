@@ -64,13 +64,17 @@ def test_manual_sweep_enqueues_each_overdue_form_and_each_gets_one_call(stack_en
     answer = invoke("check_forms", manual_trigger(keys.cron_secret))
     assert answer.status == 200
     assert answer.body == {"success": True, "found": 3, "enqueued": 3, "failed": 0,
-                           "reconciled": {"found": 0, "released": 0, "unresolved": 0}}
+                           "reconciled": {"found": 0, "released": 0, "unresolved": 0},
+                           "outcomes": {"ended": 0, "open": 0, "unresolved": 0}}
     wait_until(lambda: all(form_row(conn, f)["call_status"] == "called" for f in forms["overdue"]))
     for form in forms["overdue"]:
         assert len(vapi.calls_for_form(form)) == 1
     for form in forms["untouched"]:
         assert vapi.calls_for_form(form) == []
-    assert len(vapi.requests) == 3
+    # The three overdue forms are the same patient's: one call covers them all.
+    assert len(vapi.requests) == 1
+    assert sorted(vapi.requests[0].body["assistantOverrides"]["metadata"]["formIds"]) == sorted(
+        forms["overdue"])
 
 
 def test_second_sweep_finds_nothing_left(stack_env, vapi, conn, keys):
@@ -113,10 +117,10 @@ def test_signed_post_from_the_schedule_sweeps(stack_env, vapi, conn, keys):
 
 
 def test_backlog_goes_out_in_batches_of_100(stack_env, vapi, conn, keys):
-    patient = create_patient(conn)
     past = datetime.now(timezone.utc) - timedelta(minutes=5)
     with conn.transaction():
-        ids = [create_form(conn, patient_id=patient, deadline=past) for _ in range(250)]
+        ids = [create_form(conn, patient_id=create_patient(conn, phone=f"+1555020{n:04d}"),
+                           deadline=past) for n in range(250)]
     vapi.configure(concurrency_limit=1000)
     before = qstash_stats(stack_env["QSTASH_URL"], keys.qstash_token)["requests"]
     answer = invoke("check_forms", manual_trigger(keys.cron_secret))
@@ -135,8 +139,9 @@ def test_qstash_down_is_reported_not_fatal(stack_env, vapi, conn, keys, monkeypa
     clients.reset()
     answer = invoke("check_forms", manual_trigger(keys.cron_secret))
     assert answer.status == 200
-    assert answer.body | {"reconciled": None} == {"success": True, "found": 3, "enqueued": 0,
-                                                  "failed": 3, "reconciled": None}
+    assert answer.body | {"reconciled": None, "outcomes": None} == {
+        "success": True, "found": 3, "enqueued": 0, "failed": 3, "reconciled": None,
+        "outcomes": None}
     assert all(form_row(conn, f)["call_status"] == "pending" for f in forms["overdue"])
 
 
@@ -150,7 +155,8 @@ def test_sweep_racing_the_deadline_jobs_gives_one_call_per_form(stack_env, vapi,
 
     def deadline_job(form_id):
         return sync_form_schedule(form_id, store=clients.store(), publisher=publisher,
-                                  call_form_url=stack_env["CALL_FORM_URL"])
+                                  call_form_url=stack_env["CALL_FORM_URL"],
+                                  window=clients.window())
 
     with ThreadPoolExecutor(8) as pool:
         # Over HTTP: Lambda runs one invocation per process, a server runs many at once.
@@ -170,7 +176,7 @@ def test_stale_claim_is_reconciled_by_the_sweep(stack_env, vapi, conn, keys):
                        deadline=datetime.now(timezone.utc) - timedelta(hours=1))
     # A claim from a process that died before calling Vapi, older than the lease.
     conn.execute("select claim_form_call(%s)", (form,))
-    conn.execute("update forms set claimed_at = now() - interval '1 hour' where id = %s", (form,))
+    conn.execute("update calls set created_at = now() - interval '1 hour'")
     answer = invoke("check_forms", manual_trigger(keys.cron_secret))
     assert answer.body["reconciled"] == {"found": 0, "released": 1, "unresolved": 0}
     assert answer.body["enqueued"] == 1
@@ -222,7 +228,8 @@ def test_sweep_with_nothing_overdue_never_builds_a_publisher(stack_env, vapi):
         raise AssertionError("nothing to enqueue: the QStash client must not be built")
 
     report = sweep_overdue_forms(store=clients.store(), vapi=clients.vapi(),
-                                 publisher=no_publisher, call_form_url=stack_env["CALL_FORM_URL"])
+                                 publisher=no_publisher, call_form_url=stack_env["CALL_FORM_URL"],
+                                 window=clients.window())
     assert (report.found, report.enqueued, report.failed) == (0, 0, 0)
 
 

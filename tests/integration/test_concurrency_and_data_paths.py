@@ -65,19 +65,50 @@ def test_twenty_concurrent_deliveries_make_one_call(data_path, vapi, conn, keys,
 
 
 def test_many_forms_many_duplicates(data_path, vapi, conn, keys, function_server):
-    """Ten forms, each delivered four times at once, interleaved: ten calls, one per form."""
-    patient = create_patient(conn)
+    """Five patients with two due forms each, every form delivered four times at once,
+    interleaved: one call per patient, covering both of their forms."""
     past = datetime.now(timezone.utc) - timedelta(minutes=5)
-    forms = [create_form(conn, patient_id=patient, deadline=past) for _ in range(10)]
-    submitted = create_form(conn, patient_id=patient, deadline=past, submitted_at=past)
+    patients = [create_patient(conn, phone=f"+1555010{i:04d}") for i in range(5)]
+    forms = {p: [create_form(conn, patient_id=p, deadline=past - timedelta(minutes=n))
+                 for n in range(2)] for p in patients}
+    submitted = create_form(conn, patient_id=patients[0], deadline=past, submitted_at=past)
     url = f"{function_server}/api/jobs/call-form"
-    jobs = [f for f in forms + [submitted] for _ in range(4)]
+    jobs = [f for p in patients for f in forms[p] + [submitted] for _ in range(4)]
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda f: deliver(url, f, keys.current_key), jobs))
     assert all(a.status_code == 200 for a in answers)
-    assert sorted(len(vapi.calls_for_form(f)) for f in forms) == [1] * 10
-    assert vapi.calls_for_form(submitted) == []
+    assert len(vapi.placed_calls()) == 5
+    for patient, own in forms.items():
+        (call,) = [c for c in vapi.placed_calls()
+                   if c["assistantOverrides"]["metadata"]["formIds"][0] in own]
+        metadata = call["assistantOverrides"]["metadata"]
+        # In deadline order: the older deadline first.
+        assert metadata["formIds"] == [own[1], own[0]] and metadata["formId"] == own[1]
+        assert call["assistantOverrides"]["variableValues"]["formCount"] == 2
+    assert all(form_row(conn, f)["call_status"] == "called" for own in forms.values() for f in own)
     assert form_row(conn, submitted)["call_status"] == "pending"
+
+
+def test_twenty_deliveries_for_five_forms_of_one_patient_make_one_call(data_path, vapi, conn,
+                                                                       keys, function_server):
+    patient = create_patient(conn)
+    past = datetime.now(timezone.utc) - timedelta(minutes=5)
+    forms = [create_form(conn, patient_id=patient, title=f"Form {n}",
+                         deadline=past + timedelta(seconds=n)) for n in range(5)]
+    vapi.configure(latency=0.2)
+    url = f"{function_server}/api/jobs/call-form"
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda i: deliver(url, forms[i % 5], keys.current_key),
+                                range(20)))
+    assert [a.status_code for a in answers] == [200] * 20
+    assert [a.json()["status"] for a in answers].count("called") == 1
+    assert len(vapi.requests) == 1
+    (call,) = vapi.placed_calls()
+    assert call["assistantOverrides"]["metadata"]["formIds"] == forms
+    assert call["assistantOverrides"]["variableValues"]["formTitles"] == (
+        "Form 0, Form 1, Form 2, Form 3, Form 4")
+    assert conn.execute("select count(*) from calls").fetchone()[0] == 1
+    assert conn.execute("select count(*) from call_forms").fetchone()[0] == 5
 
 
 def test_supabase_rpc_stand_in_refuses_a_wrong_key(supabase_server):

@@ -124,6 +124,8 @@ def target(pg_dsn, keys, vapi_server, local_qstash, function_server):
             "CALL_FORM_URL": f"{function_server}{PATHS['call_form']}",
             "CHECK_FORMS_URL": f"{function_server}{PATHS['check_forms']}",
             "FAILURE_CALLBACK_URL": f"{function_server}{PATHS['failure_callback']}",
+            "CALL_EVENTS_URL": f"{function_server}/api/webhooks/vapi",
+            "VAPI_WEBHOOK_SECRET": "hostile-vapi-webhook-secret",
         }.items():
             patch.setenv(name, value)
         for name in ("SUPABASE_URL", "NEXT_PUBLIC_SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"):

@@ -39,8 +39,8 @@ def test_missing_vapi_settings_are_all_named(monkeypatch):
     monkeypatch.setenv("VAPI_BASE_URL", "ftp://nope")
     with pytest.raises(ConfigurationError) as info:
         settings.load(settings.VapiSettings)
-    assert info.value.names == ["VAPI_ASSISTANT_ID", "VAPI_BASE_URL", "VAPI_PHONE_NUMBER_ID",
-                                "VAPI_PRIVATE_KEY"]
+    assert info.value.names == ["CALL_EVENTS_URL", "VAPI_ASSISTANT_ID", "VAPI_BASE_URL",
+                                "VAPI_PHONE_NUMBER_ID", "VAPI_PRIVATE_KEY", "VAPI_WEBHOOK_SECRET"]
 
 
 def test_short_cron_secret_is_refused(monkeypatch):
