@@ -7,15 +7,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-# Audit detail keys that name a QStash message of the form.
-MESSAGE_KEYS = ("message_id", "previous_message_id", "source_message_id")
+# Audit detail keys that name a QStash message of the form (a delivery's message id is as QStash's
+# unsigned header said, hence "unverified").
+MESSAGE_KEYS = ("message_id", "previous_message_id", "source_message_id", "unverified_message_id")
 
 # What each formcall audit event means, and whether it is good news, a wait, or a failure.
 EVENT_TONES = {
     "scheduled": "info", "rescheduled": "info", "cancelled": "info", "delivered": "info",
     "claimed": "info", "called": "ok", "skipped": "warn", "deferred": "warn",
     "released": "warn", "failed": "bad", "delivery_failed": "bad", "outcome_unknown": "bad",
-    "extra_call": "bad",
+    "extra_call": "bad", "call_ended": "info", "follow_up_scheduled": "warn",
+    "capped": "warn", "opted_out": "bad",
 }
 QSTASH_STATES = {
     "CREATED": ("published", "info"), "ACTIVE": ("delivering", "info"),
@@ -106,6 +108,9 @@ def audit_entries(events: list[dict]) -> list[Entry]:
     for event in events:
         detail = event["detail"] or {}
         reason = str(detail.get("reason") or detail.get("error") or "")
+        if event["event"] == "call_ended":
+            # How the call ended is the point of this event: the class, then Vapi's words.
+            reason = f"{detail.get('outcome')} ({detail.get('ended_reason')})"
         entries.append(Entry(at=parse_time(event["created_at"]), source="formcall",
                              what=event["event"].replace("_", " "),
                              detail=_describe(detail, {"reason", "error"}),

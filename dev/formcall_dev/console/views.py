@@ -59,7 +59,7 @@ async def journey_view(conn: AsyncConnection, qstash: LocalQStash, vapi: FakeVap
             optional(vapi.calls() if vapi else _nothing()),
             optional(vapi.requests() if vapi else _nothing()))
     call_ids = {row["vapi_call_id"] for row in call_rows} | {form["vapi_call_id"]} | {
-        event["detail"].get("call_id") for event in events}
+        event["detail"].get(key) for event in events for key in ("call_id", "vapi_call_id")}
     calls = journey.calls_of_form(form_id, call_ids, vapi_calls or [])
     entries = journey.timeline(
         journey.audit_entries(events), journey.qstash_entries(qstash_events or []),
