@@ -315,6 +315,34 @@ def test_play_the_patient_ends_a_ringing_call_that_way(web, conn, vapi):
     assert web.post(f"/act/calls/{call_id}/end", data={"outcome": "busy"}).status_code == 409
 
 
+def test_dont_answer_shows_the_outcome_and_the_follow_up(web, conn, vapi, monkeypatch,
+                                                         function_server):
+    from formcall import clients
+
+    # The fake Vapi reports to call-events on the function server, as Vapi would.
+    monkeypatch.setenv("CALL_EVENTS_URL", f"{function_server}/api/webhooks/vapi")
+    clients.reset()
+    vapi.configure(hold=True)
+    form = overdue_form(conn)
+    sweep(web)
+    wait_until(lambda: form_row(conn, form)["call_status"] == "called")
+    call_id = form_row(conn, form)["vapi_call_id"]
+    web.post(f"/act/calls/{call_id}/end", data={"outcome": "no_answer"})
+    row = wait_until(lambda: (r := form_row(conn, form))["call_outcome"] and r)
+    assert (row["call_status"], row["call_outcome"]) == ("pending", "no_answer")
+    assert row["next_call_at"] > datetime.now(timezone.utc)
+    listed = web.get("/forms/rows", params={"outcome": "no_answer"}).text
+    assert f'data-form-id="{form}"' in listed
+    next_call = row["next_call_at"].astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    assert next_call in listed
+    journey = web.get(f"/forms/{form}").text
+    assert 'data-what="call ended"' in journey and "no_answer (customer-did-not-answer)" in journey
+    assert 'data-what="follow up scheduled"' in journey
+    assert re.search(r'id="recorded-calls".*?<td class="outcome">no_answer</td>', journey,
+                     re.DOTALL)
+    assert next_call in text(web.get(f"/forms/{form}/timeline"))
+
+
 def test_playing_the_patient_refuses_bad_input(web):
     call = str(uuid.uuid4())
     assert web.post(f"/act/calls/{call}/end", data={"outcome": "hang_up"}).status_code == 400
