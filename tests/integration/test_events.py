@@ -19,12 +19,14 @@ FORM_ID = "0b0e5f2c-5d43-4a59-9a33-3c1a6a1d2f10"
 
 
 def function_for(path: Path) -> str:
-    return next(f for f in ("call_form", "check_forms", "setup") if path.name.startswith(f))
+    return next(f for f in ("call_form", "check_forms", "setup", "call_events")
+                if path.name.startswith(f))
 
 
 def test_every_event_file_is_covered():
-    assert {function_for(p) for p in EVENTS} == {"call_form", "check_forms", "setup"}
-    assert len(EVENTS) >= 6
+    assert {function_for(p) for p in EVENTS} == {"call_form", "check_forms", "setup",
+                                                 "call_events"}
+    assert len(EVENTS) >= 8
 
 
 @pytest.fixture
@@ -32,8 +34,10 @@ def signed_events(tmp_path, keys):
     copies = [Path(shutil.copy(p, tmp_path / p.name)) for p in EVENTS]
     result = CliRunner().invoke(cli, ["sign-event", *map(str, copies), "--key", keys.current_key])
     assert result.exit_code == 0, result.output
-    assert "4 of 6 files carry a QStash signature" in result.output.replace("\n", " ")
-    return {p.name: json.loads(p.read_text().replace("REPLACE_WITH_CRON_SECRET", keys.cron_secret))
+    assert "4 of 8 files carry a QStash signature" in result.output.replace("\n", " ")
+    return {p.name: json.loads(p.read_text().replace("REPLACE_WITH_CRON_SECRET", keys.cron_secret)
+                               .replace("REPLACE_WITH_VAPI_WEBHOOK_SECRET",
+                                        keys.vapi_webhook_secret))
             for p in copies}
 
 
@@ -42,9 +46,20 @@ def test_event_runs_through_its_handler(name, signed_events, stack_env, vapi, co
     patient = create_patient(conn)
     create_form(conn, patient_id=patient, form_id=FORM_ID,
                 deadline=datetime.now(timezone.utc) - timedelta(minutes=2))
+    if name.startswith("call_events"):
+        # The call was claimed; Vapi's message, naming the form, is the first word of it.
+        conn.execute("select claim_form_call(%s)", (FORM_ID,))
     answer = invoke(function_for(Path(name)), signed_events[name])
     assert answer.status == 200, answer.body
-    if name.startswith("call_form"):
+    if name.startswith("call_events"):
+        assert answer.body["status"] == "recorded"
+        row = form_row(conn, FORM_ID)
+        assert row["vapi_call_id"] == "5f3c1a0e-8d2b-4c6f-9e7a-1b2c3d4e5f60"
+        if "end_of_call" in name:
+            assert (row["call_status"], row["call_outcome"]) == ("pending", "no_answer")
+        else:
+            assert (row["call_status"], row["call_outcome"]) == ("called", None)
+    elif name.startswith("call_form"):
         assert answer.body["status"] == "called"
         assert form_row(conn, FORM_ID)["call_status"] == "called"
     elif name.startswith("check_forms"):
@@ -54,10 +69,10 @@ def test_event_runs_through_its_handler(name, signed_events, stack_env, vapi, co
 
 
 def test_unsigned_copies_of_the_signed_events_are_refused(stack_env, vapi):
-    # The committed signatures use a placeholder key, never a real one.
+    # The committed signatures use a placeholder key, never a real one; likewise the secrets.
     for path in EVENTS:
         event = json.loads(path.read_text())
-        if "upstash-signature" in event["headers"]:
+        if "upstash-signature" in event["headers"] or "x-vapi-secret" in event["headers"]:
             assert invoke(function_for(path), event).status == 401
 
 

@@ -35,9 +35,10 @@ from formcall_dev.seed import create_form, create_patient
 
 ROOT = Path(__file__).resolve().parents[2]
 WEBHOOK_SECRET = "webhook-secret-for-hostile-tests-0123"
+VAPI_WEBHOOK_SECRET = "hostile-vapi-webhook-secret"
 PATHS = {"call_form": "/api/jobs/call-form", "check_forms": "/api/cron/check-forms",
          "setup": "/api/setup-qstash", "schedule_form": "/api/webhooks/forms",
-         "failure_callback": "/api/jobs/failed"}
+         "failure_callback": "/api/jobs/failed", "call_events": "/api/webhooks/vapi"}
 
 # The whole budget of generated cases; make chaos raises it to 10,000.
 BUDGET = int(os.environ.get("FORMCALL_HOSTILE_CASES") or 400)
@@ -125,7 +126,7 @@ def target(pg_dsn, keys, vapi_server, local_qstash, function_server):
             "CHECK_FORMS_URL": f"{function_server}{PATHS['check_forms']}",
             "FAILURE_CALLBACK_URL": f"{function_server}{PATHS['failure_callback']}",
             "CALL_EVENTS_URL": f"{function_server}/api/webhooks/vapi",
-            "VAPI_WEBHOOK_SECRET": "hostile-vapi-webhook-secret",
+            "VAPI_WEBHOOK_SECRET": VAPI_WEBHOOK_SECRET,
         }.items():
             patch.setenv(name, value)
         for name in ("SUPABASE_URL", "NEXT_PUBLIC_SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY"):
@@ -277,6 +278,24 @@ def test_signed_garbage_to_call_form_is_refused_without_harm(target, body, form_
     path = PATHS["call_form"]
     answer = target.http.post(path, content=body, headers=target.signed(path, body))
     target.check("signed garbage to call-form", answer, allowed={400, 413, 489})
+
+
+@given(body=raw_bodies, extra=json_values, form_id=form_ids, kind=st.sampled_from(
+    ["status-update", "end-of-call-report", "conversation-update", "tool-calls"]))
+@hostile(0.12)
+def test_authenticated_garbage_to_call_events_is_refused_without_harm(target, body, extra,
+                                                                      form_id, kind):
+    # Vapi itself (the secret is right) sending something odd, or about a call not ours.
+    if extra is not None and not isinstance(extra, bool) and len(json.dumps(extra)) % 2:
+        body = json.dumps({"message": {"type": kind, "endedReason": extra, "call": {
+            "id": str(extra)[:40], "assistantOverrides": {"metadata": {"formIds": [form_id]}}},
+            "analysis": {"structuredData": {"optOut": True}}}}).encode()
+    path = PATHS["call_events"]
+    answer = target.http.post(path, content=body, headers={
+        "content-type": "application/json", "x-vapi-secret": VAPI_WEBHOOK_SECRET})
+    target.check("authenticated garbage to call-events", answer, allowed={200, 400, 413})
+    if answer.status_code == 200:
+        assert answer.json()["status"] == "ignored"
 
 
 def failure_payloads() -> st.SearchStrategy[bytes]:

@@ -29,6 +29,7 @@ FUNCTIONS = {
     "SetupFunction": ("setup", "GET", "/api/setup-qstash", 30),
     "ScheduleFormFunction": ("schedule_form", "POST", "/api/webhooks/forms", 30),
     "FailureCallbackFunction": ("failure_callback", "POST", "/api/jobs/failed", 30),
+    "CallEventsFunction": ("call_events", "POST", "/api/webhooks/vapi", 30),
 }
 
 # The secret settings: in the formcall secret (Secrets Manager), never in function configuration.
@@ -37,13 +38,21 @@ SECRET_ARN = {"Fn::If": ["CreateSecret", {"Ref": "FormcallSecret"}, {"Ref": "Exi
 DATABASE = {"SUPABASE_URL"}
 VAPI = {"VAPI_ASSISTANT_ID", "VAPI_PHONE_NUMBER_ID", "VAPI_BASE_URL"}
 POLICY = {"CALL_WINDOW", "VAPI_MAX_CONCURRENCY", "VAPI_CALLS_PER_MINUTE", "FAILURE_CALLBACK_URL"}
+# Who builds the Vapi client (places or looks up calls) names call-events in each call.
+CALLER = {"VAPI_SERVER_CREDENTIAL_ID", "CALL_EVENTS_URL"}
+CAPS = {"PATIENT_MAX_CALLS_PER_DAY", "PATIENT_MAX_CALLS_PER_WEEK"}
+FOLLOW_UPS = {"FOLLOW_UP_ON", "MAX_CALLS_PER_FORM", "FOLLOW_UP_DELAY_SECONDS"}
 # Each function gets only the plain settings it reads (every function also gets the secret).
 ENVIRONMENT = {
-    "CallFormFunction": DATABASE | VAPI | {"QSTASH_URL"} | POLICY,
-    "CheckFormsFunction": {"QSTASH_URL"} | DATABASE | VAPI | {"CALL_FORM_URL"} | POLICY,
+    "CallFormFunction": DATABASE | VAPI | CALLER | {"QSTASH_URL", "CALL_FORM_URL_PARAMETER"}
+    | POLICY | CAPS,
+    "CheckFormsFunction": {"QSTASH_URL"} | DATABASE | VAPI | CALLER | {"CALL_FORM_URL"} | POLICY
+    | FOLLOW_UPS | {"CALL_OUTCOME_TIMEOUT_SECONDS"},
     "SetupFunction": {"QSTASH_URL", "CHECK_FORMS_URL"},
     "ScheduleFormFunction": {"QSTASH_URL"} | DATABASE | {"CALL_FORM_URL"} | POLICY,
     "FailureCallbackFunction": DATABASE,
+    "CallEventsFunction": DATABASE | {"QSTASH_URL", "VAPI_SERVER_CREDENTIAL_ID",
+                                      "CALL_FORM_URL_PARAMETER"} | POLICY | FOLLOW_UPS,
 }
 GLOBAL_ENVIRONMENT = {
     "POWERTOOLS_SERVICE_NAME": "formcall",
@@ -57,7 +66,14 @@ METRICS = {
     "CallsPlaced", "CallsSkipped", "CallsFailed", "CallsRetried", "CallsOutcomeUnknown",
     "CallsDeferred", "FormsFound", "FormsEnqueued", "EnqueueFailed", "DeliveryFailed",
     "OverdueOverAnHour", "SweepSucceeded", "FormsScheduled", "FormsCancelled",
+    "CallsCapped", "CallsEnded", "CallsReached", "CallsNotReached", "CallEventsIgnored",
+    "PatientsOptedOut", "FollowUpsScheduled",
 }
+# call-form's own URL: one SSM parameter, read by call-form and call-events only.
+CALL_FORM_URL_READ = {"Statement": [{
+    "Effect": "Allow", "Action": "ssm:GetParameter",
+    "Resource": {"Fn::Sub": "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}"
+                            ":parameter/${AWS::StackName}/call-form-url"}}]}
 # Deliberately not in the layer: the python3.12 Lambda runtime ships boto3 and botocore.
 FROM_RUNTIME = {"boto3"}
 
@@ -266,6 +282,14 @@ def test_functions_learn_each_others_urls(template):
     assert env("SetupFunction")["CHECK_FORMS_URL"] == url("CheckFormsFunction")
     for name in ("CheckFormsFunction", "ScheduleFormFunction"):
         assert env(name)["CALL_FORM_URL"] == url("CallFormFunction")
+    for name in ("CallFormFunction", "CheckFormsFunction"):
+        assert env(name)["CALL_EVENTS_URL"] == url("CallEventsFunction")
+    # call-form's own URL, for itself and for call-events, through an SSM parameter.
+    parameter = resources["CallFormUrlParameter"]["Properties"]
+    assert parameter["Value"] == url("CallFormFunction")
+    for name in ("CallFormFunction", "CallEventsFunction"):
+        assert env(name)["CALL_FORM_URL_PARAMETER"] == parameter["Name"]
+        assert CALL_FORM_URL_READ in resources[name]["Properties"]["Policies"]
     for name in ("CallFormFunction", "CheckFormsFunction", "ScheduleFormFunction"):
         assert env(name)["FAILURE_CALLBACK_URL"] == url("FailureCallbackFunction")
 
@@ -372,7 +396,8 @@ def test_each_function_may_read_the_one_secret_and_nothing_else():
         assert statements == [{
             "Action": ["secretsmanager:GetSecretValue"], "Effect": "Allow",
             "Resource": {"Fn::Sub": ["${secretArn}", {"secretArn": SECRET_ARN}]},
-        }], name
+        }, *(CALL_FORM_URL_READ["Statement"] if name in ("CallFormFunction", "CallEventsFunction")
+             else [])], name
     assert "*" not in json.dumps([r for r in translated.values() if r["Type"] == "AWS::IAM::Role"])
 
 
@@ -440,7 +465,9 @@ def test_dashboard_shows_calls_and_deliveries(template):
     shown = [tuple(m) for w in widgets for m in w["properties"]["metrics"]]
 
     assert {m[1] for m in shown} == {"CallsPlaced", "CallsSkipped", "CallsDeferred",
-                                     "CallsFailed", "DeliveryFailed", "FormsEnqueued"}
+                                     "CallsFailed", "DeliveryFailed", "FormsEnqueued",
+                                     "CallsReached", "CallsNotReached", "FollowUpsScheduled",
+                                     "CallsCapped", "PatientsOptedOut"}
     assert {m[1] for m in shown} <= METRICS
     assert all((m[0], m[2:]) == ("formcall", ("service", "formcall")) for m in shown)
 

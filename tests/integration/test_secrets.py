@@ -234,3 +234,29 @@ def test_each_client_is_keyed_on_exactly_the_settings_it_reads():
         loaded = {node.args[0].attr for node in ast.walk(ast.parse(source))
                   if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "load"}
         assert loaded == {model.__name__ for model in factory.models}, name
+
+
+# --- call-form's own URL from SSM (CALL_FORM_URL_PARAMETER) -------------------------------------
+
+
+def test_call_form_reads_its_own_url_from_the_ssm_parameter(env, aws, monkeypatch, conn, due_form,
+                                                           keys, vapi):
+    monkeypatch.delenv("CALL_FORM_URL")
+    monkeypatch.setenv("CALL_FORM_URL_PARAMETER", "/formcall-test/call-form-url")
+    boto3.client("ssm", region_name="us-east-1").put_parameter(
+        Name="/formcall-test/call-form-url", Type="String", Value=env["CALL_FORM_URL"])
+    clients.reset()
+    assert settings.load(settings.CallFormUrlSettings).CALL_FORM_URL == env["CALL_FORM_URL"]
+    answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
+    assert answer.body["status"] == "called"
+
+
+def test_an_unreadable_url_parameter_is_a_named_configuration_error(env, aws, monkeypatch, conn,
+                                                                   due_form, keys, vapi):
+    monkeypatch.delenv("CALL_FORM_URL")
+    monkeypatch.setenv("CALL_FORM_URL_PARAMETER", "/formcall-test/missing")
+    clients.reset()
+    answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
+    assert answer.status == 500
+    assert answer.body["settings"] == ["CALL_FORM_URL_PARAMETER"]
+    assert vapi.requests == [] and form_row(conn, due_form)["call_status"] == "pending"
