@@ -152,9 +152,13 @@ def test_journey_shows_the_reason_of_a_failure(web, conn, vapi):
     vapi.add_rule(customer_number="+15550100209", status=400)
     sweep(web)
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed")
+    wait_until(lambda: "gave up: moved to the DLQ" in web.get(f"/forms/{form}").text)
     page = text(web.get(f"/forms/{form}"))
     assert "failed" in page and "call refused" in page
     assert form_row(conn, form)["last_call_error"] in page
+    # QStash's side: the attempt failed with call-form's own answer as the reason.
+    assert re.search(r"attempt failed · msg_\S+ endpoint replied 489: "
+                     r"\{&#34;error&#34;:&#34;Vapi rejected the call", page)
 
 
 def test_journey_refuses_bad_and_unknown_ids(web):

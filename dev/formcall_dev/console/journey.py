@@ -126,9 +126,12 @@ def qstash_entries(events: list[dict]) -> list[Entry]:
         if at is None:
             continue
         reason = str(event.get("error") or "")
+        if event.get("responseBody"):
+            # The endpoint's own answer says why (call-form's JSON error, a missing setting).
+            reason += f": {str(event['responseBody'])[:300]}"
         entries.append(Entry(at=at, source="QStash", what=f"{what} · {event.get('messageId')}",
-                             detail=_describe(event, _QSTASH_HIDDEN | {"error"}), tone=tone,
-                             reason=reason))
+                             detail=_describe(event, _QSTASH_HIDDEN | {"error", "responseBody"}),
+                             tone=tone, reason=reason))
     return entries
 
 
