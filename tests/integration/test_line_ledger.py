@@ -127,3 +127,21 @@ def test_qstash_giving_up_never_fails_a_form_waiting_for_a_line(lines, vapi, con
     # Its turn comes when the line frees.
     vapi.end_call(vapi.placed_calls()[0]["id"], "no_answer")
     wait_until(lambda: form_row(conn, waiting)["call_status"] == "called", timeout=30)
+
+
+@pytest.mark.parametrize("fault", [{"drop": True}, {"status": 502, "place": True},
+                                   {"status": 502}], ids=["timeout", "created-then-502", "502"])
+def test_an_unknown_outcome_is_resolved_by_the_reconcile_message(lines, vapi, conn, keys, fault):
+    # The lease is a second here: the reconcile message call-form publishes to itself comes
+    # back through the local QStash and settles the claim against Vapi's call list.
+    env = lines(10, CLAIM_LEASE_SECONDS="1")
+    (form,) = due_forms(conn, 1)
+    vapi.add_rule(form_id=form, times=1, **fault)
+    first = deliver(env["CALL_FORM_URL"], form, keys.current_key)
+    assert (first.status_code, first.json()["status"]) == (202, "unknown")
+    wait_until(lambda: form_row(conn, form)["call_status"] == "called", timeout=30)
+    placed = vapi.calls_for_form(form)
+    assert len(placed) == 1  # never a second call
+    assert form_row(conn, form)["vapi_call_id"] == placed[0]["id"]
+    created = fault.get("place", False) or fault.get("drop", False)
+    assert len(vapi.requests) == (1 if created else 2)
