@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+from formcall.errors import FormcallError
 from formcall.messages import call_message, deadline_message, now, opening
 from formcall.observability import count, logger
 from formcall.ports import Publisher
@@ -102,6 +103,27 @@ def cancel_form_messages(messages: Iterable[MessageToCancel], *, publisher: Publ
     if cancelled:
         count("FormsCancelled", cancelled)
     return cancelled
+
+
+def wake_waiting_forms(*, store: FormStore, publisher: Callable[[], Publisher],
+                       call_form_url: str) -> int:
+    """A line freed: publish call-form messages for the oldest forms waiting for one, now.
+
+    Best effort: a form not woken here still has its QStash retry and the sweep.
+    """
+    try:
+        waiting = store.forms_waiting_for_line()
+        if not waiting:
+            return 0
+        at = now()
+        woken = publisher().enqueue_calls(
+            [call_message(form_id, reason="line", moment=at) for form_id in waiting],
+            destination=call_form_url)
+    except FormcallError as exc:
+        logger.warning("waiting forms not woken", extra={"error": exc.public_message})
+        return 0
+    count("LineWakeups", woken)
+    return woken
 
 
 def publish_follow_ups(follow_ups: Iterable[FollowUp], *, store: FormStore, publisher: Publisher,

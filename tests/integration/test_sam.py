@@ -42,17 +42,18 @@ POLICY = {"CALL_WINDOW", "VAPI_MAX_CONCURRENCY", "VAPI_CALLS_PER_MINUTE", "FAILU
 CALLER = {"VAPI_SERVER_CREDENTIAL_ID", "CALL_EVENTS_URL"}
 CAPS = {"PATIENT_MAX_CALLS_PER_DAY", "PATIENT_MAX_CALLS_PER_WEEK"}
 FOLLOW_UPS = {"FOLLOW_UP_ON", "MAX_CALLS_PER_FORM", "FOLLOW_UP_DELAY_SECONDS"}
+LEDGER = {"VAPI_LINE_LEDGER", "VAPI_RESERVED_LINES", "VAPI_MAX_CALL_SECONDS"}
 # Each function gets only the plain settings it reads (every function also gets the secret).
 ENVIRONMENT = {
     "CallFormFunction": DATABASE | VAPI | CALLER | {"QSTASH_URL", "CALL_FORM_URL_PARAMETER"}
-    | POLICY | CAPS,
+    | POLICY | CAPS | LEDGER | {"CLAIM_LEASE_SECONDS"},
     "CheckFormsFunction": {"QSTASH_URL"} | DATABASE | VAPI | CALLER | {"CALL_FORM_URL"} | POLICY
-    | FOLLOW_UPS | {"CALL_OUTCOME_TIMEOUT_SECONDS"},
+    | FOLLOW_UPS | {"CALL_OUTCOME_TIMEOUT_SECONDS"} | LEDGER | {"CLAIM_LEASE_SECONDS"},
     "SetupFunction": {"QSTASH_URL", "CHECK_FORMS_URL"},
     "ScheduleFormFunction": {"QSTASH_URL"} | DATABASE | {"CALL_FORM_URL"} | POLICY,
     "FailureCallbackFunction": DATABASE,
     "CallEventsFunction": DATABASE | {"QSTASH_URL", "VAPI_SERVER_CREDENTIAL_ID",
-                                      "CALL_FORM_URL_PARAMETER"} | POLICY | FOLLOW_UPS,
+                                      "CALL_FORM_URL_PARAMETER"} | POLICY | FOLLOW_UPS | LEDGER,
 }
 GLOBAL_ENVIRONMENT = {
     "POWERTOOLS_SERVICE_NAME": "formcall",
@@ -67,7 +68,7 @@ METRICS = {
     "CallsDeferred", "FormsFound", "FormsEnqueued", "EnqueueFailed", "DeliveryFailed",
     "OverdueOverAnHour", "SweepSucceeded", "FormsScheduled", "FormsCancelled",
     "CallsCapped", "CallsEnded", "CallsReached", "CallsNotReached", "CallEventsIgnored",
-    "PatientsOptedOut", "FollowUpsScheduled",
+    "PatientsOptedOut", "FollowUpsScheduled", "CallsWaitingForLine", "LineWakeups",
 }
 # call-form's own URL: one SSM parameter, read by call-form and call-events only.
 CALL_FORM_URL_READ = {"Statement": [{
