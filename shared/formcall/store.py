@@ -221,7 +221,7 @@ class FormStore:
             follow_ups=tuple(FollowUp(form_id=f["form_id"], next_call_at=_ts(f["next_call_at"]),
                                       timezone=f["timezone"])
                              for f in result.get("follow_ups") or []),
-            cancel=_cancels(result.get("cancel")))
+            opted_out=bool(result.get("opted_out")), cancel=_cancels(result.get("cancel")))
 
     def schedule_state(self, form_id: str) -> ScheduleState | None:
         row = self._rpc("form_schedule_state", {"p_form_id": form_id})
