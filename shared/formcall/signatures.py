@@ -16,6 +16,11 @@ from collections.abc import Iterable, Sequence
 import jwt
 
 
+# QStash's token lifetime: `exp` is `iat` + 300 s (qstash.md, section 6). A token issued longer
+# ago than that (beyond the clock tolerance) is refused, whatever its `exp` says.
+TOKEN_LIFETIME = 300
+
+
 class InvalidSignature(Exception):
     """Why a signature was refused (for logs; the caller only learns it was refused)."""
 
@@ -65,6 +70,23 @@ def verify_signature(token: str | None, *, body: bytes, urls: Iterable[str], key
         except InvalidSignature as exc:
             reasons.append(str(exc))
     raise InvalidSignature(" / ".join(reasons) or "no signing key")
+
+
+def replay_window(claims: dict, *, now: float, leeway: int) -> tuple[str, float]:
+    """The token's `jti` and until when (unix seconds) it could still be accepted.
+
+    Refuses a token without a string `jti` or an integer `iat`, or issued more than
+    TOKEN_LIFETIME (plus `leeway`) ago: QStash's tokens always carry both, and the jti must be
+    remembered for as long as the token is good, which the issue time bounds.
+    """
+    jti, issued = claims.get("jti"), claims.get("iat")
+    if not isinstance(jti, str) or not jti or len(jti) > 256:
+        raise InvalidSignature("missing or malformed jti")
+    if isinstance(issued, bool) or not isinstance(issued, int):
+        raise InvalidSignature("missing or malformed iat")
+    if issued + TOKEN_LIFETIME + leeway < now:
+        raise InvalidSignature("issued longer ago than QStash's token lifetime")
+    return jti, min(float(claims["exp"]), issued + TOKEN_LIFETIME) + leeway
 
 
 def sign(*, key: str, url: str, body: bytes, now: float | None = None, ttl: int = 300,

@@ -201,3 +201,8 @@ class FormStore:
         rows = self._rpc("find_stale_calls", {"p_lease_seconds": lease_seconds, "p_limit": limit})
         return [StaleCall(id=r["id"], claimed_at=_ts(r["claimed_at"]),
                           call_attempts=r["call_attempts"]) for r in rows]
+
+    def accept_qstash_token(self, jti: str, *, expires_at: datetime) -> bool:
+        """Record a QStash token's first use; False if its jti was already used (a replay)."""
+        return self._rpc("accept_qstash_token", {"p_jti": jti,
+                                                 "p_expires_at": expires_at.isoformat()})["accepted"]
