@@ -34,6 +34,7 @@ def clinic(conn):
           select nullif(current_setting('request.jwt.claims', true)::jsonb ->> 'sub', '')::uuid
         $$;
         grant usage on schema auth to authenticated;
+        grant execute on function auth.uid() to authenticated;
         create table if not exists public.clinic_patients (
           user_id uuid not null, patient_id uuid not null references public.patients on delete cascade,
           primary key (user_id, patient_id));

@@ -13,7 +13,7 @@ from helpers import DOMAIN, call_form_event, invoke
 
 from formcall import clients
 from formcall.signatures import sign
-from formcall_dev.events import http_event
+from formcall_dev.events import http_event, sign_event
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 
 WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
@@ -306,7 +306,7 @@ def test_busy_on_the_last_qstash_retry_gets_a_fresh_message(hook_env, conn, keys
     first = invoke("call_form", event)
     assert first.status == 503  # QStash retries it (Retry-After)
     event["headers"]["upstash-retried"] = "5"  # the last attempt QStash will make
-    last = invoke("call_form", event)
+    last = invoke("call_form", sign_event(event, key=keys.current_key))  # each try signed afresh
     assert last.status == 200
     assert (last.body["status"], last.body["reason"]) == ("deferred", "busy")
     stored = form_row(conn, due_form)
