@@ -25,7 +25,7 @@ from formcall import clients, settings
 from formcall.errors import (FormcallError, PayloadTooLarge, Replayed, TransientFailure,
                              Unauthorized)
 from formcall.observability import logger
-from formcall.signatures import InvalidSignature, replay_window, verify_signature
+from formcall.signatures import InvalidSignature, replay_window, verify_signature, verify_webhook
 from formcall.store import FormStore
 
 # QStash messages to formcall are tiny; anything bigger is not ours.
@@ -183,7 +183,18 @@ def require_cron_secret(incoming: Incoming, *, allow_query: bool = False) -> Non
     _require_secret(expected, _bearer(incoming) + query)
 
 
-def require_webhook_secret(incoming: Incoming) -> None:
-    """Accept the WEBHOOK_SECRET as `Authorization: Bearer …` or `X-Webhook-Secret: …`."""
-    expected = settings.load(settings.WebhookSettings).WEBHOOK_SECRET.get_secret_value()
-    _require_secret(expected, _bearer(incoming) + incoming.headers.getlist("x-webhook-secret"))
+def require_signed_webhook(incoming: Incoming) -> None:
+    """Accept a database webhook signed with WEBHOOK_SECRET within the last 5 minutes.
+
+    The trigger (supabase/migrations/*_signed_webhooks.sql) sends `X-Formcall-Timestamp` and
+    `X-Formcall-Signature: v1=<hex HMAC-SHA256 of "{timestamp}.{body}">`; the secret itself
+    never travels, so a captured webhook is good for minutes, not forever.
+    """
+    secret = settings.load(settings.WebhookSettings).WEBHOOK_SECRET.get_secret_value()
+    try:
+        verify_webhook(secret=secret, timestamp=incoming.headers.get("x-formcall-timestamp"),
+                       signatures=incoming.headers.getlist("x-formcall-signature"),
+                       body=incoming.body, now=time.time())
+    except InvalidSignature as exc:
+        logger.warning("webhook refused", extra={"reason": str(exc)})
+        raise Unauthorized("unauthorized") from None
