@@ -67,6 +67,7 @@ returns text
 language plpgsql
 stable
 security definer
+set search_path = pg_catalog, public, pg_temp
 as $$
 declare
   value text;
@@ -91,6 +92,7 @@ returns jsonb
 language plpgsql
 stable
 security definer
+set search_path = pg_catalog, public, pg_temp
 as $$
 declare
   url text := public.formcall_webhook_setting('formcall_webhook_url');
@@ -115,6 +117,7 @@ $$;
 create or replace function public.formcall_forms_webhook() returns trigger
 language plpgsql
 security definer
+set search_path = pg_catalog, public, pg_temp
 as $$
 declare
   request jsonb;
