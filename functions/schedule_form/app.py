@@ -1,4 +1,4 @@
-"""schedule-form: the signed webhooks of `forms` (a trigger, by pg_net) keep each form's one-time call message current."""
+"""schedule-form: the signed webhooks of `forms` keep each form's one-time call message current."""
 
 from formcall import clients, settings
 from formcall.schedule import cancel_message, sync_form_schedule

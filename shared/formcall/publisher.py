@@ -115,7 +115,7 @@ class QStashPublisher:
         return True
 
     def form_of_message(self, message_id: str) -> str | None:
-        """The formId a message QStash still holds will deliver; None once it is gone (or not ours)."""
+        """The formId a message QStash still holds will deliver; None once gone (or not ours)."""
         import json
 
         from qstash.errors import QStashError

@@ -204,5 +204,5 @@ class FormStore:
 
     def accept_qstash_token(self, jti: str, *, expires_at: datetime) -> bool:
         """Record a QStash token's first use; False if its jti was already used (a replay)."""
-        return self._rpc("accept_qstash_token", {"p_jti": jti,
-                                                 "p_expires_at": expires_at.isoformat()})["accepted"]
+        params = {"p_jti": jti, "p_expires_at": expires_at.isoformat()}
+        return self._rpc("accept_qstash_token", params)["accepted"]

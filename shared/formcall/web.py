@@ -160,7 +160,7 @@ def verify_qstash(incoming: Incoming, *, public_url: str | None = None,
 
 
 def _authenticated(incoming: Incoming) -> None:
-    """Only an authenticated request's message id becomes the log correlation id (never a forged one)."""
+    """Only an authenticated request's message id becomes the log correlation id."""
     message_id = incoming.headers.get("upstash-message-id")
     if message_id:
         logger.set_correlation_id(message_id[:128])

@@ -36,7 +36,8 @@ def clinic(conn):
         grant usage on schema auth to authenticated;
         grant execute on function auth.uid() to authenticated;
         create table if not exists public.clinic_patients (
-          user_id uuid not null, patient_id uuid not null references public.patients on delete cascade,
+          user_id uuid not null,
+          patient_id uuid not null references public.patients on delete cascade,
           primary key (user_id, patient_id));
         grant usage on schema public to authenticated;
         -- Supabase grants table privileges to authenticated by default; RLS decides the rows.
@@ -76,7 +77,7 @@ def as_clinic_user(db: str, user_id: str, sql: str, params: tuple = ()) -> int:
 
 @pytest.fixture
 def two_clinics(clinic, stack_env, conn):
-    """A clinic user with their own patient's form, and a victim form they may not touch, both scheduled."""
+    """A clinic user with their own patient's form, and a victim's form they may not touch."""
     attacker, victim_owner = str(uuid.uuid4()), str(uuid.uuid4())
     deadline = datetime.now(timezone.utc) + timedelta(hours=2)
     own_patient = create_patient(conn, full_name="Own Patient", phone="+15550100011")
@@ -149,7 +150,8 @@ def test_a_clinic_user_may_insert_a_fresh_form_but_not_one_with_call_state(two_c
     attacker, own, _ = two_clinics
     patient = form_row(conn, own)["patient_id"]
     assert as_clinic_user(db, attacker,
-                          "insert into forms (patient_id, title, deadline) values (%s, 'New', now())",
+                          "insert into forms (patient_id, title, deadline)"
+                          " values (%s, 'New', now())",
                           (patient,)) == 1
     for column, value in (("call_status", "'called'"), ("qstash_message_id", "'msg_x'"),
                           ("call_attempts", "5")):

@@ -285,8 +285,8 @@ def test_functions_learn_each_others_urls(template):
 
     def url(function: str, setting: str) -> dict:
         # The edge's URL when there is an edge, else the other function's own URL.
-        return {"Fn::If": ["UseEdge", {"Fn::Sub": f"https://${{EdgeDomainName}}{EDGE_PATHS[setting]}"},
-                           {"Fn::GetAtt": [f"{function}Url", "FunctionUrl"]}]}
+        edge = {"Fn::Sub": f"https://${{EdgeDomainName}}{EDGE_PATHS[setting]}"}
+        return {"Fn::If": ["UseEdge", edge, {"Fn::GetAtt": [f"{function}Url", "FunctionUrl"]}]}
 
     assert env("SetupFunction")["CHECK_FORMS_URL"] == url("CheckFormsFunction", "CHECK_FORMS_URL")
     for name in ("CheckFormsFunction", "ScheduleFormFunction"):
@@ -478,7 +478,8 @@ def test_each_function_may_read_only_its_own_secrets_after_the_transform():
         } for secret in FUNCTION_SECRETS[name]], name
         function = translated[name]["Properties"]
         assert function["ReservedConcurrentExecutions"]["Fn::If"][0] == CONCURRENCY[name][1]
-        assert function["LoggingConfig"] == {"LogGroup": {"Ref": f"{name.removesuffix('Function')}LogGroup"}}
+        group = f"{name.removesuffix('Function')}LogGroup"
+        assert function["LoggingConfig"] == {"LogGroup": {"Ref": group}}
     # Nobody reads what they do not use, e.g. setup never the database or Vapi's key.
     setup = json.dumps(translated["SetupFunctionRole"])
     assert "DatabaseSecret" not in setup and "VapiKeySecret" not in setup

@@ -74,7 +74,7 @@ def test_the_sql_hmac_equals_pythons(conn, key, message):
 
 @pytest.fixture
 def trigger(db, hook_env, function_server):
-    """The migration's trigger pointed at schedule-form (the dev fallback for Vault), listened to."""
+    """The migration's trigger pointed at schedule-form (the dev Vault fallback), listened to."""
     webhooks.install(db, url=f"{function_server}/api/webhooks/forms", secret=SECRET)
     with psycopg.connect(db, autocommit=True) as listener:
         listener.execute(f"listen {webhooks.CHANNEL}")

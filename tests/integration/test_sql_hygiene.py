@@ -1,4 +1,4 @@
-"""SQL hygiene (issue 14, finding 8): fixed search_path everywhere, no function open to the clinic's roles.
+"""SQL hygiene (issue 14, finding 8): a fixed search_path everywhere, nothing open to the clinic.
 
 Covers every function in `public`, whichever migration made it, so a new one without a fixed
 search_path (or with EXECUTE left to anon/authenticated) fails here.
