@@ -70,7 +70,7 @@ WHY_401 = {
     "setup": "without ?secret= or the bearer CRON_SECRET",
     "call-form": "without an Upstash-Signature",
     "check-forms": "without the bearer CRON_SECRET",
-    "schedule-form": "without the WEBHOOK_SECRET",
+    "schedule-form": "without a signed X-Formcall-Signature",
     "failure-callback": "without an Upstash-Signature",
 }
 
@@ -80,7 +80,8 @@ WHERE = {
     "QSTASH_CURRENT_SIGNING_KEY": "Upstash console, QStash, Signing keys: the current key",
     "QSTASH_NEXT_SIGNING_KEY": "Upstash console, QStash, Signing keys: the next key",
     "CRON_SECRET": "any random string of 16+ characters (the template generates one)",
-    "WEBHOOK_SECRET": "any random string of 16+ characters; the Supabase webhook sends the same",
+    "WEBHOOK_SECRET": ("16+ random characters (the template generates one); the same value in "
+                       "Supabase Vault as formcall_webhook_secret"),
     "VAPI_PRIVATE_KEY": "Vapi dashboard, API Keys: the private key",
     "VAPI_ASSISTANT_ID": "Vapi dashboard, Assistants: the id (stack parameter VapiAssistantId)",
     "VAPI_PHONE_NUMBER_ID": "Vapi dashboard, Phone Numbers: the id (parameter VapiPhoneNumberId)",
