@@ -280,3 +280,8 @@ class FormStore:
         rows = self._rpc("find_calls_awaiting_outcome", {"p_timeout_seconds": timeout_seconds,
                                                          "p_limit": limit})
         return [OpenCall(call_id=r["call_id"], vapi_call_id=r["vapi_call_id"]) for r in rows]
+
+    def accept_qstash_token(self, jti: str, *, expires_at: datetime) -> bool:
+        """Record a QStash token's first use; False if its jti was already used (a replay)."""
+        params = {"p_jti": jti, "p_expires_at": expires_at.isoformat()}
+        return self._rpc("accept_qstash_token", params)["accepted"]
