@@ -39,10 +39,11 @@ def record_call_event(event: CallEvent | None, *, store: FormStore,
                                          "ended_reason": event.ended_reason, "source": source})
         # Its line is free: the oldest form waiting for one goes now.
         wake_waiting_forms(store=store, publisher=publisher, call_form_url=call_form_url)
-    if result.cancel:
+    if result.opted_out:
         count("PatientsOptedOut")
         logger.info("patient opted out; their calls are stopped",
-                    extra={"call_id": result.call_id, "forms": len(result.cancel)})
+                    extra={"call_id": result.call_id, "messages": len(result.cancel)})
+    if result.cancel:
         try:
             cancel_form_messages(result.cancel, publisher=publisher())
         except TransientFailure as exc:

@@ -119,6 +119,8 @@ class RecordedEvent:
     duplicate: bool = False
     outcome: str | None = None
     follow_ups: tuple[FollowUp, ...] = ()
+    # The patient opted out with this event: their waiting forms' messages to cancel.
+    opted_out: bool = False
     cancel: tuple[MessageToCancel, ...] = ()
 
 

@@ -221,7 +221,7 @@ class FormStore:
             follow_ups=tuple(FollowUp(form_id=f["form_id"], next_call_at=_ts(f["next_call_at"]),
                                       timezone=f["timezone"])
                              for f in result.get("follow_ups") or []),
-            cancel=_cancels(result.get("cancel")))
+            opted_out=bool(result.get("opted_out")), cancel=_cancels(result.get("cancel")))
 
     def schedule_state(self, form_id: str) -> ScheduleState | None:
         row = self._rpc("form_schedule_state", {"p_form_id": form_id})
@@ -280,3 +280,8 @@ class FormStore:
         rows = self._rpc("find_calls_awaiting_outcome", {"p_timeout_seconds": timeout_seconds,
                                                          "p_limit": limit})
         return [OpenCall(call_id=r["call_id"], vapi_call_id=r["vapi_call_id"]) for r in rows]
+
+    def accept_qstash_token(self, jti: str, *, expires_at: datetime) -> bool:
+        """Record a QStash token's first use; False if its jti was already used (a replay)."""
+        params = {"p_jti": jti, "p_expires_at": expires_at.isoformat()}
+        return self._rpc("accept_qstash_token", params)["accepted"]

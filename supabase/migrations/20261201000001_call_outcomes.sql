@@ -479,6 +479,7 @@ declare
   p public.patients;
   progress constant text[] := array['queued', 'ringing', 'in-progress', 'forwarding', 'ended'];
   ended boolean := false;
+  opted_out boolean := false;
   cancelled jsonb := '[]'::jsonb;
   follow_ups jsonb;
 begin
@@ -570,6 +571,7 @@ begin
   end if;
 
   if p_opt_out and p.opted_out_at is null then
+    opted_out := true;
     update public.patients set opted_out_at = now() where id = p.id;
     with stopped as (
       update public.forms
@@ -601,7 +603,7 @@ begin
   return jsonb_build_object('status', 'recorded', 'call_id', c.id, 'ended', ended,
                             'duplicate', p_outcome is not null and not ended,
                             'outcome', c.outcome, 'follow_ups', follow_ups,
-                            'cancel', cancelled);
+                            'opted_out', opted_out, 'cancel', cancelled);
 end
 $$;
 
