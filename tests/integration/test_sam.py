@@ -406,7 +406,8 @@ def test_each_function_is_given_the_arns_of_exactly_its_secrets(template, name):
     assert props["Environment"]["Variables"]["FORMCALL_SECRET_ARNS"] == {
         "Fn::Join": [",", [{"Ref": secret} for secret in FUNCTION_SECRETS[name]]]}
     assert props["Policies"] == [{"AWSSecretsManagerGetSecretValuePolicy": {
-        "SecretArn": {"Ref": secret}}} for secret in FUNCTION_SECRETS[name]]
+        "SecretArn": {"Ref": secret}}} for secret in FUNCTION_SECRETS[name]] + (
+        [CALL_FORM_URL_READ] if name in ("CallFormFunction", "CallEventsFunction") else [])
 
 
 @pytest.mark.sam

@@ -198,7 +198,7 @@ def test_no_secret_name_or_phone_number_in_any_log_or_answer(marked_env, markers
     assert seen.invoke("schedule_form",
                        webhook_event(row, markers["WRONG_WEBHOOK_SECRET"])).status == 401
 
-    # call-form: called, skipped, failed (Vapi rejects), transient (Vapi 503), unknown (timeout).
+    # call-form: called, skipped, failed (Vapi rejects), transient (Vapi 429), unknown (timeout, 503).
     called = form()
     assert call(called).body["status"] == "called"
     assert call(called).body["reason"] == "already_called"
@@ -206,8 +206,11 @@ def test_no_secret_name_or_phone_number_in_any_log_or_answer(marked_env, markers
     vapi.add_rule(form_id=rejected, status=400, body={"message": ["customer.number is bad"]})
     assert call(rejected).status == 489
     transient = form()
-    vapi.add_rule(form_id=transient, status=503, times=1)
+    vapi.add_rule(form_id=transient, status=429, times=1)
     assert call(transient).status == 503
+    vapi_5xx = form()
+    vapi.add_rule(form_id=vapi_5xx, status=503, times=1)
+    assert call(vapi_5xx).status == 202
     unknown = form()
     vapi.add_rule(form_id=unknown, delay=2.0, times=1)
     assert call(unknown).status == 202
