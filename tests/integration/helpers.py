@@ -8,6 +8,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from formcall.signatures import sign
 from formcall_dev.events import http_event, sign_event
 from formcall_dev.functions_server import load_function
 
@@ -50,6 +51,26 @@ def call_form_event(form_id, *, key: str, path: str = "/", body: str | None = No
                                 "upstash-message-id": "msg_" + secrets.token_hex(8),
                                 "upstash-retried": "0"}, **kwargs)
     return sign_event(event, key=key)
+
+
+def failure_event(keys, form_id, *, status=503, retried=5, source="msg_src_1", body=None):
+    """QStash's failure callback for a call-form message it gave up on, signed."""
+    payload = {
+        "status": status, "header": {"Content-Type": ["application/json"]},
+        "body": base64.b64encode(json.dumps(body or {"error": "Vapi answered HTTP 503"}).encode()
+                                 ).decode(),
+        "retried": retried, "maxRetries": 5, "sourceMessageId": source,
+        "url": f"https://{DOMAIN}/", "method": "POST",
+        "sourceHeader": {"Content-Type": ["application/json"]},
+        "sourceBody": base64.b64encode(json.dumps({"formId": form_id}).encode()).decode(),
+        "notBefore": 0, "createdAt": 0, "dlqId": "1725323658779-0",
+    }
+    body = json.dumps(payload)
+    url = f"https://{DOMAIN}/api/jobs/failed"
+    return http_event(method="POST", path="/api/jobs/failed", body=body, domain=DOMAIN,
+                      headers={"content-type": "application/json",
+                               "upstash-signature": sign(key=keys.current_key, url=url,
+                                                         body=body.encode())})
 
 
 def hashed_requirements(text: str) -> dict[str, tuple[str, list[str]]]:
