@@ -1,11 +1,14 @@
 # formcall: the handful of commands README documents.
 #   make dev     run the whole system locally (embedded Postgres, local QStash, fake Vapi) and play the demo
+#   make serve   the same stack, kept running (URLs, dev keys and commands to try; Ctrl-C stops it)
 #   make test    install everything into .venv / .venv-sam, then run the whole test suite
+#   make unit    the offline unit tests only (seconds)
 #   make build   sam validate --lint && sam build
 #   make bench   benchmarks (writes BENCHMARKS.md and docs/*.png)
 #   make chaos   the full chaos run and 10,000+ hostile-input cases (figures into BENCHMARKS.md)
 #   make audit   pip-audit of the pinned dependencies
-#   make lock    re-resolve uv.lock after editing pyproject.toml's pins, and re-export the layer's
+#   make lock    re-resolve uv.lock after editing a pin, re-export the layer's and SAM's requirements
+#   make clean   remove the venvs, the SAM build and the local stack's state (.dev)
 
 SHELL := /bin/bash
 VENV := .venv
