@@ -64,8 +64,7 @@ METRICS = {
     "CallsDeferred", "FormsFound", "FormsEnqueued", "EnqueueFailed", "DeliveryFailed",
     "OverdueOverAnHour", "SweepSucceeded", "FormsScheduled", "FormsCancelled",
 }
-# Deliberately not in the layer: the python3.12 Lambda runtime ships boto3, botocore and what
-# only they need (the layer test below checks that nothing else depends on these).
+# Deliberately not in the layer: the python3.12 Lambda runtime ships boto3 and botocore.
 FROM_RUNTIME = {"boto3"}
 
 EM_AARCH64 = 183  # ELF e_machine
