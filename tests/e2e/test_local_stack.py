@@ -200,10 +200,13 @@ def test_ctrl_c_stops_every_process(tmp_path):
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    wait_until(lambda: any("formcall env" in line for line in lines), timeout=30)
-    pids = json.loads((tmp_path / "stack.json").read_text())["pids"]
-    assert all(os.path.exists(f"/proc/{pid}") for pid in pids.values())
-    proc.send_signal(signal.SIGINT)
+    try:
+        # A loaded machine may take a while to start five processes: wait, do not race.
+        wait_until(lambda: any("formcall env" in line for line in lines), timeout=90)
+        pids = json.loads((tmp_path / "stack.json").read_text())["pids"]
+        assert all(os.path.exists(f"/proc/{pid}") for pid in pids.values())
+    finally:  # a failed wait must not leave the stack running
+        proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
     reader.join(timeout=5)
     output = "".join(lines)
@@ -225,7 +228,7 @@ def test_serve_banner_commands_work_as_printed_and_a_second_stack_is_refused(tmp
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        wait_until(lambda: any(" env" in line and "export" in line for line in lines), timeout=60)
+        wait_until(lambda: any(" env" in line and "export" in line for line in lines), timeout=90)
         banner = "".join(lines)
         commands = [line.strip() for line in banner.split("Try:\n", 1)[1].splitlines()
                     if line.strip()]
