@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from helpers import DOMAIN, invoke
+from helpers import DOMAIN, hashed_requirements, invoke
 
 from formcall import clients
 from formcall.signatures import sign
@@ -296,9 +296,8 @@ def runtime_pins() -> list[str]:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pending = [Requirement(r) for r in project["dependencies"]]
-    layer = [line.split("#")[0].strip() for line in
-             (ROOT / "layers" / "shared" / "requirements.txt").read_text().splitlines()]
-    pending += [Requirement(r) for r in layer if r]
+    layer = hashed_requirements((ROOT / "layers" / "shared" / "requirements.txt").read_text())
+    pending += [Requirement(f"{name}=={version}") for name, (version, _) in layer.items()]
     pins: dict[str, str] = {}
     while pending:
         requirement = pending.pop()
@@ -330,12 +329,12 @@ def ignored_vulnerabilities() -> list[str]:
 
 
 def test_the_runtime_pins_are_the_layers_pins():
-    project_pins = {r.split("==")[0].lower(): r for r in __import__("tomllib").loads(
-        (ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
-    layer = {line.split("==")[0].lower(): line for line in
-             (ROOT / "layers" / "shared" / "requirements.txt").read_text().splitlines()
-             if line and not line.startswith("#")}
-    assert {k: v for k, v in project_pins.items() if k != "boto3"} == layer
+    project_pins = {r.split("==")[0].split("[")[0].lower(): r.split("==")[1] for r in
+                    __import__("tomllib").loads(
+                        (ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    layer = hashed_requirements((ROOT / "layers" / "shared" / "requirements.txt").read_text())
+    assert {k: v for k, v in project_pins.items() if k != "boto3"} == {
+        name: layer[name][0] for name in project_pins if name != "boto3"}
 
 
 def pypi_vulnerability_data_reachable() -> bool:
