@@ -55,7 +55,10 @@ class FakePublisher:
     outcomes taken one per call (an exception is raised, anything else lets the call through).
     """
 
-    def __init__(self, *, fail: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, fail: dict[str, Any] | None = None,
+                 holds: dict[str, str] | None = None) -> None:
+        # The messages QStash still holds, by id: the form each will deliver (published ones too).
+        self.holds: dict[str, str] = dict(holds or {})
         self.published: list[tuple[CallMessage, str]] = []
         self.batches: list[tuple[list[CallMessage], str]] = []
         self.cancelled: list[str] = []
@@ -81,7 +84,12 @@ class FakePublisher:
         self._maybe_fail("publish_call")
         self.published.append((message, destination))
         self._ids += 1
+        self.holds[f"msg_{self._ids}"] = message.form_id
         return f"msg_{self._ids}"
+
+    def form_of_message(self, message_id: str) -> str | None:
+        self._maybe_fail("form_of_message")
+        return self.holds.get(message_id)
 
     def enqueue_calls(self, messages: list[CallMessage], *, destination: str) -> int:
         messages = list(messages)

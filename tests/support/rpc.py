@@ -138,10 +138,12 @@ def schedule_state(form_id: str, *, deadline: datetime | None, submitted: bool =
 
 
 def recorded_event(call_id: str, *, ended: bool = False, outcome: str | None = None,
-                   follow_ups: list[dict] = (), cancel: list[tuple[str, str]] = ()) -> dict:
-    """record_call_event's answer for a call formcall placed."""
+                   follow_ups: list[dict] = (), cancel: list[tuple[str, str]] = (),
+                   opted_out: bool | None = None) -> dict:
+    """record_call_event's answer for a call formcall placed (an opt-out when it cancels)."""
     return {"status": "recorded", "call_id": call_id, "ended": ended,
             "duplicate": False, "outcome": outcome, "follow_ups": list(follow_ups),
+            "opted_out": bool(cancel) if opted_out is None else opted_out,
             "cancel": [{"form_id": f, "message_id": m} for f, m in cancel]}
 
 

@@ -109,7 +109,7 @@ def test_an_opt_out_cancels_the_patient_messages():
     rpc = ScriptedRpc().answer("record_call_event", recorded_event(
         CALL, ended=True, outcome="reached", cancel=[(FORM, "msg_a"), (OTHER, "msg_b")])).answer(
         "forms_waiting_for_line", [])
-    publisher = FakePublisher()
+    publisher = FakePublisher(holds={"msg_a": FORM, "msg_b": OTHER})
 
     result = run(ENDED, rpc, publisher=publisher)
 
@@ -124,7 +124,8 @@ def test_a_failing_cancel_leaves_the_event_recorded_and_follow_ups_published():
     rpc = ScriptedRpc().answer("record_call_event", recorded_event(
         CALL, cancel=[(FORM, "msg_a")], follow_ups=[follow_up])).answer(
         "record_form_scheduled", RECORDED)
-    publisher = FakePublisher(fail={"cancel": TransientFailure("QStash unavailable")})
+    publisher = FakePublisher(fail={"cancel": TransientFailure("QStash unavailable")},
+                              holds={"msg_a": FORM})
 
     result = run(CallEvent(vapi_call_id="vapi-1", status="in-progress"), rpc, publisher=publisher)
 

@@ -188,7 +188,7 @@ def test_a_form_that_is_not_to_be_called_is_skipped_with_the_reason(reason):
 def test_an_opted_out_patient_has_the_messages_of_their_forms_cancelled():
     rpc = ScriptedRpc().answer("form_schedule_state", None).answer(
         "claim_form_call", opted_out([(FORM, "msg_a"), (OTHER, "msg_b"), (OTHER, "../v2/x")]))
-    publisher = FakePublisher()
+    publisher = FakePublisher(holds={"msg_a": FORM, "msg_b": OTHER, "../v2/x": OTHER})
 
     result = run(rpc, publisher=publisher)
 
@@ -199,7 +199,8 @@ def test_an_opted_out_patient_has_the_messages_of_their_forms_cancelled():
 def test_cancelling_an_opted_out_patient_messages_is_best_effort():
     rpc = ScriptedRpc().answer("form_schedule_state", None).answer(
         "claim_form_call", opted_out([(FORM, "msg_a")]))
-    publisher = FakePublisher(fail={"cancel": TransientFailure("QStash unavailable")})
+    publisher = FakePublisher(fail={"cancel": TransientFailure("QStash unavailable")},
+                              holds={"msg_a": FORM})
 
     result = run(rpc, publisher=publisher)
 

@@ -16,6 +16,7 @@ from tests.support.clock import ALL_DAY, closed_window, midday_zone, now
 from tests.support.fakes import FakePublisher
 from tests.support.rpc import RECORDED, ScriptedRpc, schedule_state
 
+OTHER_FORM = "22222222-2222-4222-8222-222222222222"
 FORM = "11111111-1111-4111-8111-111111111111"
 URL = "https://call-form.example/configured"
 HOSTILE_IDS = ["../v2/schedules/formcall-check-forms", "msg_1/../../x", "msg\x00", "", "a b",
@@ -117,7 +118,7 @@ def test_a_moved_deadline_is_rescheduled_and_the_old_message_cancelled():
         FORM, deadline=deadline, message_id="msg_old",
         scheduled_deadline=deadline - timedelta(days=1))).answer("record_form_scheduled",
                                                                  RECORDED)
-    publisher = FakePublisher()
+    publisher = FakePublisher(holds={"msg_old": FORM})
 
     result = sync(rpc, publisher)
 
@@ -148,7 +149,7 @@ def test_an_unwanted_form_has_its_message_cancelled(fields, reason):
     state = {"deadline": now() + timedelta(days=1), "message_id": "msg_old", **fields}
     rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(FORM, **state)).answer(
         "record_form_unscheduled", RECORDED)
-    publisher = FakePublisher()
+    publisher = FakePublisher(holds={"msg_old": FORM})
 
     result = sync(rpc, publisher)
 
@@ -183,7 +184,8 @@ def test_a_stored_id_that_cannot_be_qstash_never_reaches_the_publisher(message_i
 def test_a_cancel_qstash_refuses_is_not_recorded_as_done():
     rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(
         FORM, deadline=now(), submitted=True, message_id="msg_old"))
-    publisher = FakePublisher(fail={"cancel": TransientFailure("QStash unavailable")})
+    publisher = FakePublisher(fail={"cancel": TransientFailure("QStash unavailable")},
+                              holds={"msg_old": FORM})
 
     with pytest.raises(TransientFailure):
         sync(rpc, publisher)
@@ -191,25 +193,48 @@ def test_a_cancel_qstash_refuses_is_not_recorded_as_done():
     assert "record_form_unscheduled" not in rpc.names()
 
 
+def gone_form() -> FormStore:
+    """A store whose form was deleted (schedule state: none)."""
+    return FormStore(ScriptedRpc().answer("form_schedule_state", None))
+
+
 @pytest.mark.parametrize("message_id", [None, "", *HOSTILE_IDS, 42, ["msg_1"]])
 def test_a_deleted_form_message_id_that_is_not_a_qstash_id_is_not_cancelled(message_id):
-    publisher = FakePublisher()
+    publisher = FakePublisher(holds={str(message_id): FORM})
 
-    assert cancel_message(message_id, publisher=publisher).action == "gone"
-    assert publisher.cancelled == []
+    result = cancel_message(FORM, message_id, store=gone_form(), publisher=publisher)
+
+    assert result.action in ("gone", "unchanged") and publisher.cancelled == []
 
 
 def test_a_deleted_form_message_is_cancelled():
-    publisher = FakePublisher()
+    publisher = FakePublisher(holds={"msg_2Kx=-_9": FORM})
 
-    result = cancel_message("msg_2Kx=-_9", publisher=publisher)
+    result = cancel_message(FORM, "msg_2Kx=-_9", store=gone_form(), publisher=publisher)
 
     assert (result.action, result.message_id) == ("cancelled", "msg_2Kx=-_9")
     assert publisher.cancelled == ["msg_2Kx=-_9"]
 
 
+def test_a_delete_webhook_naming_another_forms_message_cancels_nothing():
+    publisher = FakePublisher(holds={"msg_victim": OTHER_FORM})
+
+    cancel_message(FORM, "msg_victim", store=gone_form(), publisher=publisher)
+
+    assert publisher.cancelled == []
+
+
+def test_a_delete_webhook_for_a_live_form_cancels_nothing():
+    live = FormStore(ScriptedRpc().answer("form_schedule_state", schedule_state(
+        FORM, deadline=now(), message_id="msg_live")))
+    publisher = FakePublisher(holds={"msg_live": FORM})
+
+    assert cancel_message(FORM, "msg_live", store=live, publisher=publisher).action == "unchanged"
+    assert publisher.cancelled == []
+
+
 def test_cancel_form_messages_sends_only_qstash_ids():
-    publisher = FakePublisher()
+    publisher = FakePublisher(holds={"msg_a": FORM, "../x": FORM, "msg_b": FORM})
     messages = [MessageToCancel(FORM, "msg_a"), MessageToCancel(FORM, "../x"),
                 MessageToCancel(FORM, "msg_b")]
 
