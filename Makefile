@@ -1,10 +1,14 @@
 # formcall: the handful of commands README documents.
 #   make dev     run the whole system locally (embedded Postgres, local QStash, fake Vapi) and play the demo
+#   make serve   the same stack, kept running (URLs, dev keys and commands to try; Ctrl-C stops it)
 #   make test    install everything into .venv / .venv-sam, then run the whole test suite
+#   make unit    the offline unit tests only (seconds)
 #   make build   sam validate --lint && sam build
 #   make bench   benchmarks (writes BENCHMARKS.md and docs/*.png)
 #   make chaos   the full chaos run and 10,000+ hostile-input cases (figures into BENCHMARKS.md)
 #   make audit   pip-audit of the pinned dependencies
+#   make lock    re-resolve uv.lock after editing a pin, re-export the layer's and SAM's requirements
+#   make clean   remove the venvs, the SAM build and the local stack's state (.dev)
 
 SHELL := /bin/bash
 VENV := .venv
@@ -16,20 +20,35 @@ SAM := $(SAM_VENV)/bin/sam
 PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1); do \
 	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { command -v "$$p" || echo "$$p"; } && break; done)
 
-.PHONY: dev serve test unit build bench chaos audit clean
+# uv installs both venvs from pinned, hashed lists: uv.lock, and layers/sam-requirements.txt
+# (compiled from layers/sam-requirements.in). A fresh machine has only pip and Python 3.12, so
+# without that uv on PATH make installs it with pip into .uv/ first.
+UV_VERSION := 0.13.9
+UV ?= $(or $(shell uv --version 2>/dev/null | grep -qx 'uv $(UV_VERSION)\( .*\)\?' && command -v uv),.uv/bin/uv)
+# uv would otherwise download a CPython when it finds none: use the 3.12 found above, or fail.
+export UV_PYTHON_DOWNLOADS := never
+# The layer ships the lock's runtime packages but boto3 and what only it needs: the python3.12
+# Lambda runtime has them (tests/integration/test_sam.py checks this list against the lock).
+FROM_RUNTIME := boto3 botocore s3transfer python-dateutil six urllib3
+LAYER_EXPORT := export --frozen --no-dev --no-emit-project --format requirements-txt \
+	$(addprefix --no-emit-package ,$(FROM_RUNTIME))
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: dev serve test unit build bench chaos audit lock clean
+
+.uv/bin/uv:
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 is required (Lambda's python3.12 runtime): install it, e.g. 'pyenv install 3.12'" >&2; exit 1; }
-	$(PYTHON312) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(PYTHON312) -m venv .uv
+	.uv/bin/pip install --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
+	@test -n "$(PYTHON312)" || { echo "Python 3.12 is required (Lambda's python3.12 runtime): install it, e.g. 'pyenv install 3.12'" >&2; exit 1; }
+	$(UV) sync --frozen --extra dev --python $(PYTHON312)
 	touch $@
 
-$(SAM_VENV)/.installed: layers/sam-requirements.txt
+$(SAM_VENV)/.installed: layers/sam-requirements.txt | $(UV)
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 is required" >&2; exit 1; }
-	$(PYTHON312) -m venv $(SAM_VENV)
-	$(SAM_VENV)/bin/pip install --quiet --upgrade pip
-	$(SAM_VENV)/bin/pip install --quiet -r layers/sam-requirements.txt
+	$(UV) venv --allow-existing --python $(PYTHON312) $(SAM_VENV)
+	$(UV) pip sync --python $(SAM_VENV)/bin/python --require-hashes layers/sam-requirements.txt
 	touch $@
 
 dev: $(VENV)/.installed
@@ -65,5 +84,11 @@ chaos: $(VENV)/.installed
 audit: $(VENV)/.installed
 	FORMCALL_REQUIRE_AUDIT=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/integration/test_secret_hygiene.py -k vulnerabilities
 
+lock: | $(UV)
+	$(UV) lock --python $(PYTHON312)
+	$(UV) $(LAYER_EXPORT) --output-file layers/shared/requirements.txt
+	$(UV) pip compile --universal --python-version 3.12 --generate-hashes layers/sam-requirements.in \
+		--output-file layers/sam-requirements.txt
+
 clean:
-	rm -rf $(VENV) $(SAM_VENV) .aws-sam .dev
+	rm -rf $(VENV) $(SAM_VENV) .uv .aws-sam .dev

@@ -6,6 +6,7 @@ import os
 
 import psycopg
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from formcall_dev.postgres import apply_migrations, start_embedded_postgres
 
@@ -20,6 +21,13 @@ for _name, _value in {
     "POWERTOOLS_TRACE_DISABLED": "true",
 }.items():
     os.environ[_name] = _value
+
+# In CI (CI set, as GitHub Actions and .ci/run do) hypothesis runs the same examples every time,
+# so a red run is reproducible and a green one is not luck; locally each run explores new ones.
+# Either way a failure prints the blob that replays it (@reproduce_failure).
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("dev", print_blob=True)
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 @pytest.fixture(scope="session")

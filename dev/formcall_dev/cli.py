@@ -14,7 +14,9 @@ from rich.table import Table
 
 app = typer.Typer(help="formcall: deadline-driven patient calls.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-console = Console()
+# soft_wrap: a long id, token or URL is printed whole on one line (a terminal folds it for the
+# eye, and a pipe or log gets it unbroken), never cut or wrapped mid-way.
+console = Console(soft_wrap=True)
 DataDir = Annotated[Path, typer.Option("--data-dir", help="Where the local stack keeps its state.")]
 
 
@@ -45,7 +47,7 @@ def dev(serve: Annotated[bool, typer.Option("--serve", help="Keep the stack runn
     import time
 
     from formcall_dev import demo
-    from formcall_dev.stack import Stack
+    from formcall_dev.stack import Stack, StackBusy
 
     vapi = None
     if real_vapi:
@@ -69,13 +71,17 @@ def dev(serve: Annotated[bool, typer.Option("--serve", help="Keep the stack runn
         except ValueError as exc:
             fail(str(exc))
     stack = Stack(data_dir, real_vapi=vapi, call_window=call_window)
+    try:
+        stack.lock()  # before anything is started or touched
+    except StackBusy as exc:
+        fail(str(exc))
     ok = True
     try:
         with console.status("starting PostgreSQL, local QStash, fake Vapi and the functions…"):
             info = stack.start()
         console.print(f"[bold green]stack up[/] in {time.monotonic() - started:.1f} s")
         if serve:
-            print_serve_help(info)
+            print_serve_help(info, data_dir)
             while True:
                 time.sleep(3600)
         else:
@@ -88,22 +94,41 @@ def dev(serve: Annotated[bool, typer.Option("--serve", help="Keep the stack runn
     raise typer.Exit(0 if ok else 1)
 
 
-def print_serve_help(info) -> None:
-    table = Table(title="formcall local stack (Ctrl-C stops everything)", show_header=False)
-    rows = [("console", info.console_url)]
-    rows += [("call-form", info.call_form_url), ("check-forms", info.check_forms_url),
-             ("setup", info.setup_url), ("QStash", info.qstash_url), ("Vapi", info.vapi_url),
-             ("database", info.dsn)]
-    rows += [(name, value) for name, value in info.credentials.items()]
-    for name, value in rows:
-        table.add_row(name, value)
-    console.print(table)
+def print_serve_help(info, data_dir: Path) -> None:
+    """The stack's URLs, settings and commands to try, each whole and runnable as printed."""
+    rows = [("console", info.console_url), ("call-form", info.call_form_url),
+            ("check-forms", info.check_forms_url), ("setup", info.setup_url), ("QStash", info.qstash_url), ("Vapi", info.vapi_url),
+            ("database", info.dsn), *info.credentials.items()]
+    width = max(len(name) for name, _ in rows)
+    lines = ["formcall local stack (Ctrl-C stops everything)"]
+    lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
     secret = info.credentials["CRON_SECRET"]
-    console.print("Try:")
-    console.print(f"  curl '{info.setup_url}?secret={secret}'")
-    console.print(f"  curl -H 'Authorization: Bearer {secret}' {info.check_forms_url}")
-    console.print("  formcall status")
-    console.print(f"  export $(formcall env)  # this stack's settings for other formcall commands")
+    lines += ["Try:",
+              f"  curl '{info.setup_url}?secret={secret}'",
+              f"  curl -H 'Authorization: Bearer {secret}' {info.check_forms_url}",
+              f"  {formcall_command('status', data_dir)}",
+              f"  export $({formcall_command('env', data_dir)})  # this stack's settings for "
+              f"other formcall commands"]
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
+
+
+def formcall_command(subcommand: str, data_dir: Path) -> str:
+    """How to run `formcall SUBCOMMAND` from the current folder: .venv/bin is not on PATH."""
+    import shlex
+
+    script = Path(sys.executable).with_name("formcall")
+    if script.is_file():
+        try:
+            command = shlex.quote(str(script.relative_to(Path.cwd())))
+        except ValueError:
+            command = shlex.quote(str(script))
+    else:
+        command = f"{shlex.quote(sys.executable)} -m formcall_dev.cli"
+    command += f" {subcommand}"
+    if data_dir != Path(".dev"):
+        command += f" --data-dir {shlex.quote(str(data_dir))}"
+    return command
 
 
 @app.command("env")

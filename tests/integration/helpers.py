@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 from dataclasses import dataclass
 
+from formcall.signatures import sign
 from formcall_dev.events import http_event, sign_event
 from formcall_dev.functions_server import load_function
 
@@ -50,3 +52,48 @@ def call_form_event(form_id, *, key: str, path: str = "/", body: str | None = No
                                 "upstash-message-id": "msg_" + secrets.token_hex(8),
                                 "upstash-retried": "0"}, **kwargs)
     return sign_event(event, key=key)
+
+
+def failure_event(keys, form_id, *, status=503, retried=5, source="msg_src_1", body=None):
+    """QStash's failure callback for a call-form message it gave up on, signed."""
+    payload = {
+        "status": status, "header": {"Content-Type": ["application/json"]},
+        "body": base64.b64encode(json.dumps(body or {"error": "Vapi answered HTTP 503"}).encode()
+                                 ).decode(),
+        "retried": retried, "maxRetries": 5, "sourceMessageId": source,
+        "url": f"https://{DOMAIN}/", "method": "POST",
+        "sourceHeader": {"Content-Type": ["application/json"]},
+        "sourceBody": base64.b64encode(json.dumps({"formId": form_id}).encode()).decode(),
+        "notBefore": 0, "createdAt": 0, "dlqId": "1725323658779-0",
+    }
+    body = json.dumps(payload)
+    url = f"https://{DOMAIN}/api/jobs/failed"
+    return http_event(method="POST", path="/api/jobs/failed", body=body, domain=DOMAIN,
+                      headers={"content-type": "application/json",
+                               "upstash-signature": sign(key=keys.current_key, url=url,
+                                                         body=body.encode())})
+
+
+def hashed_requirements(text: str) -> dict[str, tuple[str, list[str]]]:
+    """A `uv export` requirements file as {normalised name: (pinned version, hashes)}.
+
+    AssertionError on any requirement that is not an exact pin followed by its hashes.
+    """
+    found: dict[str, tuple[str, list[str]]] = {}
+    name = ""
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].rstrip(" \\")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line.lstrip().startswith("--hash="):
+            assert name, f"a hash before any requirement: {line}"
+            found[name][1].append(line.strip().removeprefix("--hash="))
+            continue
+        requirement = line.split(";", 1)[0].strip()
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)", requirement)
+        assert match, f"not an exact pin of one package: {line!r}"
+        name = re.sub(r"[-_.]+", "-", match[1]).lower()
+        found[name] = (match[2], [])
+    for name, (_version, hashes) in found.items():
+        assert hashes and all(h.startswith("sha256:") for h in hashes), f"{name} has no hash"
+    return found

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import datetime, timedelta, timezone
 
 import httpx
 import pytest
 from conftest import qstash_message
-from helpers import DOMAIN, call_form_event, invoke
+from helpers import DOMAIN, call_form_event, failure_event, invoke
 
 from formcall import clients
 from formcall.signatures import sign
@@ -159,25 +158,6 @@ def test_bad_webhooks_get_400(hook_env, body):
     event = http_event(method="POST", path="/", body=body, domain=DOMAIN,
                        headers=webhook_headers(body, secret=WEBHOOK_SECRET))
     assert invoke("schedule_form", event).status == 400
-
-
-def failure_event(keys, form_id, *, status=503, retried=5, source="msg_src_1", body=None):
-    payload = {
-        "status": status, "header": {"Content-Type": ["application/json"]},
-        "body": base64.b64encode(json.dumps(body or {"error": "Vapi answered HTTP 503"}).encode()
-                                 ).decode(),
-        "retried": retried, "maxRetries": 5, "sourceMessageId": source,
-        "url": f"https://{DOMAIN}/", "method": "POST",
-        "sourceHeader": {"Content-Type": ["application/json"]},
-        "sourceBody": base64.b64encode(json.dumps({"formId": form_id}).encode()).decode(),
-        "notBefore": 0, "createdAt": 0, "dlqId": "1725323658779-0",
-    }
-    body = json.dumps(payload)
-    url = f"https://{DOMAIN}/api/jobs/failed"
-    return http_event(method="POST", path="/api/jobs/failed", body=body, domain=DOMAIN,
-                      headers={"content-type": "application/json",
-                               "upstash-signature": sign(key=keys.current_key, url=url,
-                                                         body=body.encode())})
 
 
 def test_failure_callback_fails_the_form_with_a_readable_reason(hook_env, conn, due_form, keys):

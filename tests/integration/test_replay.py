@@ -27,7 +27,7 @@ REPLAYED = {"error": "replayed token"}
 
 def test_a_delivery_replayed_six_times_while_vapi_fails_leaves_the_form_callable(
         env, vapi, conn, due_form, keys):
-    vapi.add_rule(form_id=due_form, status=503)
+    vapi.add_rule(form_id=due_form, status=429)  # refused before anything was created
     captured = call_form_event(due_form, key=keys.current_key)
 
     first = invoke("call_form", captured)

@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-from helpers import DOMAIN, invoke
+from helpers import DOMAIN, hashed_requirements, invoke
 
 from formcall import clients
 from formcall.signatures import sign
@@ -198,7 +198,7 @@ def test_no_secret_name_or_phone_number_in_any_log_or_answer(marked_env, markers
     assert seen.invoke("schedule_form",
                        webhook_event(row, markers["WRONG_WEBHOOK_SECRET"])).status == 401
 
-    # call-form: called, skipped, failed (Vapi rejects), transient (Vapi 503), unknown (timeout).
+    # call-form: called, skipped, failed (Vapi rejects), transient (Vapi 429), unknown (timeout, 503).
     called = form()
     assert call(called).body["status"] == "called"
     assert call(called).body["reason"] == "already_called"
@@ -206,8 +206,11 @@ def test_no_secret_name_or_phone_number_in_any_log_or_answer(marked_env, markers
     vapi.add_rule(form_id=rejected, status=400, body={"message": ["customer.number is bad"]})
     assert call(rejected).status == 489
     transient = form()
-    vapi.add_rule(form_id=transient, status=503, times=1)
+    vapi.add_rule(form_id=transient, status=429, times=1)
     assert call(transient).status == 503
+    vapi_5xx = form()
+    vapi.add_rule(form_id=vapi_5xx, status=503, times=1)
+    assert call(vapi_5xx).status == 202
     unknown = form()
     vapi.add_rule(form_id=unknown, delay=2.0, times=1)
     assert call(unknown).status == 202
@@ -293,9 +296,8 @@ def runtime_pins() -> list[str]:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pending = [Requirement(r) for r in project["dependencies"]]
-    layer = [line.split("#")[0].strip() for line in
-             (ROOT / "layers" / "shared" / "requirements.txt").read_text().splitlines()]
-    pending += [Requirement(r) for r in layer if r]
+    layer = hashed_requirements((ROOT / "layers" / "shared" / "requirements.txt").read_text())
+    pending += [Requirement(f"{name}=={version}") for name, (version, _) in layer.items()]
     pins: dict[str, str] = {}
     while pending:
         requirement = pending.pop()
@@ -327,12 +329,12 @@ def ignored_vulnerabilities() -> list[str]:
 
 
 def test_the_runtime_pins_are_the_layers_pins():
-    project_pins = {r.split("==")[0].lower(): r for r in __import__("tomllib").loads(
-        (ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
-    layer = {line.split("==")[0].lower(): line for line in
-             (ROOT / "layers" / "shared" / "requirements.txt").read_text().splitlines()
-             if line and not line.startswith("#")}
-    assert {k: v for k, v in project_pins.items() if k != "boto3"} == layer
+    project_pins = {r.split("==")[0].split("[")[0].lower(): r.split("==")[1] for r in
+                    __import__("tomllib").loads(
+                        (ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    layer = hashed_requirements((ROOT / "layers" / "shared" / "requirements.txt").read_text())
+    assert {k: v for k, v in project_pins.items() if k != "boto3"} == {
+        name: layer[name][0] for name in project_pins if name != "boto3"}
 
 
 def pypi_vulnerability_data_reachable() -> bool:

@@ -25,20 +25,31 @@ from moto import mock_aws
 from formcall import clients, settings
 from formcall.errors import ConfigurationError
 from formcall.secrets import SECRET_GROUPS, SECRET_SETTINGS
+from formcall_dev.polling import wait_until
 from formcall_dev.seed import form_events, form_row
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def get_secret_value_calls():
+def get_secret_value_calls(secret_read_times):
     """Every GetSecretValue any boto3 client makes (new sessions pick up BUILTIN_HANDLERS)."""
     calls: list[str] = []
-    hook = ("before-parameter-build.secrets-manager.GetSecretValue",
-            lambda params, **_: calls.append(params["SecretId"]))
+
+    def record(params, **_):
+        calls.append(params["SecretId"])
+        secret_read_times.append(time.monotonic())
+
+    hook = ("before-parameter-build.secrets-manager.GetSecretValue", record)
     botocore.handlers.BUILTIN_HANDLERS.append(hook)
     yield calls
     botocore.handlers.BUILTIN_HANDLERS.remove(hook)
+
+
+@pytest.fixture
+def secret_read_times() -> list[float]:
+    """When each GetSecretValue was made (time.monotonic()), filled by get_secret_value_calls."""
+    return []
 
 
 @pytest.fixture
@@ -114,20 +125,30 @@ def test_the_secret_is_read_once_per_max_age(in_secret, vapi, conn, keys, due_fo
 
 
 def test_a_rotated_signing_key_is_picked_up_after_max_age(in_secret, vapi, conn, keys, due_form,
-                                                          get_secret_value_calls):
+                                                          get_secret_value_calls,
+                                                          secret_read_times):
     in_secret.use(max_age=1)
     new_key = "sig_" + random.token_urlsafe(21)
     assert invoke("call_form", call_form_event(due_form, key=new_key)).status == 401
 
     in_secret.rotate(QSTASH_CURRENT_SIGNING_KEY=new_key)
-    # Until the cached value expires the old keys still hold (no redeploy, no restart either).
-    assert invoke("call_form", call_form_event(due_form, key=new_key)).status == 401
-    time.sleep(1.1)
-    answer = invoke("call_form", call_form_event(due_form, key=new_key))
+    # Until the cached value expires the old keys still hold (no redeploy, no restart either);
+    # then the next request reads the secret again and takes the rotated key.
+    tried: list[tuple[int, int]] = []  # (status, secret reads so far) per request
 
-    assert (answer.status, answer.body["status"]) == (200, "called")
+    def rotated_key_taken() -> bool:
+        answer = invoke("call_form", call_form_event(due_form, key=new_key))
+        tried.append((answer.status, len(get_secret_value_calls)))
+        return answer.status == 200 and answer.body["status"] == "called"
+
+    wait_until(rotated_key_taken, timeout=30, interval=0.1)
+
+    assert tried[-1] == (200, 2)
+    assert all(attempt == (401, 1) for attempt in tried[:-1])  # cached: one read, old keys
+    # Read again only once the cached value was max age old (Powertools' wall clock; 10 ms of
+    # slack between its clock and this one).
+    assert secret_read_times[1] - secret_read_times[0] >= 1 - 0.01
     assert invoke("call_form", call_form_event(due_form, key=keys.current_key)).status == 401
-    assert len(get_secret_value_calls) == 2
 
 
 def test_clients_are_rebuilt_only_when_their_settings_change(in_secret, vapi, conn, keys,
@@ -136,16 +157,16 @@ def test_clients_are_rebuilt_only_when_their_settings_change(in_secret, vapi, co
     first_vapi, first_store, first_publisher = clients.vapi(), clients.store(), clients.publisher()
 
     in_secret.rotate(CRON_SECRET=random.token_urlsafe(24))
-    time.sleep(1.1)
-    assert settings.load(settings.CronSettings).CRON_SECRET.get_secret_value() == \
-        in_secret.current["CRON_SECRET"]
+    wait_until(lambda: settings.load(settings.CronSettings).CRON_SECRET.get_secret_value()
+               == in_secret.current["CRON_SECRET"], timeout=30)
     assert (clients.vapi(), clients.store(), clients.publisher()) == (
         first_vapi, first_store, first_publisher)
 
     new_vapi_key, new_token = random.token_urlsafe(24), random.token_urlsafe(24)
     in_secret.rotate(VAPI_PRIVATE_KEY=new_vapi_key, QSTASH_TOKEN=new_token)
     vapi.api_key = new_vapi_key  # Vapi now only accepts the rotated key
-    time.sleep(1.1)
+    wait_until(lambda: settings.load(settings.VapiSettings).VAPI_PRIVATE_KEY.get_secret_value()
+               == new_vapi_key, timeout=30)
     answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
 
     assert (answer.status, answer.body["status"]) == (200, "called")

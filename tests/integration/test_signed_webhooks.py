@@ -52,7 +52,7 @@ def scheduled_form(conn, env, *, phone="+15550100021") -> tuple[str, str]:
     form = create_form(conn, patient_id=create_patient(conn, phone=phone),
                        deadline=datetime.now(timezone.utc) + timedelta(hours=2))
     result = sync_form_schedule(form, store=clients.store(), publisher=clients.publisher(),
-                                call_form_url=env["CALL_FORM_URL"])
+                                call_form_url=env["CALL_FORM_URL"], window=clients.window())
     return form, result.message_id
 
 
@@ -195,7 +195,7 @@ def test_a_row_pointing_at_another_forms_message_is_cleared_without_cancelling_i
     conn.execute("update forms set qstash_message_id = %s, submitted_at = now() where id = %s",
                  (message, mine))
     result = sync_form_schedule(mine, store=clients.store(), publisher=clients.publisher(),
-                                call_form_url=hook_env["CALL_FORM_URL"])
+                                call_form_url=hook_env["CALL_FORM_URL"], window=clients.window())
     assert result.action == "cancelled"
     assert queued(hook_env, message) is not None
     assert form_row(conn, mine)["qstash_message_id"] is None
