@@ -1,4 +1,4 @@
-"""call-events: Vapi's server messages (status-update, end-of-call-report); record how each call went."""
+"""call-events: Vapi's status-update and end-of-call-report messages; record how each call went."""
 
 from formcall import clients, settings
 from formcall.call_events import record_call_event
@@ -8,19 +8,32 @@ from formcall.web import Incoming, Reply, create_app, lambda_handler
 
 def handle(request: Incoming) -> Reply:
     server = settings.load(settings.VapiServerSettings)
-    verify_vapi_request(request.headers, request.body,
-                        secret=server.VAPI_WEBHOOK_SECRET.get_secret_value(),
-                        credential_id=server.VAPI_SERVER_CREDENTIAL_ID)
+    verify_vapi_request(
+        request.headers,
+        request.body,
+        secret=server.VAPI_WEBHOOK_SECRET.get_secret_value(),
+        credential_id=server.VAPI_SERVER_CREDENTIAL_ID,
+    )
     kind, event = parse_server_message(request.body)
     result = record_call_event(
-        event, store=clients.store(), publisher=clients.publisher,
+        event,
+        store=clients.store(),
+        publisher=clients.publisher,
         call_form_url=settings.load(settings.CallFormUrlSettings).CALL_FORM_URL,
-        window=clients.window())
+        window=clients.window(),
+    )
     if result.status == "ignored":
         return Reply({"status": "ignored", "type": kind, "reason": result.reason})
-    return Reply({"status": "recorded", "type": kind, "callId": event.vapi_call_id,
-                  "ended": result.ended, "outcome": result.outcome,
-                  "followUps": len(result.follow_ups)})
+    return Reply(
+        {
+            "status": "recorded",
+            "type": kind,
+            "callId": event.vapi_call_id,
+            "ended": result.ended,
+            "outcome": result.outcome,
+            "followUps": len(result.follow_ups),
+        }
+    )
 
 
 app = create_app(handle, paths=["/api/webhooks/vapi"], methods=["POST"])

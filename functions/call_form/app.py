@@ -1,4 +1,4 @@
-"""call-form: QStash delivers a form's due moment here; claim the patient's due forms, call, record it."""
+"""call-form: QStash delivers a form's due moment; claim the patient's due forms, call, record."""
 
 from formcall import clients, settings
 from formcall.call_form import call_form
@@ -11,17 +11,31 @@ def handle(request: Incoming) -> Reply:
     claims = verify_qstash(request, public_url=own_url)
     form_id = str(CallFormRequest.parse(request.body).formId)
     # The token id is signed; QStash's message headers are not, so they are kept as unverified.
-    delivery = {"jti": claims.get("jti"),
-                "unverified_message_id": request.headers.get("upstash-message-id"),
-                "unverified_retried": request.headers.get("upstash-retried")}
-    result = call_form(form_id, store=clients.store(), vapi=clients.vapi(),
-                       publisher=clients.publisher, call_form_url=own_url,
-                       window=clients.window(), delivery=delivery)
+    delivery = {
+        "jti": claims.get("jti"),
+        "unverified_message_id": request.headers.get("upstash-message-id"),
+        "unverified_retried": request.headers.get("upstash-retried"),
+    }
+    result = call_form(
+        form_id,
+        store=clients.store(),
+        vapi=clients.vapi(),
+        publisher=clients.publisher,
+        call_form_url=own_url,
+        window=clients.window(),
+        delivery=delivery,
+    )
     if result.status == "called":
         return Reply({"status": "called", "formId": form_id, "callId": result.call_id})
     if result.status == "deferred":
-        return Reply({"status": "deferred", "formId": form_id, "until": result.until.isoformat(),
-                      **({"reason": result.reason} if result.reason else {})})
+        return Reply(
+            {
+                "status": "deferred",
+                "formId": form_id,
+                "until": result.until.isoformat(),
+                **({"reason": result.reason} if result.reason else {}),
+            }
+        )
     if result.status == "unknown":
         # Accepted: the sweep reconciles it against Vapi's call list; a retry could only skip.
         return Reply({"status": "unknown", "formId": form_id, "reason": result.reason}, 202)

@@ -3,14 +3,15 @@
 import json
 
 from formcall import clients, settings
-from formcall.failures import record_failed_delivery
 from formcall.errors import BadRequest
+from formcall.failures import record_failed_delivery
 from formcall.web import Incoming, Reply, create_app, lambda_handler, verify_qstash
 
 
 def handle(request: Incoming) -> Reply:
-    verify_qstash(request,
-                  public_url=settings.load(settings.CallPolicySettings).FAILURE_CALLBACK_URL)
+    verify_qstash(
+        request, public_url=settings.load(settings.CallPolicySettings).FAILURE_CALLBACK_URL
+    )
     try:
         payload = json.loads(request.body)
     except (ValueError, RecursionError):  # RecursionError: nested too deep to parse

@@ -9,8 +9,13 @@ def handle(request: Incoming) -> Reply:
     require_cron_secret(request, allow_query=True)
     destination = settings.load(settings.CheckFormsUrlSettings).CHECK_FORMS_URL
     schedule = ensure_check_forms_schedule(publisher=clients.publisher(), destination=destination)
-    return Reply({"success": True, "message": "hourly check-forms schedule is in place",
-                  "schedule": schedule})
+    return Reply(
+        {
+            "success": True,
+            "message": "hourly check-forms schedule is in place",
+            "schedule": schedule,
+        }
+    )
 
 
 app = create_app(handle, paths=["/api/setup-qstash"], methods=["GET"])

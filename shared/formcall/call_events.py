@@ -17,9 +17,15 @@ from formcall.store import FormStore
 from formcall.window import CallWindow
 
 
-def record_call_event(event: CallEvent | None, *, store: FormStore,
-                      publisher: Callable[[], Publisher], call_form_url: str, window: CallWindow,
-                      source: str = "call-events") -> RecordedEvent:
+def record_call_event(
+    event: CallEvent | None,
+    *,
+    store: FormStore,
+    publisher: Callable[[], Publisher],
+    call_form_url: str,
+    window: CallWindow,
+    source: str = "call-events",
+) -> RecordedEvent:
     """Record the event atomically, then publish its follow-ups and cancel opted-out messages.
 
     A follow-up whose publish fails is returned again by the next report of the same call
@@ -35,22 +41,38 @@ def record_call_event(event: CallEvent | None, *, store: FormStore,
     if result.ended:
         count("CallsEnded")
         count("CallsReached" if result.outcome == "reached" else "CallsNotReached")
-        logger.info("call ended", extra={"call_id": result.call_id, "outcome": result.outcome,
-                                         "ended_reason": event.ended_reason, "source": source})
+        logger.info(
+            "call ended",
+            extra={
+                "call_id": result.call_id,
+                "outcome": result.outcome,
+                "ended_reason": event.ended_reason,
+                "source": source,
+            },
+        )
         # Its line is free: the oldest form waiting for one goes now.
         wake_waiting_forms(store=store, publisher=publisher, call_form_url=call_form_url)
     if result.opted_out:
         count("PatientsOptedOut")
-        logger.info("patient opted out; their calls are stopped",
-                    extra={"call_id": result.call_id, "messages": len(result.cancel)})
+        logger.info(
+            "patient opted out; their calls are stopped",
+            extra={"call_id": result.call_id, "messages": len(result.cancel)},
+        )
     if result.cancel:
         try:
             cancel_form_messages(result.cancel, publisher=publisher())
         except TransientFailure as exc:
             # A message left behind is delivered and skipped: the forms are opted out already.
-            logger.warning("messages of an opted-out patient not cancelled",
-                           extra={"error": exc.public_message})
+            logger.warning(
+                "messages of an opted-out patient not cancelled",
+                extra={"error": exc.public_message},
+            )
     if result.follow_ups:
-        publish_follow_ups(result.follow_ups, store=store, publisher=publisher(),
-                           call_form_url=call_form_url, window=window)
+        publish_follow_ups(
+            result.follow_ups,
+            store=store,
+            publisher=publisher(),
+            call_form_url=call_form_url,
+            window=window,
+        )
     return result

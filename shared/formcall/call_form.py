@@ -16,9 +16,16 @@ import math
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from formcall.errors import (CallOutcomeUnknown, DatabaseUnavailable, FormcallError,
-                             PermanentFailure, TransientFailure, VapiBusy, VapiRejected,
-                             VapiUnavailable)
+from formcall.errors import (
+    CallOutcomeUnknown,
+    DatabaseUnavailable,
+    FormcallError,
+    PermanentFailure,
+    TransientFailure,
+    VapiBusy,
+    VapiRejected,
+    VapiUnavailable,
+)
 from formcall.messages import call_message, now, opening
 from formcall.models import CallResult, MessageToCancel, StaleCall
 from formcall.observability import count, logger
@@ -36,25 +43,42 @@ EARLY_DELIVERY_SECONDS = 300
 LINE_RETRY_SECONDS = (5, 600)
 
 
-def call_form(form_id: str, *, store: FormStore, vapi: Caller,
-              publisher: Callable[[], Publisher], call_form_url: str, window: CallWindow,
-              delivery: dict | None = None) -> CallResult:
+def call_form(
+    form_id: str,
+    *,
+    store: FormStore,
+    vapi: Caller,
+    publisher: Callable[[], Publisher],
+    call_form_url: str,
+    window: CallWindow,
+    delivery: dict | None = None,
+) -> CallResult:
     """Call the patient about `form_id` (and their other due forms), or say why not now.
 
     Deferred messages go to `call_form_url`, the configured call-form URL, never to one
     taken from the request.
     """
     state = store.schedule_state(form_id)
-    if (state and state.call_status == "pending" and state.due and not state.submitted
-            and not state.opted_out):
+    if (
+        state
+        and state.call_status == "pending"
+        and state.due
+        and not state.submitted
+        and not state.opted_out
+    ):
         until = opening(now(), state.timezone, window, form_id)
         if until is not None:
-            return _defer(form_id, until, None, store=store, publisher=publisher,
-                          call_form_url=call_form_url)
+            return _defer(
+                form_id, until, None, store=store, publisher=publisher, call_form_url=call_form_url
+            )
 
     claim = store.claim(form_id, delivery=delivery)
-    if claim.outcome == "skipped" and claim.reason == "in_progress" and claim.open_call and (
-            not claim.open_call.placed):
+    if (
+        claim.outcome == "skipped"
+        and claim.reason == "in_progress"
+        and claim.open_call
+        and (not claim.open_call.placed)
+    ):
         settled = _settle_open_claim(form_id, claim.open_call, store=store, vapi=vapi)
         if settled is not None:
             return settled
@@ -69,19 +93,32 @@ def call_form(form_id: str, *, store: FormStore, vapi: Caller,
         assert claim.until is not None
         until = opening(claim.until, claim.timezone, window, form_id) or claim.until
         count("CallsCapped")
-        return _defer(form_id, until, claim.reason, store=store, publisher=publisher,
-                      call_form_url=call_form_url)
+        return _defer(
+            form_id,
+            until,
+            claim.reason,
+            store=store,
+            publisher=publisher,
+            call_form_url=call_form_url,
+        )
     if claim.outcome == "no_line":
         low, high = LINE_RETRY_SECONDS
         count("CallsWaitingForLine")
-        raise TransientFailure("no Vapi line free", formId=form_id,
-                               retry_after=min(max(claim.retry_after or low, low), high))
-    if claim.outcome == "skipped" and claim.reason == "not_due" and (
-            claim.due_in_seconds is not None and claim.due_in_seconds <= EARLY_DELIVERY_SECONDS):
+        raise TransientFailure(
+            "no Vapi line free",
+            formId=form_id,
+            retry_after=min(max(claim.retry_after or low, low), high),
+        )
+    if (
+        claim.outcome == "skipped"
+        and claim.reason == "not_due"
+        and (claim.due_in_seconds is not None and claim.due_in_seconds <= EARLY_DELIVERY_SECONDS)
+    ):
         # QStash's not-before has whole-second resolution and clocks differ: a delivery a
         # little early must come back at the deadline, not be dropped as "not due".
-        raise TransientFailure("form not due yet", retry_after=math.ceil(claim.due_in_seconds) + 1,
-                               formId=form_id)
+        raise TransientFailure(
+            "form not due yet", retry_after=math.ceil(claim.due_in_seconds) + 1, formId=form_id
+        )
     if claim.outcome == "skipped":
         if claim.cancel:
             _cancel_opted_out(claim.cancel, publisher=publisher)
@@ -100,27 +137,37 @@ def call_form(form_id: str, *, store: FormStore, vapi: Caller,
         count("CallsRetried")
         logger.warning("Vapi lines busy, call deferred", extra={"form_id": form_id})
         wake_waiting_forms(store=store, publisher=publisher, call_form_url=call_form_url)
-        return _defer(form_id, now() + timedelta(seconds=exc.retry_after or 5), "busy",
-                      store=store, publisher=publisher, call_form_url=call_form_url)
+        return _defer(
+            form_id,
+            now() + timedelta(seconds=exc.retry_after or 5),
+            "busy",
+            store=store,
+            publisher=publisher,
+            call_form_url=call_form_url,
+        )
     except VapiUnavailable as exc:
         store.release(call.call_id, exc.public_message)
         wake_waiting_forms(store=store, publisher=publisher, call_form_url=call_form_url)
         count("CallsRetried")
-        logger.warning("call not placed, will retry", extra={"form_id": form_id,
-                                                             "error": exc.public_message})
+        logger.warning(
+            "call not placed, will retry", extra={"form_id": form_id, "error": exc.public_message}
+        )
         raise
     except VapiRejected as exc:
         store.record_failed(call.call_id, str(exc.detail.get("stored") or exc.public_message))
         wake_waiting_forms(store=store, publisher=publisher, call_form_url=call_form_url)
         count("CallsFailed", len(call.forms))
-        logger.error("call rejected by Vapi", extra={"form_id": form_id,
-                                                     "error": exc.public_message})
+        logger.error(
+            "call rejected by Vapi", extra={"form_id": form_id, "error": exc.public_message}
+        )
         raise PermanentFailure(exc.public_message, formId=form_id) from None
     except CallOutcomeUnknown as exc:
         store.record_unknown(call.call_id, str(exc))
         count("CallsOutcomeUnknown")
-        logger.error("call outcome unknown; reconciled after the claim's lease",
-                     extra={"form_id": form_id, "error": str(exc)})
+        logger.error(
+            "call outcome unknown; reconciled after the claim's lease",
+            extra={"form_id": form_id, "error": str(exc)},
+        )
         _publish_reconcile(form_id, store=store, publisher=publisher, call_form_url=call_form_url)
         return CallResult("unknown", form_id, reason=f"outcome unknown: {exc}")
 
@@ -129,16 +176,19 @@ def call_form(form_id: str, *, store: FormStore, vapi: Caller,
     except DatabaseUnavailable:
         # The call is real; its forms stay 'calling' (never claimable) until call-events'
         # report or the sweep's reconciliation finds it and records it.
-        logger.exception("call placed but not recorded", extra={"form_id": form_id,
-                                                                "call_id": vapi_call_id})
+        logger.exception(
+            "call placed but not recorded", extra={"form_id": form_id, "call_id": vapi_call_id}
+        )
     count("CallsPlaced")
-    logger.info("call placed", extra={"form_id": form_id, "call_id": vapi_call_id,
-                                      "forms": len(call.forms)})
+    logger.info(
+        "call placed", extra={"form_id": form_id, "call_id": vapi_call_id, "forms": len(call.forms)}
+    )
     return CallResult("called", form_id, call_id=vapi_call_id)
 
 
-def _settle_open_claim(form_id: str, open_call: StaleCall, *, store: FormStore,
-                       vapi: Caller) -> CallResult | None:
+def _settle_open_claim(
+    form_id: str, open_call: StaleCall, *, store: FormStore, vapi: Caller
+) -> CallResult | None:
     """A delivery for a form whose claim has no Vapi call id yet.
 
     Within the lease the claimant may still be at work: a live claim is "in_progress", an
@@ -149,48 +199,66 @@ def _settle_open_claim(form_id: str, open_call: StaleCall, *, store: FormStore,
     lease = store.rules.lease_seconds
     if age < lease:
         if open_call.unknown:
-            raise TransientFailure("call outcome not known yet", formId=form_id,
-                                   retry_after=math.ceil(lease - age) + 1)
+            raise TransientFailure(
+                "call outcome not known yet", formId=form_id, retry_after=math.ceil(lease - age) + 1
+            )
         return CallResult("skipped", form_id, reason="in_progress")
     try:
         result, vapi_call_id = reconcile_claim(open_call, store=store, vapi=vapi)
     except VapiUnavailable as exc:
-        raise TransientFailure("Vapi's call list cannot be read", formId=form_id,
-                               retry_after=30) from exc
+        raise TransientFailure(
+            "Vapi's call list cannot be read", formId=form_id, retry_after=30
+        ) from exc
     if result == "found":
         return CallResult("skipped", form_id, reason="already_called", call_id=vapi_call_id)
     return None
 
 
-def _publish_reconcile(form_id: str, *, store: FormStore, publisher: Callable[[], Publisher],
-                       call_form_url: str) -> None:
+def _publish_reconcile(
+    form_id: str, *, store: FormStore, publisher: Callable[[], Publisher], call_form_url: str
+) -> None:
     """This endpoint again once the claim's lease is over: the call is looked up then."""
     at = now() + timedelta(seconds=store.rules.lease_seconds + 1)
     try:
-        publisher().publish_call(call_message(form_id, reason="reconcile", moment=at,
-                                              not_before=at), destination=call_form_url)
+        publisher().publish_call(
+            call_message(form_id, reason="reconcile", moment=at, not_before=at),
+            destination=call_form_url,
+        )
     except FormcallError as exc:  # the hourly sweep reconciles it instead
-        logger.warning("reconcile message not published", extra={"form_id": form_id,
-                                                                 "error": exc.public_message})
+        logger.warning(
+            "reconcile message not published",
+            extra={"form_id": form_id, "error": exc.public_message},
+        )
 
 
-def _defer(form_id: str, until: datetime, reason: str | None, *, store: FormStore,
-           publisher: Callable[[], Publisher], call_form_url: str) -> CallResult:
+def _defer(
+    form_id: str,
+    until: datetime,
+    reason: str | None,
+    *,
+    store: FormStore,
+    publisher: Callable[[], Publisher],
+    call_form_url: str,
+) -> CallResult:
     """Publish the form's message again for `until` (the window's opening, a cap, busy lines)."""
     message = call_message(form_id, reason=reason or "window", moment=until, not_before=until)
     message_id = publisher().publish_call(message, destination=call_form_url)
     store.record_deferred(form_id, until=until, message_id=message_id)
     count("CallsDeferred")
-    logger.info("call deferred", extra={"form_id": form_id, "until": until.isoformat(),
-                                        "reason": reason or "window"})
+    logger.info(
+        "call deferred",
+        extra={"form_id": form_id, "until": until.isoformat(), "reason": reason or "window"},
+    )
     return CallResult("deferred", form_id, until=until, reason=reason)
 
 
-def _cancel_opted_out(messages: tuple[MessageToCancel, ...], *,
-                      publisher: Callable[[], Publisher]) -> None:
+def _cancel_opted_out(
+    messages: tuple[MessageToCancel, ...], *, publisher: Callable[[], Publisher]
+) -> None:
     """Best effort: a message that is not cancelled is delivered and skipped (opted out)."""
     try:
         cancel_form_messages(messages, publisher=publisher())
     except TransientFailure as exc:
-        logger.warning("messages of an opted-out patient not cancelled",
-                       extra={"error": exc.public_message})
+        logger.warning(
+            "messages of an opted-out patient not cancelled", extra={"error": exc.public_message}
+        )

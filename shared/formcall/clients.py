@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from formcall import settings
-from formcall.store import CallRules, FormStore, PostgresRpc, SupabaseRpc
+from formcall.store import CallRules, FormStore, PostgresRpc, Rpc, SupabaseRpc
 
 C = TypeVar("C")
 
@@ -25,7 +25,7 @@ def _built_from(*models: type) -> Callable[[Callable[[], C]], Callable[[], C]]:
         lock = threading.Lock()
 
         def get() -> C:
-            current = [settings.load(model) for model in models]
+            current: list[object] = [settings.load(model) for model in models]
             with lock:
                 if not kept or kept[0][0] != current:
                     kept[:] = [(current, build())]
@@ -44,16 +44,26 @@ def store() -> FormStore:
     config = settings.load(settings.DatabaseSettings)
     rules = settings.load(settings.CallRulesSettings)
     policy = settings.load(settings.CallPolicySettings)
+    rpc: Rpc
     if config.DATABASE_URL is not None:
         rpc = PostgresRpc(config.DATABASE_URL.get_secret_value())
-    else:
+    else:  # the settings' validator: both are set without DATABASE_URL
+        assert config.SUPABASE_URL is not None and config.SUPABASE_SERVICE_ROLE_KEY is not None
         rpc = SupabaseRpc(config.SUPABASE_URL, config.SUPABASE_SERVICE_ROLE_KEY.get_secret_value())
-    return FormStore(rpc, rules=CallRules(
-        max_attempts=rules.MAX_CALL_ATTEMPTS, max_calls_per_form=rules.MAX_CALLS_PER_FORM,
-        follow_up_on=rules.FOLLOW_UP_ON, follow_up_delay_seconds=rules.FOLLOW_UP_DELAY_SECONDS,
-        max_per_day=rules.PATIENT_MAX_CALLS_PER_DAY, max_per_week=rules.PATIENT_MAX_CALLS_PER_WEEK,
-        lines=policy.ledger_lines(), max_call_seconds=policy.VAPI_MAX_CALL_SECONDS,
-        lease_seconds=rules.CLAIM_LEASE_SECONDS))
+    return FormStore(
+        rpc,
+        rules=CallRules(
+            max_attempts=rules.MAX_CALL_ATTEMPTS,
+            max_calls_per_form=rules.MAX_CALLS_PER_FORM,
+            follow_up_on=rules.FOLLOW_UP_ON,
+            follow_up_delay_seconds=rules.FOLLOW_UP_DELAY_SECONDS,
+            max_per_day=rules.PATIENT_MAX_CALLS_PER_DAY,
+            max_per_week=rules.PATIENT_MAX_CALLS_PER_WEEK,
+            lines=policy.ledger_lines(),
+            max_call_seconds=policy.VAPI_MAX_CALL_SECONDS,
+            lease_seconds=rules.CLAIM_LEASE_SECONDS,
+        ),
+    )
 
 
 @_built_from(settings.VapiSettings)
@@ -61,15 +71,18 @@ def vapi():
     from formcall.vapi import VapiClient, server_override
 
     config = settings.load(settings.VapiSettings)
-    return VapiClient(base_url=config.VAPI_BASE_URL,
-                      api_key=config.VAPI_PRIVATE_KEY.get_secret_value(),
-                      assistant_id=config.VAPI_ASSISTANT_ID,
-                      phone_number_id=config.VAPI_PHONE_NUMBER_ID,
-                      timeout=config.VAPI_TIMEOUT_SECONDS,
-                      server=server_override(
-                          url=config.CALL_EVENTS_URL,
-                          secret=config.VAPI_WEBHOOK_SECRET.get_secret_value(),
-                          credential_id=config.VAPI_SERVER_CREDENTIAL_ID))
+    return VapiClient(
+        base_url=config.VAPI_BASE_URL,
+        api_key=config.VAPI_PRIVATE_KEY.get_secret_value(),
+        assistant_id=config.VAPI_ASSISTANT_ID,
+        phone_number_id=config.VAPI_PHONE_NUMBER_ID,
+        timeout=config.VAPI_TIMEOUT_SECONDS,
+        server=server_override(
+            url=config.CALL_EVENTS_URL,
+            secret=config.VAPI_WEBHOOK_SECRET.get_secret_value(),
+            credential_id=config.VAPI_SERVER_CREDENTIAL_ID,
+        ),
+    )
 
 
 @_built_from(settings.PublisherSettings, settings.CallPolicySettings)
@@ -79,9 +92,11 @@ def publisher():
     config = settings.load(settings.PublisherSettings)
     policy = settings.load(settings.CallPolicySettings)
     return QStashPublisher(
-        url=config.QSTASH_URL, token=config.QSTASH_TOKEN.get_secret_value(),
+        url=config.QSTASH_URL,
+        token=config.QSTASH_TOKEN.get_secret_value(),
         failure_callback_url=policy.FAILURE_CALLBACK_URL,
-        flow=flow_control(policy.VAPI_MAX_CONCURRENCY, policy.VAPI_CALLS_PER_MINUTE))
+        flow=flow_control(policy.VAPI_MAX_CONCURRENCY, policy.VAPI_CALLS_PER_MINUTE),
+    )
 
 
 @_built_from(settings.CallPolicySettings)
@@ -99,5 +114,5 @@ def window():
 def reset() -> None:
     """Forget clients and settings (tests; a container keeps them for its lifetime)."""
     for factory in (store, vapi, publisher, window):
-        factory.cache_clear()
+        factory.cache_clear()  # type: ignore[union-attr]
     settings.reset()

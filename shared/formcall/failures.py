@@ -38,11 +38,16 @@ def record_failed_delivery(payload: dict, *, store: FormStore) -> tuple[str, str
         error = None
     if error:
         reason += f" ({str(error).replace(chr(0), '')[:200]})"
-    detail = {"source_message_id": _as_text(payload.get("sourceMessageId")), "status": status,
-              "retried": retried, "dlq_id": _as_text(payload.get("dlqId"))}
+    detail = {
+        "source_message_id": _as_text(payload.get("sourceMessageId")),
+        "status": status,
+        "retried": retried,
+        "dlq_id": _as_text(payload.get("dlqId")),
+    }
     outcome = store.record_delivery_failed(form_id, reason=reason, detail=detail)
     count("DeliveryFailed")
-    logger.error("call-form message failed for good", extra={"form_id": form_id,
-                                                             "status": status,
-                                                             "outcome": outcome})
+    logger.error(
+        "call-form message failed for good",
+        extra={"form_id": form_id, "status": status, "outcome": outcome},
+    )
     return form_id, outcome

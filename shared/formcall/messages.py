@@ -8,7 +8,7 @@ give the same message, however often it is published.
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from formcall.observability import logger
 from formcall.publisher import CallMessage
@@ -16,14 +16,18 @@ from formcall.window import CallWindow, next_opening, zone_for
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
-def call_message(form_id: str, *, reason: str, moment: datetime,
-                 not_before: datetime | None = None) -> CallMessage:
-    """A message for `form_id`, deduplicated by (reason, moment), delivered not before `not_before`."""
-    return CallMessage(form_id=form_id, not_before=not_before,
-                       dedup_id=f"call-form-{form_id}-{reason}-{math.ceil(moment.timestamp())}")
+def call_message(
+    form_id: str, *, reason: str, moment: datetime, not_before: datetime | None = None
+) -> CallMessage:
+    """A message for `form_id`, deduplicated by (reason, moment), delivered from `not_before`."""
+    return CallMessage(
+        form_id=form_id,
+        not_before=not_before,
+        dedup_id=f"call-form-{form_id}-{reason}-{math.ceil(moment.timestamp())}",
+    )
 
 
 def deadline_message(form_id: str, deadline: datetime, not_before: datetime) -> CallMessage:
@@ -33,7 +37,7 @@ def deadline_message(form_id: str, deadline: datetime, not_before: datetime) -> 
 
 def sweep_message(form_id: str, *, at: datetime, not_before: datetime | None) -> CallMessage:
     """One message per form per sweep hour: two sweeps close together enqueue once."""
-    hour = datetime.fromtimestamp(math.floor(at.timestamp() / 3600) * 3600, timezone.utc)
+    hour = datetime.fromtimestamp(math.floor(at.timestamp() / 3600) * 3600, UTC)
     return call_message(form_id, reason="sweep", moment=hour, not_before=not_before)
 
 

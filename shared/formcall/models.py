@@ -222,10 +222,13 @@ class WebhookPayload(BaseModel):
 
     def form_id(self) -> str:
         row = self.old_record if self.type == "DELETE" else self.record
+        assert row is not None  # parse() refuses a webhook without its row
         return str(UUID(str(row["id"])))
 
     def schedule_unchanged(self) -> bool:
         """An UPDATE that touched neither the deadline nor the submission needs no work."""
-        if self.type != "UPDATE" or not self.old_record:
+        if self.type != "UPDATE" or not self.old_record or self.record is None:
             return False
-        return all(self.record.get(k) == self.old_record.get(k) for k in ("deadline", "submitted_at"))
+        return all(
+            self.record.get(k) == self.old_record.get(k) for k in ("deadline", "submitted_at")
+        )

@@ -639,8 +639,11 @@ def classify(ended_reason: str | None) -> str:
         from formcall.observability import logger
 
         # An endedReason is Vapi's own code, never patient data; cut to bound a hostile value.
-        logger.warning("unknown Vapi endedReason, classed as not_connected",
-                       extra={"ended_reason": "<missing>" if ended_reason is None
-                              else str(ended_reason)[:120]})
+        logger.warning(
+            "unknown Vapi endedReason, classed as not_connected",
+            extra={
+                "ended_reason": "<missing>" if ended_reason is None else str(ended_reason)[:120]
+            },
+        )
         return "not_connected"
     return outcome

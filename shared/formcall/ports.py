@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-
 from formcall.models import PatientCall
 from formcall.publisher import CallMessage
 
@@ -13,8 +12,9 @@ from formcall.publisher import CallMessage
 class Caller(Protocol):
     def create_call(self, call: PatientCall) -> tuple[str, str | None]: ...
     def get_call(self, vapi_call_id: str) -> dict[str, Any] | None: ...
-    def find_call_for_form(self, form_id: str, *, created_after: datetime,
-                           created_before: datetime) -> dict[str, Any] | None: ...
+    def find_call_for_form(
+        self, form_id: str, *, created_after: datetime, created_before: datetime
+    ) -> dict[str, Any] | None: ...
 
 
 class Publisher(Protocol):

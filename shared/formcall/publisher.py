@@ -1,4 +1,4 @@
-"""Publishing to QStash with the official client: call-form messages, batches, cancels, the schedule.
+"""Publishing to QStash with the official client: call-form messages, batches, cancels, schedule.
 
 Every call-form message carries the same flow-control key, so QStash itself keeps deliveries
 within Vapi's account-wide concurrent-call limit, and the failure callback, so a message QStash
@@ -53,19 +53,32 @@ def flow_control(max_concurrency: int, calls_per_minute: int) -> dict:
             best_rate, best_period = rate, period
             if rate * 60 == calls_per_minute * period:  # as fast as asked: no period does better
                 break
-    return {"key": FLOW_CONTROL_KEY, "parallelism": max_concurrency, "rate": best_rate,
-            "period": best_period}
+    return {
+        "key": FLOW_CONTROL_KEY,
+        "parallelism": max_concurrency,
+        "rate": best_rate,
+        "period": best_period,
+    }
 
 
 class QStashPublisher:
-    def __init__(self, *, url: str, token: str, failure_callback_url: str | None = None,
-                 flow: dict | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        token: str,
+        failure_callback_url: str | None = None,
+        flow: dict | None = None,
+    ) -> None:
         from qstash import QStash  # imported on first use: only publishing functions pay for it
 
         # The client retries only requests that raised (connection errors): safe, since every
         # call-form message carries a deduplication id and schedules are upserts by id.
-        self._client = QStash(token, base_url=url,
-                              retry={"retries": 2, "backoff": lambda attempt: 200 * (attempt + 1)})
+        self._client = QStash(
+            token,
+            base_url=url,
+            retry={"retries": 2, "backoff": lambda attempt: 200 * (attempt + 1)},
+        )
         self._failure_callback_url = failure_callback_url
         self._flow = flow
 
@@ -84,7 +97,10 @@ class QStashPublisher:
         """Publish one call-form message; returns its QStash message id."""
         with _qstash_errors():
             response = self._client.message.publish_json(
-                url=destination, body={"formId": message.form_id}, **self._options(message))
+                url=destination, body={"formId": message.form_id}, **self._options(message)
+            )
+        if isinstance(response, list):  # a URL group's answer: never formcall's destinations
+            raise TransientFailure("QStash answered for a URL group", cause="url-group")
         return response.message_id
 
     def enqueue_calls(self, messages: Iterable[CallMessage], *, destination: str) -> int:
@@ -92,17 +108,19 @@ class QStashPublisher:
         messages = list(messages)
         accepted = 0
         for start in range(0, len(messages), BATCH_LIMIT):
-            chunk = messages[start:start + BATCH_LIMIT]
+            chunk = messages[start : start + BATCH_LIMIT]
             with _qstash_errors():
-                responses = self._client.message.batch_json([
-                    {"url": destination, "body": {"formId": m.form_id}, **self._options(m)}
-                    for m in chunk
-                ])
+                responses = self._client.message.batch_json(
+                    [
+                        {"url": destination, "body": {"formId": m.form_id}, **self._options(m)}
+                        for m in chunk
+                    ]
+                )
             accepted += len(responses)
         return accepted
 
     def cancel(self, message_id: str) -> bool:
-        """Cancel a message; False when QStash no longer has it (delivered, cancelled or unknown)."""
+        """Cancel a message; False when QStash no longer has it (delivered, cancelled, unknown)."""
         from qstash.errors import QStashError
 
         try:
@@ -135,11 +153,15 @@ class QStashPublisher:
 
     def upsert_schedule(self, *, schedule_id: str, destination: str, cron: str) -> dict:
         with _qstash_errors():
-            self._client.schedule.create(destination=destination, cron=cron,
-                                         schedule_id=schedule_id, retries=3)
+            self._client.schedule.create(
+                destination=destination, cron=cron, schedule_id=schedule_id, retries=3
+            )
             schedule = self._client.schedule.get(schedule_id)
-        return {"scheduleId": schedule.schedule_id, "cron": schedule.cron,
-                "destination": schedule.destination}
+        return {
+            "scheduleId": schedule.schedule_id,
+            "cron": schedule.cron,
+            "destination": schedule.destination,
+        }
 
 
 @contextmanager

@@ -23,14 +23,20 @@ def reconcile_claim(stale: StaleCall, *, store: FormStore, vapi: Caller) -> tupl
     if not stale.form_ids:  # its forms are gone (deleted): nothing to call about
         store.release(stale.call_id, "the call's forms were deleted")
         return "released", None
-    found = vapi.find_call_for_form(stale.form_ids[0],
-                                    created_after=stale.claimed_at - timedelta(minutes=1),
-                                    created_before=now())
+    found = vapi.find_call_for_form(
+        stale.form_ids[0],
+        created_after=stale.claimed_at - timedelta(minutes=1),
+        created_before=now(),
+    )
     if found:
         store.record_placed(stale.call_id, found["id"], status=found.get("status"))
-        logger.warning("unknown outcome reconciled: the call exists",
-                       extra={"call_id": stale.call_id, "vapi_call_id": found["id"]})
+        logger.warning(
+            "unknown outcome reconciled: the call exists",
+            extra={"call_id": stale.call_id, "vapi_call_id": found["id"]},
+        )
         return "found", found["id"]
     store.release(stale.call_id, "no call found in Vapi after an unknown outcome")
-    logger.warning("unknown outcome reconciled: no call, released", extra={"call_id": stale.call_id})
+    logger.warning(
+        "unknown outcome reconciled: no call, released", extra={"call_id": stale.call_id}
+    )
     return "released", None

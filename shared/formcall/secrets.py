@@ -25,15 +25,17 @@ DEFAULT_MAX_AGE = 300
 
 # The secrets (template.yaml's resource names) and the settings each holds; the rest are plain
 # parameters. DATABASE_URL is optional. A function's policy names the secrets it reads.
-SECRET_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "QStashTokenSecret": ("QSTASH_TOKEN",),
-    "SigningKeysSecret": ("QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY"),
-    "CronSecret": ("CRON_SECRET",),
-    "VapiKeySecret": ("VAPI_PRIVATE_KEY",),
-    "VapiWebhookSecret": ("VAPI_WEBHOOK_SECRET",),
-    "DatabaseSecret": ("SUPABASE_SERVICE_ROLE_KEY", "DATABASE_URL"),
-    "WebhookSecret": ("WEBHOOK_SECRET",),
-})
+SECRET_GROUPS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "QStashTokenSecret": ("QSTASH_TOKEN",),
+        "SigningKeysSecret": ("QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY"),
+        "CronSecret": ("CRON_SECRET",),
+        "VapiKeySecret": ("VAPI_PRIVATE_KEY",),
+        "VapiWebhookSecret": ("VAPI_WEBHOOK_SECRET",),
+        "DatabaseSecret": ("SUPABASE_SERVICE_ROLE_KEY", "DATABASE_URL"),
+        "WebhookSecret": ("WEBHOOK_SECRET",),
+    }
+)
 SECRET_SETTINGS = tuple(name for names in SECRET_GROUPS.values() for name in names)
 
 NO_SECRET: Mapping[str, str] = MappingProxyType({})
@@ -57,10 +59,10 @@ def secret_values() -> Mapping[str, str]:
         return NO_SECRET
     max_age = _max_age()
     raws = tuple(_fetch(arn, max_age, variable) for variable, arn in arns)
-    if len(raws) == len(_last[0]) and all(a is b for a, b in zip(raws, _last[0])):
+    if len(raws) == len(_last[0]) and all(a is b for a, b in zip(raws, _last[0], strict=True)):
         return _last[1]
     merged: dict[str, str] = {}
-    for (variable, _), raw in zip(arns, raws):
+    for (variable, _), raw in zip(arns, raws, strict=True):
         merged.update(parse_secret(raw, variable))
     values = MappingProxyType(merged)
     _last = (raws, values)
@@ -96,8 +98,7 @@ def _fetch(arn: str, max_age: int, variable: str = SECRET_ARN) -> object:
         return parameters.get_secret(arn, transform="json", max_age=max_age)
     except parameters.exceptions.TransformParameterError:
         # The message would quote the parser's position, never the value; say only what is wrong.
-        raise ConfigurationError([variable],
-                                 f"a secret named by {variable} is not JSON") from None
+        raise ConfigurationError([variable], f"a secret named by {variable} is not JSON") from None
     except Exception as exc:  # not found, access denied, no region, throttled: all unreadable
         error = ConfigurationError([variable], f"a secret named by {variable} cannot be read")
         error.detail["cause"] = _error_code(exc)  # logged by web.py, never answered
@@ -108,7 +109,8 @@ def parse_secret(raw: object, variable: str = SECRET_ARN) -> Mapping[str, str]:
     """The settings in a secret's JSON value; ConfigurationError unless an object of strings."""
     if not isinstance(raw, dict):
         raise ConfigurationError(
-            [variable], f"a secret named by {variable} is not a JSON object of settings")
+            [variable], f"a secret named by {variable} is not a JSON object of settings"
+        )
     values: dict[str, str] = {}
     for name, value in raw.items():
         if value is None:  # JSON null: not set, like a missing key
@@ -135,8 +137,11 @@ PARAMETER_SETTINGS = ("CALL_FORM_URL",)
 
 def parameter_values() -> Mapping[str, str]:
     """The PARAMETER_SETTINGS read from SSM (an environment value of their own wins)."""
-    names = {name: os.environ[f"{name}_PARAMETER"].strip() for name in PARAMETER_SETTINGS
-             if not os.environ.get(name) and os.environ.get(f"{name}_PARAMETER", "").strip()}
+    names = {
+        name: os.environ[f"{name}_PARAMETER"].strip()
+        for name in PARAMETER_SETTINGS
+        if not os.environ.get(name) and os.environ.get(f"{name}_PARAMETER", "").strip()
+    }
     if not names:
         return NO_SECRET
     from aws_lambda_powertools.utilities import parameters
@@ -146,8 +151,9 @@ def parameter_values() -> Mapping[str, str]:
         try:
             values[name] = str(parameters.get_parameter(parameter, max_age=_max_age()))
         except Exception as exc:  # not found, access denied, throttled: all unreadable
-            error = ConfigurationError([f"{name}_PARAMETER"],
-                                       f"the SSM parameter named by {name}_PARAMETER cannot be read")
+            error = ConfigurationError(
+                [f"{name}_PARAMETER"], f"the SSM parameter named by {name}_PARAMETER cannot be read"
+            )
             error.detail["cause"] = _error_code(exc)
             raise error from None
     return MappingProxyType(values)

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from formcall import secrets
 from formcall.errors import ConfigurationError
-
-T = TypeVar("T", bound=BaseModel)
 
 _SETTINGS = ConfigDict(extra="ignore", frozen=True, str_strip_whitespace=True)
 _URL = r"^https?://[^\s/]+(/\S*)?$"
@@ -67,12 +64,15 @@ class DatabaseSettings(BaseModel):
 
     @model_validator(mode="after")
     def _one_path(self) -> DatabaseSettings:
-        if self.DATABASE_URL is None and (self.SUPABASE_URL is None
-                                          or self.SUPABASE_SERVICE_ROLE_KEY is None):
-            missing = [n for n in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY")
-                       if getattr(self, n) is None]
+        if self.DATABASE_URL is None and (
+            self.SUPABASE_URL is None or self.SUPABASE_SERVICE_ROLE_KEY is None
+        ):
+            missing = [
+                n for n in ("SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY") if getattr(self, n) is None
+            ]
             raise ConfigurationError(
-                missing, f"{' and '.join(missing)} must be set (or DATABASE_URL)")
+                missing, f"{' and '.join(missing)} must be set (or DATABASE_URL)"
+            )
         return self
 
 
@@ -103,7 +103,8 @@ class VapiSettings(VapiServerSettings):
     VAPI_ASSISTANT_ID: str = Field(min_length=1)
     VAPI_PHONE_NUMBER_ID: str = Field(min_length=1)
     VAPI_BASE_URL: str = Field(default="https://api.vapi.ai", pattern=_URL)
-    # Create-call read timeout; past it the outcome is unknown and the call is never re-sent blindly.
+    # Create-call read timeout; past it the outcome is unknown: the call is never re-sent blindly
+    # (it is reconciled).
     VAPI_TIMEOUT_SECONDS: float = Field(default=15.0, gt=0, le=120)
     CALL_EVENTS_URL: str = Field(pattern=_URL)
 
@@ -113,7 +114,7 @@ FOLLOW_UP_OUTCOMES = frozenset({"no_answer", "busy", "voicemail", "not_connected
 
 
 class CallRulesSettings(BaseModel):
-    """How often a form and a patient may be called (the caps are the FCC's healthcare exemption)."""
+    """How often a form and a patient may be called (the caps: the FCC's healthcare exemption)."""
 
     model_config = _SETTINGS
     # Attempts at one call (transient faults included) before the form is marked failed.
@@ -141,9 +142,13 @@ class CallRulesSettings(BaseModel):
             names = frozenset(n.strip() for n in text.split(",") if n.strip())
             unknown = sorted(names - FOLLOW_UP_OUTCOMES)
             if unknown:
-                raise ConfigurationError(["FOLLOW_UP_ON"], (
-                    f"FOLLOW_UP_ON: {', '.join(unknown)} cannot be followed up; choose among "
-                    f"{', '.join(sorted(FOLLOW_UP_OUTCOMES))} (comma-separated, or empty)"))
+                raise ConfigurationError(
+                    ["FOLLOW_UP_ON"],
+                    (
+                        f"FOLLOW_UP_ON: {', '.join(unknown)} cannot be followed up; choose among "
+                        f"{', '.join(sorted(FOLLOW_UP_OUTCOMES))} (comma-separated, or empty)"
+                    ),
+                )
             values = {**values, "FOLLOW_UP_ON": names}
         return values
 
@@ -152,7 +157,8 @@ class CallRulesSettings(BaseModel):
         if self.PATIENT_MAX_CALLS_PER_WEEK < self.PATIENT_MAX_CALLS_PER_DAY:
             raise ConfigurationError(
                 ["PATIENT_MAX_CALLS_PER_DAY", "PATIENT_MAX_CALLS_PER_WEEK"],
-                "PATIENT_MAX_CALLS_PER_WEEK must be at least PATIENT_MAX_CALLS_PER_DAY")
+                "PATIENT_MAX_CALLS_PER_WEEK must be at least PATIENT_MAX_CALLS_PER_DAY",
+            )
         return self
 
 
@@ -205,9 +211,11 @@ class CallPolicySettings(BaseModel):
     @model_validator(mode="after")
     def _a_line_left(self) -> CallPolicySettings:
         if self.VAPI_RESERVED_LINES >= self.VAPI_MAX_CONCURRENCY:
-            raise ConfigurationError(["VAPI_RESERVED_LINES", "VAPI_MAX_CONCURRENCY"],
-                                     "VAPI_RESERVED_LINES must leave at least one of "
-                                     "VAPI_MAX_CONCURRENCY's lines for formcall")
+            raise ConfigurationError(
+                ["VAPI_RESERVED_LINES", "VAPI_MAX_CONCURRENCY"],
+                "VAPI_RESERVED_LINES must leave at least one of "
+                "VAPI_MAX_CONCURRENCY's lines for formcall",
+            )
         return self
 
     def ledger_lines(self) -> int | None:
@@ -234,7 +242,7 @@ class PublicUrlSettings(BaseModel):
 _validated: dict[type[BaseModel], tuple[Mapping[str, str], BaseModel]] = {}
 
 
-def load(model: type[T]) -> T:
+def load[T: BaseModel](model: type[T]) -> T:
     """Validate `model` from the environment and, in AWS, the formcall secret (its keys win).
 
     Validated once per container, and again only when the secret's value changes: Powertools
@@ -252,12 +260,13 @@ def load(model: type[T]) -> T:
         if not names:  # a model validator raised; its message names the variables
             raise ConfigurationError([], str(exc.errors()[0]["msg"])) from None
         where = " (in the formcall secret or the environment)" if secret else ""
-        raise ConfigurationError(names,
-                                 f"missing or malformed: {', '.join(names)}{where}") from None
+        raise ConfigurationError(
+            names, f"missing or malformed: {', '.join(names)}{where}"
+        ) from None
     if cached is not None and cached[1] == validated:
         validated = cached[1]
     _validated[model] = (secret, validated)
-    return validated  # type: ignore[return-value]
+    return validated
 
 
 def reset() -> None:

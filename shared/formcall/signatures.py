@@ -17,7 +17,6 @@ from collections.abc import Iterable, Sequence
 
 import jwt
 
-
 # QStash's token lifetime: `exp` is `iat` + 300 s (qstash.md, section 6). A token issued longer
 # ago than that (beyond the clock tolerance) is refused, whatever its `exp` says.
 TOKEN_LIFETIME = 300
@@ -41,7 +40,11 @@ def verify_with_key(token: str, *, key: str, body: bytes, urls: Iterable[str], l
         raise InvalidSignature("empty signing key")
     try:
         claims = jwt.decode(
-            token, key.encode(), algorithms=["HS256"], issuer="Upstash", leeway=leeway,
+            token,
+            key.encode(),
+            algorithms=["HS256"],
+            issuer="Upstash",
+            leeway=leeway,
             options={"require": ["iss", "sub", "exp", "body"], "verify_aud": True},
         )
     except jwt.PyJWTError as exc:
@@ -59,8 +62,9 @@ def verify_with_key(token: str, *, key: str, body: bytes, urls: Iterable[str], l
     return claims
 
 
-def verify_signature(token: str | None, *, body: bytes, urls: Iterable[str], keys: Sequence[str],
-                     leeway: int = 5) -> dict:
+def verify_signature(
+    token: str | None, *, body: bytes, urls: Iterable[str], keys: Sequence[str], leeway: int = 5
+) -> dict:
     """Return the claims if `token` was signed by one of `keys` for one of `urls` over `body`."""
     if not token:
         raise InvalidSignature("missing Upstash-Signature")
@@ -91,13 +95,21 @@ def replay_window(claims: dict, *, now: float, leeway: int) -> tuple[str, float]
     return jti, min(float(claims["exp"]), issued + TOKEN_LIFETIME) + leeway
 
 
-def sign(*, key: str, url: str, body: bytes, now: float | None = None, ttl: int = 300,
-         **claims: object) -> str:
+def sign(
+    *, key: str, url: str, body: bytes, now: float | None = None, ttl: int = 300, **claims: object
+) -> str:
     """Make a QStash-format token (local QStash stand-ins, tests and `formcall sign-event`)."""
     issued = int(time.time() if now is None else now)
-    payload = {"iss": "Upstash", "sub": url, "iat": issued, "nbf": 0, "exp": issued + ttl,
-               "jti": f"jwt_{secrets.token_hex(12)}",
-               "body": body_hash(body) + "=", **claims}
+    payload = {
+        "iss": "Upstash",
+        "sub": url,
+        "iat": issued,
+        "nbf": 0,
+        "exp": issued + ttl,
+        "jti": f"jwt_{secrets.token_hex(12)}",
+        "body": body_hash(body) + "=",
+        **claims,
+    }
     return jwt.encode(payload, key.encode(), algorithm="HS256")
 
 
@@ -113,8 +125,9 @@ def webhook_signature(secret: str, *, timestamp: str, body: bytes) -> str:
     return "v1=" + mac.hexdigest()
 
 
-def verify_webhook(*, secret: str, timestamp: str | None, signatures: Sequence[str], body: bytes,
-                   now: float) -> None:
+def verify_webhook(
+    *, secret: str, timestamp: str | None, signatures: Sequence[str], body: bytes, now: float
+) -> None:
     """Raise InvalidSignature unless exactly one signature, fresh and made with `secret`."""
     if not secret:
         raise InvalidSignature("empty webhook secret")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -31,7 +31,7 @@ _PHONE_LIKE = re.compile(r"\+?\d[\d\s().-]{5,}\d")
 
 
 def _vapi_time(value: datetime) -> str:
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _retry_after(response: httpx.Response) -> int | None:
@@ -53,8 +53,9 @@ def server_override(*, url: str, secret: str, credential_id: str | None) -> dict
     return server
 
 
-def call_request(call: PatientCall, *, assistant_id: str, phone_number_id: str,
-                 server: dict[str, Any]) -> dict[str, Any]:
+def call_request(
+    call: PatientCall, *, assistant_id: str, phone_number_id: str, server: dict[str, Any]
+) -> dict[str, Any]:
     """The create-call body: one call about every form of the patient that is due.
 
     The form ids ride in assistantOverrides.metadata (Vapi's CreateCallDTO has no top-level
@@ -71,7 +72,7 @@ def call_request(call: PatientCall, *, assistant_id: str, phone_number_id: str,
                 "formTitle": first.title,
                 "formTitles": ", ".join(form.title for form in call.forms),
                 "formCount": len(call.forms),
-                "deadline": first.deadline.astimezone(timezone.utc).isoformat(),
+                "deadline": first.deadline.astimezone(UTC).isoformat(),
             },
             "metadata": {"formId": first.id, "formIds": call.form_ids},
             "server": server,
@@ -103,9 +104,17 @@ def redact(text: str, *, names: tuple[str, ...] = ()) -> str:
 
 
 class VapiClient:
-    def __init__(self, *, base_url: str, api_key: str, assistant_id: str, phone_number_id: str,
-                 server: dict[str, Any], timeout: float = 15.0,
-                 http: httpx.Client | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        assistant_id: str,
+        phone_number_id: str,
+        server: dict[str, Any],
+        timeout: float = 15.0,
+        http: httpx.Client | None = None,
+    ) -> None:
         self._assistant_id = assistant_id
         self._phone_number_id = phone_number_id
         self._server = server
@@ -122,8 +131,12 @@ class VapiClient:
         of a line: no call), VapiRejected (permanent) or CallOutcomeUnknown (a call may exist:
         a 5xx is a failure after validation, a timeout or a dropped connection after sending).
         """
-        body = call_request(call, assistant_id=self._assistant_id,
-                            phone_number_id=self._phone_number_id, server=self._server)
+        body = call_request(
+            call,
+            assistant_id=self._assistant_id,
+            phone_number_id=self._phone_number_id,
+            server=self._server,
+        )
         try:
             response = self._http.post("/call", json=body)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
@@ -143,13 +156,16 @@ class VapiClient:
                 return self._blocked(call_id)
             return call_id, answer.get("status")
         if status == 429:
-            raise VapiUnavailable(f"Vapi answered HTTP {status}", retry_after=_retry_after(response))
+            raise VapiUnavailable(
+                f"Vapi answered HTTP {status}", retry_after=_retry_after(response)
+            )
         if status >= 500:
             raise CallOutcomeUnknown(f"Vapi answered HTTP {status}")
         # The answer and the logs get the status only; the stored detail has no patient data.
-        raise VapiRejected(f"Vapi rejected the call: HTTP {status}",
-                           stored=redact(f"HTTP {status}: {_error_text(response)}",
-                                         names=(call.patient_name,)))
+        raise VapiRejected(
+            f"Vapi rejected the call: HTTP {status}",
+            stored=redact(f"HTTP {status}: {_error_text(response)}", names=(call.patient_name,)),
+        )
 
     def _blocked(self, call_id: str) -> tuple[str, str | None]:
         """A call created while every line was busy: ended at once (no call), or queued (it is one).
@@ -165,8 +181,9 @@ class VapiClient:
         if call is None or (status == "ended" and call.get("endedReason") == CONCURRENCY_BLOCKED):
             # Never placed. Safe to try again shortly; the spread keeps blocked deliveries
             # from all coming back in the same second.
-            raise VapiBusy("Vapi concurrency limit reached",
-                           retry_after=random.randint(3, 8), call_id=call_id)
+            raise VapiBusy(
+                "Vapi concurrency limit reached", retry_after=random.randint(3, 8), call_id=call_id
+            )
         # Queued for a line, or already under way (or over): the form's call.
         return call_id, status if status in LIVE else None
 
@@ -186,18 +203,22 @@ class VapiClient:
             raise VapiUnavailable("Vapi call lookup answered no JSON") from exc
         return call if isinstance(call, dict) else None
 
-    def find_call_for_form(self, form_id: str, *, created_after: datetime,
-                           created_before: datetime) -> dict[str, Any] | None:
+    def find_call_for_form(
+        self, form_id: str, *, created_after: datetime, created_before: datetime
+    ) -> dict[str, Any] | None:
         """A call made for form_id in the window (from Vapi's call list, never a blocked one)."""
         upper = created_before
         while True:
             try:
-                response = self._http.get("/call", params={
-                    "assistantId": self._assistant_id,
-                    "createdAtGe": _vapi_time(created_after),
-                    "createdAtLe": _vapi_time(upper),
-                    "limit": _LIST_PAGE,
-                })
+                response = self._http.get(
+                    "/call",
+                    params={
+                        "assistantId": self._assistant_id,
+                        "createdAtGe": _vapi_time(created_after),
+                        "createdAtLe": _vapi_time(upper),
+                        "limit": _LIST_PAGE,
+                    },
+                )
             except httpx.TransportError as exc:
                 raise VapiUnavailable("Vapi unreachable", cause=type(exc).__name__) from exc
             if response.status_code != 200:
@@ -210,7 +231,9 @@ class VapiClient:
             if len(calls) < _LIST_PAGE:
                 return None
             # Newest first: the next page ends just before the oldest call of this one.
-            oldest = min(datetime.fromisoformat(c["createdAt"].replace("Z", "+00:00")) for c in calls)
+            oldest = min(
+                datetime.fromisoformat(c["createdAt"].replace("Z", "+00:00")) for c in calls
+            )
             upper = oldest - timedelta(milliseconds=1)
 
 

@@ -27,8 +27,14 @@ FOLLOWED = ("status-update", "end-of-call-report")
 _LOOSE = ConfigDict(extra="ignore", frozen=True)
 
 
-def verify_vapi_request(headers: Mapping[str, str], body: bytes, *, secret: str,
-                        credential_id: str | None, now: float | None = None) -> None:
+def verify_vapi_request(
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    secret: str,
+    credential_id: str | None,
+    now: float | None = None,
+) -> None:
     """Vapi's HMAC signature (with an HMAC credential) or its X-Vapi-Secret header; else 401.
 
     The signature is hex HMAC-SHA256 of "{x-timestamp}.{raw body}"; the timestamp may be in
@@ -115,7 +121,7 @@ def _form_ids(call: _Call) -> tuple[str, ...]:
 
 def _opted_out(analysis: _Analysis | None) -> bool:
     data = analysis.structuredData if analysis else None
-    return bool(data) and data.get("optOut") is True
+    return data is not None and data.get("optOut") is True
 
 
 def parse_server_message(body: bytes) -> tuple[str, CallEvent | None]:
@@ -123,23 +129,25 @@ def parse_server_message(body: bytes) -> tuple[str, CallEvent | None]:
     try:
         message = _Envelope.model_validate_json(body).message
     except ValidationError:
-        raise BadRequest("body must be a Vapi server message: {\"message\": {\"type\": ...}}") \
-            from None
+        raise BadRequest('body must be a Vapi server message: {"message": {"type": ...}}') from None
     if message.type not in FOLLOWED or message.call is None:
         return message.type, None
     call = message.call
     ended = message.type == "end-of-call-report" or (
-        message.status == "ended" and bool(message.endedReason))
+        message.status == "ended" and bool(message.endedReason)
+    )
     reason = message.endedReason or call.endedReason
     return message.type, CallEvent(
-        vapi_call_id=call.id, form_ids=_form_ids(call),
+        vapi_call_id=call.id,
+        form_ids=_form_ids(call),
         status="ended" if message.type == "end-of-call-report" else message.status,
         ended_reason=reason if ended else None,
         outcome=classify(reason) if ended else None,
         started_at=message.startedAt or call.startedAt,
         ended_at=message.endedAt or call.endedAt,
         cost=message.cost if message.cost is not None else call.cost,
-        opt_out=_opted_out(message.analysis) or _opted_out(call.analysis))
+        opt_out=_opted_out(message.analysis) or _opted_out(call.analysis),
+    )
 
 
 def call_event_from_record(record: dict[str, Any]) -> CallEvent:
@@ -147,14 +155,20 @@ def call_event_from_record(record: dict[str, Any]) -> CallEvent:
     call = _Call.model_validate(record)
     ended = call.status == "ended"
     return CallEvent(
-        vapi_call_id=call.id, form_ids=_form_ids(call), status=call.status,
+        vapi_call_id=call.id,
+        form_ids=_form_ids(call),
+        status=call.status,
         ended_reason=call.endedReason if ended else None,
         outcome=classify(call.endedReason) if ended else None,
-        started_at=call.startedAt, ended_at=call.endedAt, cost=call.cost,
-        opt_out=_opted_out(call.analysis))
+        started_at=call.startedAt,
+        ended_at=call.endedAt,
+        cost=call.cost,
+        opt_out=_opted_out(call.analysis),
+    )
 
 
 def ended_without_record(vapi_call_id: str, at: datetime) -> CallEvent:
-    """A placed call Vapi no longer knows: it ended, how is unknown (never connected, as far as known)."""
-    return CallEvent(vapi_call_id=vapi_call_id, status="ended", outcome="not_connected",
-                     ended_at=at)
+    """A placed call Vapi no longer knows: it ended, how is unknown (so: never connected)."""
+    return CallEvent(
+        vapi_call_id=vapi_call_id, status="ended", outcome="not_connected", ended_at=at
+    )

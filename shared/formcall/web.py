@@ -1,4 +1,4 @@
-"""The HTTP edge shared by every function: request capture, authentication, error mapping, Lambda entry.
+"""The HTTP edge of every function: request capture, authentication, error mapping, Lambda entry.
 
 Errors become statuses here and nowhere else. QStash retries any non-2xx, so only transient
 faults answer 5xx (503); permanent ones answer 489 with `Upstash-NonRetryable-Error: true`.
@@ -10,7 +10,7 @@ import hmac
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,8 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from formcall import clients, settings
-from formcall.errors import (FormcallError, PayloadTooLarge, Replayed, TransientFailure,
-                             Unauthorized)
+from formcall.errors import FormcallError, PayloadTooLarge, Replayed, TransientFailure, Unauthorized
 from formcall.observability import logger
 from formcall.signatures import InvalidSignature, replay_window, verify_signature, verify_webhook
 from formcall.store import FormStore
@@ -72,22 +71,38 @@ def _endpoint(handler: Handler):
             body = await request.body()
             if len(body) > MAX_BODY_BYTES:
                 raise PayloadTooLarge(f"body larger than {MAX_BODY_BYTES} bytes")
-            incoming = Incoming(method=request.method, url=str(request.url.replace(query="")),
-                                headers=request.headers, query=request.query_params, body=body)
+            incoming = Incoming(
+                method=request.method,
+                url=str(request.url.replace(query="")),
+                headers=request.headers,
+                query=request.query_params,
+                body=body,
+            )
             reply = await run_in_threadpool(handler, incoming)
         except FormcallError as exc:
             log = logger.error if exc.status >= 500 else logger.warning
-            log("request refused", extra={"status": exc.status, "error": exc.public_message,
-                                          **{k: v for k, v in exc.detail.items()
-                                             if k in ("formId", "settings", "cause")}})
+            log(
+                "request refused",
+                extra={
+                    "status": exc.status,
+                    "error": exc.public_message,
+                    **{k: v for k, v in exc.detail.items() if k in ("formId", "settings", "cause")},
+                },
+            )
             reply = error_reply(exc)
         except Exception:
             logger.exception("unexpected error")
             reply = error_reply(Exception())
         # The path only: a query string may carry the setup secret.
-        logger.info("request", extra={"method": request.method, "path": request.url.path,
-                                      "status": reply.status,
-                                      "ms": round((time.perf_counter() - started) * 1000, 1)})
+        logger.info(
+            "request",
+            extra={
+                "method": request.method,
+                "path": request.url.path,
+                "status": reply.status,
+                "ms": round((time.perf_counter() - started) * 1000, 1),
+            },
+        )
         return JSONResponse(reply.payload, reply.status, reply.headers)
 
     return endpoint
@@ -100,8 +115,9 @@ def create_app(handler: Handler, *, paths: Iterable[str], methods: list[str]) ->
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 
-async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     """Routing errors (404, 405) as JSON like every other answer."""
+    assert isinstance(exc, HTTPException)  # registered for HTTPException only
     return JSONResponse({"error": exc.detail}, exc.status_code, exc.headers)
 
 
@@ -116,8 +132,9 @@ def lambda_handler(app: Starlette):
 
     # log_event=False whatever POWERTOOLS_LOGGER_LOG_EVENT says: the event carries the setup
     # secret in its query string and the secrets' headers.
-    @logger.inject_lambda_context(correlation_id_path=correlation_paths.LAMBDA_FUNCTION_URL,
-                                  clear_state=True, log_event=False)
+    @logger.inject_lambda_context(
+        correlation_id_path=correlation_paths.LAMBDA_FUNCTION_URL, clear_state=True, log_event=False
+    )
     @metrics.log_metrics(capture_cold_start_metric=True)
     def handler(event: dict, context: Any) -> dict:
         return asgi(event, context)
@@ -125,9 +142,10 @@ def lambda_handler(app: Starlette):
     return handler
 
 
-def verify_qstash(incoming: Incoming, *, public_url: str | None = None,
-                  store: FormStore | None = None) -> dict:
-    """Check Upstash-Signature against this endpoint's URL (derived, or configured) and the raw body.
+def verify_qstash(
+    incoming: Incoming, *, public_url: str | None = None, store: FormStore | None = None
+) -> dict:
+    """Check Upstash-Signature against this endpoint's URL (derived or configured) and the raw body.
 
     Then accept the token once: a valid token used again (a captured delivery replayed) is
     refused with 409 before anything is read or written, so replays cannot spend a form's
@@ -139,20 +157,23 @@ def verify_qstash(incoming: Incoming, *, public_url: str | None = None,
         raise Unauthorized("invalid signature")
     try:
         claims = verify_signature(
-            tokens[0] if tokens else None, body=incoming.body,
+            tokens[0] if tokens else None,
+            body=incoming.body,
             urls=[incoming.url, public_url or ""],
-            keys=[config.QSTASH_CURRENT_SIGNING_KEY.get_secret_value(),
-                  config.QSTASH_NEXT_SIGNING_KEY.get_secret_value()],
+            keys=[
+                config.QSTASH_CURRENT_SIGNING_KEY.get_secret_value(),
+                config.QSTASH_NEXT_SIGNING_KEY.get_secret_value(),
+            ],
             leeway=config.QSTASH_CLOCK_TOLERANCE,
         )
-        jti, good_until = replay_window(claims, now=time.time(),
-                                        leeway=config.QSTASH_CLOCK_TOLERANCE)
+        jti, good_until = replay_window(
+            claims, now=time.time(), leeway=config.QSTASH_CLOCK_TOLERANCE
+        )
     except InvalidSignature as exc:
         logger.warning("signature refused", extra={"reason": str(exc)})
         raise Unauthorized("invalid signature") from None
     store = store or clients.store()
-    if not store.accept_qstash_token(jti, expires_at=datetime.fromtimestamp(good_until,
-                                                                           timezone.utc)):
+    if not store.accept_qstash_token(jti, expires_at=datetime.fromtimestamp(good_until, UTC)):
         logger.warning("replayed QStash token refused")
         raise Replayed("replayed token")
     _authenticated(incoming)
@@ -177,7 +198,7 @@ def _bearer(incoming: Incoming) -> list[str]:
 
 
 def require_cron_secret(incoming: Incoming, *, allow_query: bool = False) -> None:
-    """Accept `Authorization: Bearer <CRON_SECRET>` (and `?secret=` where allowed), in constant time."""
+    """Accept `Authorization: Bearer <CRON_SECRET>` (or `?secret=` where allowed), constant time."""
     expected = settings.load(settings.CronSettings).CRON_SECRET.get_secret_value()
     query = [incoming.query["secret"]] if allow_query and "secret" in incoming.query else []
     _require_secret(expected, _bearer(incoming) + query)
@@ -192,9 +213,13 @@ def require_signed_webhook(incoming: Incoming) -> None:
     """
     secret = settings.load(settings.WebhookSettings).WEBHOOK_SECRET.get_secret_value()
     try:
-        verify_webhook(secret=secret, timestamp=incoming.headers.get("x-formcall-timestamp"),
-                       signatures=incoming.headers.getlist("x-formcall-signature"),
-                       body=incoming.body, now=time.time())
+        verify_webhook(
+            secret=secret,
+            timestamp=incoming.headers.get("x-formcall-timestamp"),
+            signatures=incoming.headers.getlist("x-formcall-signature"),
+            body=incoming.body,
+            now=time.time(),
+        )
     except InvalidSignature as exc:
         logger.warning("webhook refused", extra={"reason": str(exc)})
         raise Unauthorized("unauthorized") from None

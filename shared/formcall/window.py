@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta, timezone
+from datetime import UTC, datetime, time, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _EVERY_DAY = frozenset(range(7))
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SECOND = timedelta(seconds=1)
 # How far apart the offset is sampled when looking for a daylight-saving change. Two
 # changes closer than this could cancel out unseen; across every zone from 1970 to 2070
@@ -38,14 +38,17 @@ class CallWindow:
 
     def __post_init__(self) -> None:
         if not self.days or not self.days <= _EVERY_DAY:
-            raise ValueError(f"call window days must be a non-empty subset of 0-6, "
-                             f"got {sorted(self.days)}")
+            raise ValueError(
+                f"call window days must be a non-empty subset of 0-6, got {sorted(self.days)}"
+            )
         for t in (self.start, self.end):
             if t.tzinfo is not None or t.microsecond:
                 raise ValueError(f"call window times must be naive whole seconds, got {t!r}")
         if not self.start < self.end:
-            raise ValueError(f"call window must start before it ends (overnight windows are "
-                             f"not supported), got {_clock(self.start)}-{_clock(self.end)}")
+            raise ValueError(
+                f"call window must start before it ends (overnight windows are "
+                f"not supported), got {_clock(self.start)}-{_clock(self.end)}"
+            )
 
     def __str__(self) -> str:
         return f"{_day_list(self.days)} {_clock(self.start)}-{_clock(self.end)}"
@@ -81,15 +84,18 @@ def _day_number(name: str, whole: str) -> int:
     try:
         return _DAY_NAMES.index(name.strip().lower())
     except ValueError:
-        raise ValueError(f"bad call window {whole!r}: {name.strip()!r} is not a day "
-                         f"(use {', '.join(d.title() for d in _DAY_NAMES)} or 'daily')") from None
+        raise ValueError(
+            f"bad call window {whole!r}: {name.strip()!r} is not a day "
+            f"(use {', '.join(d.title() for d in _DAY_NAMES)} or 'daily')"
+        ) from None
 
 
 def _parse_time(text: str, whole: str) -> time:
     hour, minute, second = (int(part) for part in (text + ":00").split(":")[:3])
     if hour > 23 or minute > 59 or second > 59:
-        raise ValueError(f"bad call window {whole!r}: {text} is not a time of day "
-                         f"(00:00 to 23:59:59)")
+        raise ValueError(
+            f"bad call window {whole!r}: {text} is not a time of day (00:00 to 23:59:59)"
+        )
     return time(hour, minute, second)
 
 
@@ -119,7 +125,7 @@ def is_open(at: datetime, zone: ZoneInfo, window: CallWindow) -> bool:
     _require_aware(at)
     # Through UTC: astimezone() returns a datetime already in `zone` unchanged, even a wall
     # time that a spring-forward skipped, which would then be judged by its face value.
-    return _inside(at.astimezone(timezone.utc).astimezone(zone), window)
+    return _inside(at.astimezone(UTC).astimezone(zone), window)
 
 
 def next_opening(at: datetime, zone: ZoneInfo, window: CallWindow) -> datetime | None:
@@ -132,7 +138,7 @@ def next_opening(at: datetime, zone: ZoneInfo, window: CallWindow) -> datetime |
     skipped (Pacific/Apia, 2011-12-30) never open.
     """
     _require_aware(at)
-    now = at.astimezone(timezone.utc)
+    now = at.astimezone(UTC)
     local = now.astimezone(zone)
     if _inside(local, window):
         return None
@@ -165,12 +171,13 @@ def _opening_at_offset(wall: datetime, offset: timedelta, window: CallWindow) ->
         if day.weekday() in window.days:
             start = datetime.combine(day, window.start)
             if start > wall:
-                return start.replace(tzinfo=timezone.utc) - offset
+                return start.replace(tzinfo=UTC) - offset
     raise AssertionError("a non-empty set of weekdays recurs within 8 days")
 
 
-def _first_offset_change(after: datetime, until: datetime, zone: ZoneInfo,
-                         offset: timedelta) -> datetime | None:
+def _first_offset_change(
+    after: datetime, until: datetime, zone: ZoneInfo, offset: timedelta
+) -> datetime | None:
     """The first instant in (after, until] whose UTC offset in `zone` is not `offset`."""
     low = after
     while low < until:
