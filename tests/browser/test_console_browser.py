@@ -1,4 +1,4 @@
-"""The local console in a real browser (headless Chromium via Selenium) against a running local stack.
+"""The local console in a real browser (headless Chromium via Selenium) against a local stack.
 
 Run alone with `pytest -m browser`. Chromium and chromedriver are Debian's (`make test`
 installs them where missing); Selenium is always given the driver, so it never downloads one.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -93,7 +93,8 @@ def timeline(driver) -> list[tuple[str, str]]:
 def screenshot(driver, name: str) -> None:
     """The whole page into docs/ (the window grown to the page's height for the shot)."""
     height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1440, max(900, min(height, 2400)))
+    # The window's height includes a little browser chrome even headless: leave room for it.
+    driver.set_window_size(1440, max(900, min(height + 200, 2600)))
     driver.save_screenshot(str(DOCS / name))
     driver.set_window_size(1440, 1000)
 
@@ -108,7 +109,7 @@ def test_forms_page_lists_a_new_form_quickly(stack, browser, conn):
     patient = create_patient(conn, full_name="Rosalind Franklin", phone="+15550100501",
                              timezone="Europe/London")
     form = create_form(conn, patient_id=patient, title="Allergy questionnaire",
-                       deadline=datetime.now(timezone.utc) + timedelta(hours=2))
+                       deadline=datetime.now(UTC) + timedelta(hours=2))
     committed = time.monotonic()
     row = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'tr[data-form-id="{form}"]'))
     print(f"\nforms page listed the new form {time.monotonic() - committed:.2f} s after commit")
@@ -132,17 +133,20 @@ def test_a_forms_journey_shows_a_deadline_call_end_to_end(stack, browser, conn):
     create.find_element(By.ID, "create").click()
     wait(browser, lambda d: "/forms/" in d.current_url)
     form = browser.current_url.split("/forms/")[1].split("?")[0]
-    # The deadline call, placed by the one-time QStash message, then the fake Vapi's call ends.
-    wait(browser, lambda d: ("Vapi", "call ended") in timeline(d))
-    print(f"\njourney showed the call placed and ended {time.monotonic() - clicked:.2f} s "
-          "after Create (deadline 3 s, call 2 s)")
+    # The deadline call, placed by the one-time QStash message; the fake Vapi's call ends and
+    # its end-of-call report reaches call-events.
+    wait(browser, lambda d: ("formcall", "call ended") in timeline(d))
+    print(f"\njourney showed the call placed, ended and recorded "
+          f"{time.monotonic() - clicked:.2f} s after Create (deadline 3 s, call 2 s)")
     entries = timeline(browser)
     audit = [what for source, what in entries if source == "formcall"]
-    assert audit == ["scheduled", "delivered", "claimed", "called"] == form_events(conn, form)
+    assert audit == ["scheduled", "delivered", "claimed", "called", "call ended"]
+    assert [event.replace("_", " ") for event in form_events(conn, form)] == audit
     states = [what.split(" · ")[0] for source, what in entries if source == "QStash"]
     assert states[0] == "published" and "delivered" in states
-    assert ("Vapi", "call created") in entries
+    assert ("Vapi", "call created") in entries and ("Vapi", "call ended") in entries
     assert browser.find_element(By.ID, "call-status").text == "called"
+    assert browser.find_element(By.ID, "call-outcome").text == "reached"
     screenshot(browser, "console-journey.png")
 
 
@@ -153,7 +157,7 @@ def test_dlq_retry_redelivers(stack, browser, conn):
                ).raise_for_status()
     patient = create_patient(conn, full_name="Alan Turing", phone="+15550100503")
     form = create_form(conn, patient_id=patient, title="Medication list",
-                       deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
+                       deadline=datetime.now(UTC) - timedelta(seconds=1))
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed", timeout=TIMEOUT)
     browser.get(f"{stack.console_url}/qstash")
     rows = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-dlq-id]"))
@@ -172,24 +176,51 @@ def test_dlq_retry_redelivers(stack, browser, conn):
     wait(browser, lambda d: ("formcall", "skipped") in timeline(d))
 
 
-def test_playing_the_patient_ends_a_ringing_call_that_way(stack, browser, conn):
+def test_dont_answer_leads_to_a_scheduled_follow_up(stack, browser, conn):
     browser.get(f"{stack.console_url}/act")
     click(browser, "#hold-toggle")
     wait(browser, lambda d: "ring until" in d.find_element(By.ID, "holding").text)
     try:
         patient = create_patient(conn, full_name="Marie Curie", phone="+15550100505")
         form = create_form(conn, patient_id=patient, title="Family history",
-                           deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
+                           deadline=datetime.now(UTC) - timedelta(seconds=1))
         browser.get(f"{stack.console_url}/forms/{form}")
         call = wait(browser, lambda d: d.find_elements(
             By.CSS_SELECTOR, 'tr[data-call-id][data-status="ringing"]'))[0]
         call_id = call.get_attribute("data-call-id")
+        clicked = time.monotonic()
         click(browser, f'tr[data-call-id="{call_id}"] button.play-no_answer')
         wait(browser, lambda d: "ended: no answer" in d.find_element(By.ID, "notice").text)
-        row = wait(browser, lambda d: d.find_element(
-            By.CSS_SELECTOR, f'tr[data-call-id="{call_id}"][data-status="ended"]'))
-        assert "customer-did-not-answer" in row.text
-        wait(browser, lambda d: ("Vapi", "call ended") in timeline(d))
+        # The fake Vapi reports the end to call-events; formcall schedules the next call.
+        wait(browser, lambda d: ("formcall", "follow up scheduled") in timeline(d))
+        print(f"\njourney showed the follow-up {time.monotonic() - clicked:.2f} s after "
+              "don't answer")
+        [scheduled] = conn.execute(
+            "select detail->>'next_call_at' from form_call_events"
+            " where form_id = %s and event = 'follow_up_scheduled'", (form,)).fetchone()
+        next_call = datetime.fromisoformat(scheduled).astimezone(UTC)
+        rows = browser.find_elements(By.CSS_SELECTOR, '#timeline tr[data-what="call ended"]')
+        assert any("no_answer (customer-did-not-answer)" in row.text for row in rows)
+        follow_up = browser.find_element(By.CSS_SELECTOR,
+                                         '#timeline tr[data-what="follow up scheduled"]')
+        assert f"next_call_at {scheduled}" in follow_up.text
+        ended = browser.find_element(By.CSS_SELECTOR, f'tr[data-call-id="{call_id}"]')
+        assert "customer-did-not-answer" in ended.text
+        if next_call - datetime.now(UTC) < timedelta(seconds=TIMEOUT):
+            # The dev stack's follow-up delay is seconds: the follow-up call rings; answer it.
+            again = wait(browser, lambda d: [
+                row for row in d.find_elements(By.CSS_SELECTOR,
+                                               'tr[data-call-id][data-status="ringing"]')
+                if row.get_attribute("data-call-id") != call_id])
+            second = again[0].get_attribute("data-call-id")
+            click(browser, f'tr[data-call-id="{second}"] button.play-reached')
+            wait(browser, lambda d: d.find_elements(By.ID, "call-outcome")
+                 and d.find_element(By.ID, "call-outcome").text == "reached")
+        else:
+            # A follow-up a day away: the form waits for it, pending, its next call shown.
+            wait(browser, lambda d: d.find_element(By.ID, "call-status").text == "pending")
+            assert browser.find_element(By.ID, "next-call").text == \
+                next_call.strftime("%Y-%m-%d %H:%M:%S UTC")
     finally:
         browser.get(f"{stack.console_url}/act")
         click(browser, "#hold-toggle")
@@ -200,9 +231,9 @@ def test_every_page_renders_without_a_console_error(stack, browser, conn):
     patient = create_patient(conn, full_name="Katherine Johnson", phone="+15550100504",
                              timezone="America/Chicago")
     create_form(conn, patient_id=patient, title="Insurance details",
-                deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
+                deadline=datetime.now(UTC) - timedelta(seconds=1))
     submitted = create_form(conn, patient_id=patient, title="Travel history",
-                            deadline=datetime.now(timezone.utc) + timedelta(minutes=5))
+                            deadline=datetime.now(UTC) + timedelta(minutes=5))
     conn.execute("update forms set submitted_at = now() where id = %s", (submitted,))
     for path, heading in (("/forms", "Forms"), ("/qstash", "QStash"), ("/act", "Act"),
                           (f"/forms/{submitted}", "Travel history")):
@@ -210,9 +241,10 @@ def test_every_page_renders_without_a_console_error(stack, browser, conn):
         assert browser.find_element(By.TAG_NAME, "h1").text.startswith(heading)
         # Let the live parts refresh a few times: their fetches must not fail either.
         region = browser.find_element(By.CSS_SELECTOR, "[data-refresh]")
-        wait(browser, lambda d: region.get_attribute("data-updated"))
+        wait(browser, lambda d, region=region: region.get_attribute("data-updated"))
         first = region.get_attribute("data-updated")
-        wait(browser, lambda d: region.get_attribute("data-updated") != first)
+        wait(browser, lambda d, region=region, first=first:
+             region.get_attribute("data-updated") != first)
         assert "stale" not in region.get_attribute("class")
     browser.get(f"{stack.console_url}/forms")
     wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-form-id="{submitted}"]'))

@@ -1,10 +1,10 @@
-"""The local console's routes over real HTTP, without a browser: real Postgres, local QStash, fake Vapi."""
+"""The console's routes over real HTTP, no browser: real Postgres, local QStash, fake Vapi."""
 
 from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -52,7 +52,7 @@ def overdue_form(conn, *, phone: str = "+15550100201", name: str = "Grace Hopper
                  zone: str = "America/New_York", title: str = "Consent form") -> str:
     patient = create_patient(conn, full_name=name, phone=phone, timezone=zone)
     return create_form(conn, patient_id=patient, title=title,
-                       deadline=datetime.now(timezone.utc) - timedelta(minutes=1))
+                       deadline=datetime.now(UTC) - timedelta(minutes=1))
 
 
 def counts(conn) -> tuple[int, int]:
@@ -187,7 +187,7 @@ def test_submit_a_form(web, conn):
 
 def test_move_a_deadline(web, conn):
     form = overdue_form(conn)
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     answer = web.post(f"/forms/{form}/deadline", data={"due_in_seconds": "3600"})
     assert answer.status_code == 303
     deadline = form_row(conn, form)["deadline"]
@@ -214,7 +214,7 @@ def test_create_a_test_patient_and_form(web, conn):
     form = re.match(r"/forms/([0-9a-f-]{36})\?", answer.headers["location"]).group(1)
     row = form_row(conn, form)
     assert row["title"] == "Intake" and row["call_status"] == "pending"
-    assert timedelta(seconds=25) < row["deadline"] - datetime.now(timezone.utc) \
+    assert timedelta(seconds=25) < row["deadline"] - datetime.now(UTC) \
         < timedelta(seconds=31)
     patient = conn.execute("select full_name, phone, timezone from patients where id = %s",
                            (row["patient_id"],)).fetchone()
@@ -339,10 +339,10 @@ def test_dont_answer_shows_the_outcome_and_the_follow_up(web, conn, vapi, monkey
     web.post(f"/act/calls/{call_id}/end", data={"outcome": "no_answer"})
     row = wait_until(lambda: (r := form_row(conn, form))["call_outcome"] and r)
     assert (row["call_status"], row["call_outcome"]) == ("pending", "no_answer")
-    assert row["next_call_at"] > datetime.now(timezone.utc)
+    assert row["next_call_at"] > datetime.now(UTC)
     listed = web.get("/forms/rows", params={"outcome": "no_answer"}).text
     assert f'data-form-id="{form}"' in listed
-    next_call = row["next_call_at"].astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    next_call = row["next_call_at"].astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
     assert next_call in listed
     journey = web.get(f"/forms/{form}").text
     assert 'data-what="call ended"' in journey and "no_answer (customer-did-not-answer)" in journey

@@ -1,4 +1,4 @@
-"""The local console: a web page over the dev stack's database, local QStash and fake Vapi (127.0.0.1 only)."""
+"""The local console: web pages over the dev stack's database, QStash and fake Vapi (127.0.0.1)."""
 
 from formcall_dev.console.app import ConsoleConfig, create_app
 

@@ -26,8 +26,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from formcall_dev.console import actions, queries, views
 from formcall_dev.console.journey import parse_time
-from formcall_dev.console.upstream import (PLAY_OUTCOMES, FakeVapiAdmin, LocalQStash, Refused,
-                                           Unavailable, trigger_sweep)
+from formcall_dev.console.upstream import (
+    PLAY_OUTCOMES,
+    FakeVapiAdmin,
+    LocalQStash,
+    Refused,
+    Unavailable,
+    trigger_sweep,
+)
 
 HERE = Path(__file__).parent
 LOCAL_HOSTS = ("127.0.0.1", "localhost")

@@ -11,8 +11,13 @@ from psycopg import AsyncConnection
 
 from formcall_dev.console import journey, queries
 from formcall_dev.console.actions import InvalidInput, NotFound
-from formcall_dev.console.upstream import (PLAY_OUTCOMES, FakeVapiAdmin, LocalQStash, Refused,
-                                           Unavailable)
+from formcall_dev.console.upstream import (
+    PLAY_OUTCOMES,
+    FakeVapiAdmin,
+    LocalQStash,
+    Refused,
+    Unavailable,
+)
 
 
 async def optional(read: Awaitable[Any]) -> tuple[Any, str | None]:
