@@ -1,4 +1,4 @@
-"""`formcall status`: schedules, queued messages, DLQ entries and forms, from QStash and the database."""
+"""`formcall status`: schedules, queued messages, DLQ entries, forms and their calls, from QStash and the database."""
 
 from __future__ import annotations
 
@@ -13,6 +13,23 @@ from rich.table import Table
 
 class StatusError(Exception):
     pass
+
+
+def _at(value: datetime | None) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _id_column(table: Table, name: str) -> None:
+    # Ids are what a user copies into the next command: never cut or wrapped.
+    table.add_column(name, no_wrap=True, min_width=36)
+
+
+def _text(detail) -> str:
+    """An event's detail as `key: value` text (JSON objects are not for reading)."""
+    if not isinstance(detail, dict):
+        return "" if detail is None else str(detail)
+    return ", ".join(f"{key}: {_text(value) if isinstance(value, dict) else value}"
+                     for key, value in detail.items() if value is not None)
 
 
 def _ms(value: int | None) -> str:
@@ -88,31 +105,58 @@ def _qstash_sections(console: Console, url: str, token: str) -> None:
 def _forms(console: Console, conn, limit: int) -> None:
     counts = dict(conn.execute("select call_status, count(*) from forms group by 1").fetchall())
     rows = conn.execute(
-        "select id, deadline, submitted_at is not null, call_status, call_attempts, vapi_call_id,"
-        " last_call_error from forms order by updated_at desc limit %s", (limit,)).fetchall()
+        "select id, deadline, submitted_at is not null, call_status, call_outcome, call_attempts,"
+        " vapi_call_id, last_call_error from forms order by updated_at desc limit %s",
+        (limit,)).fetchall()
     table = Table(title="forms (newest changes first) — " + ", ".join(
         f"{k}: {v}" for k, v in sorted(counts.items())))
-    for column in ("form id", "deadline", "submitted", "call", "attempts", "vapi call", "last error"):
+    _id_column(table, "form id")
+    for column in ("deadline", "submitted", "call", "outcome", "attempts"):
         table.add_column(column)
-    for fid, deadline, submitted, state, attempts, call_id, error in rows:
-        table.add_row(str(fid), deadline.strftime("%Y-%m-%d %H:%M:%S") if deadline else "none",
-                      "yes" if submitted else "", state, str(attempts), call_id or "",
-                      (error or "")[:60])
+    _id_column(table, "vapi call")
+    table.add_column("last error")
+    for fid, deadline, submitted, state, outcome, attempts, call_id, error in rows:
+        table.add_row(str(fid), _at(deadline) or "none", "yes" if submitted else "", state,
+                      outcome or "", str(attempts), call_id or "", (error or "")[:60])
     console.print(table)
 
 
 def _history(console: Console, conn, form_id: str) -> None:
-    form = conn.execute("select call_status, call_attempts, deadline, vapi_call_id, last_call_error"
-                        " from forms where id = %s", (form_id,)).fetchone()
+    form = conn.execute(
+        "select f.call_status, f.call_outcome, f.call_attempts, f.deadline, f.next_call_at,"
+        " f.submitted_at, p.opted_out_at, f.last_call_error"
+        " from forms f join patients p on p.id = f.patient_id where f.id = %s",
+        (form_id,)).fetchone()
     if form is None:
         raise StatusError(f"no form {form_id}")
-    console.print(f"form {form_id}: {form[0]}, {form[1]} attempt(s), deadline {form[2]}, "
-                  f"call {form[3] or '-'}, last error {form[4] or '-'}")
+    state, outcome, attempts, deadline, next_call, submitted, opted_out, error = form
+    console.print(f"form {form_id}")
+    for label, value in (("status", state), ("call outcome", outcome or "-"),
+                         ("attempts at the current call", attempts),
+                         ("deadline", _at(deadline) or "none"),
+                         ("next call", _at(next_call) or "-"),
+                         ("submitted", _at(submitted) or "no"),
+                         ("patient opted out", _at(opted_out) or "no"),
+                         ("last error", error or "-")):
+        console.print(f"  {label}: {value}")
+    calls = Table(title="calls")
+    _id_column(calls, "vapi call id")
+    for column in ("status", "outcome", "ended reason", "started", "ended", "cost"):
+        calls.add_column(column)
+    for vapi_id, status, call_outcome, reason, started, ended, cost in conn.execute(
+            "select c.vapi_call_id, c.status, c.outcome, c.ended_reason, c.started_at,"
+            " c.ended_at, c.cost from calls c join call_forms cf on cf.call_id = c.id"
+            " where cf.form_id = %s order by c.created_at", (form_id,)):
+        calls.add_row(vapi_id or "(not placed yet)", status, call_outcome or "",
+                      reason or "", _at(started), _at(ended),
+                      "" if cost is None else f"${cost:.4f}")
+    console.print(calls)
     table = Table(title="history")
     for column in ("time", "event", "detail"):
         table.add_column(column)
     for at, event, detail in conn.execute(
             "select created_at, event, detail from form_call_events where form_id = %s order by id",
             (form_id,)):
-        table.add_row(at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], event, str(detail))
+        table.add_row(at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], event,
+                      _text(detail))
     console.print(table)
