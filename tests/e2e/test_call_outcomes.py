@@ -177,3 +177,44 @@ def test_a_lost_report_is_recorded_by_the_sweeps_lookup(info, conn):
         ("no_answer", "lookup"), ("reached", "call-events")]
     assert len(calls_to(info, number)) == 2
     assert "follow_up_scheduled" in form_events(conn, form)
+
+
+def test_status_shows_a_forms_calls_and_outcomes(info, conn, monkeypatch):
+    from typer.testing import CliRunner
+
+    from formcall_dev.cli import app as cli
+
+    number = "+15550200005"
+    fake(info, "POST", "/configure", json={"scripts": {number: ["voicemail", "reached"]}})
+    form = create_form(conn, patient_id=create_patient(conn, phone=number),
+                       deadline=datetime.now(timezone.utc))
+    wait_until(lambda: form_row(conn, form)["call_outcome"] == "reached", timeout=30)
+    for name, value in info.env().items():
+        monkeypatch.setenv(name, value)
+    # Narrow on purpose: ids are shown whole however little room there is.
+    one = CliRunner().invoke(cli, ["status", form], env={"COLUMNS": "100"})
+    assert one.exit_code == 0, one.output
+    for call in calls_to(info, number):
+        assert call["id"] in one.output
+    for text in ("call outcome: reached", "voicemail", "customer-ended-call", "call_ended",
+                 "follow_up_scheduled", "patient opted out: no", form):
+        assert text in one.output
+    assert "{'" not in one.output and "UUID(" not in one.output
+    every = CliRunner().invoke(cli, ["status"], env={"COLUMNS": "250"})
+    assert every.exit_code == 0, every.output
+    assert "outcome" in every.output and "reached" in every.output
+
+
+def test_dev_help_names_the_compressed_times():
+    from typer.testing import CliRunner
+
+    from formcall_dev.cli import app as cli
+
+    text = " ".join(CliRunner().invoke(cli, ["dev", "--help"], env={"COLUMNS": "250"}
+                                       ).output.split())
+    assert "Time is compressed" in text
+    for flag, name in (("--follow-up-delay", "FOLLOW_UP_DELAY_SECONDS"),
+                       ("--outcome-timeout", "CALL_OUTCOME_TIMEOUT_SECONDS"),
+                       ("--max-calls-per-day", "PATIENT_MAX_CALLS_PER_DAY"),
+                       ("--max-calls-per-week", "PATIENT_MAX_CALLS_PER_WEEK")):
+        assert flag in text and f"dev: {DEV_CALL_RULES[name]};" in text
