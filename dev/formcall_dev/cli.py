@@ -52,7 +52,8 @@ def dev(serve: Annotated[bool, typer.Option("--serve", help="Keep the stack runn
     Time is compressed: the fake Vapi's calls ring about a second and talk a second or two, \
 a follow-up is due seconds after a call ended, a call whose report was lost is looked up \
 after seconds, and the per-patient caps are relaxed (10 a day, 30 a week) so follow-ups \
-happen now. The options below set each of them.
+happen now. The options below set each of them. With --real-vapi the production rules apply \
+unless an option is given.
     """
     import time
 
@@ -84,7 +85,9 @@ happen now. The options below set each of them.
              "CALL_OUTCOME_TIMEOUT_SECONDS": outcome_timeout,
              "PATIENT_MAX_CALLS_PER_DAY": max_calls_per_day,
              "PATIENT_MAX_CALLS_PER_WEEK": max_calls_per_week}
-    rules = {**DEV_CALL_RULES, **{k: str(v) for k, v in given.items() if v is not None}}
+    # Real phones get the real rules (a follow-up a day, one call a day) unless told otherwise.
+    rules = {**({} if real_vapi else DEV_CALL_RULES),
+             **{k: str(v) for k, v in given.items() if v is not None}}
     from formcall.errors import ConfigurationError
     from formcall.settings import CallRulesSettings
 
@@ -101,7 +104,8 @@ happen now. The options below set each of them.
         with console.status("starting PostgreSQL, local QStash, fake Vapi and the functions…"):
             info = stack.start()
         console.print(f"[bold green]stack up[/] in {time.monotonic() - started:.1f} s")
-        console.print(compressed_time_note(rules, ring_seconds, call_seconds))
+        if not real_vapi:
+            console.print(compressed_time_note(rules, ring_seconds, call_seconds))
         if serve:
             print_serve_help(info)
             while True:

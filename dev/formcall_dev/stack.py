@@ -133,8 +133,8 @@ class Stack:
         self.call_window = call_window
         self.vapi_concurrency = vapi_concurrency
         self.vapi_ring_seconds = vapi_ring_seconds
-        # DEV_CALL_RULES with these values over them.
-        self.call_rules = {**DEV_CALL_RULES, **(call_rules or {})}
+        # The call rules' settings (the functions' defaults for those not given).
+        self.call_rules = dict(DEV_CALL_RULES if call_rules is None else call_rules)
         self.extra_env = extra_env or {}
         self.processes: dict[str, subprocess.Popen] = {}
         self.postgres = None
