@@ -54,7 +54,9 @@ def call_rows(conn, form_id: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def info(tmp_path_factory):
-    with Stack(tmp_path_factory.mktemp("outcomes")) as started:
+    # A short create-call timeout, so an unanswered request leaves its claim stale quickly.
+    with Stack(tmp_path_factory.mktemp("outcomes"),
+               extra_env={"VAPI_TIMEOUT_SECONDS": "1"}) as started:
         yield started
 
 
@@ -218,3 +220,36 @@ def test_dev_help_names_the_compressed_times():
                        ("--max-calls-per-day", "PATIENT_MAX_CALLS_PER_DAY"),
                        ("--max-calls-per-week", "PATIENT_MAX_CALLS_PER_WEEK")):
         assert flag in text and f"dev: {DEV_CALL_RULES[name]};" in text
+
+
+def test_a_stale_follow_up_claim_is_not_matched_to_the_previous_call(info, conn, monkeypatch):
+    """A follow-up soon after a call (FOLLOW_UP_DELAY_SECONDS is a few seconds here; any value
+    under a minute in production) whose create-call got no answer: Vapi never placed it, so the
+    reconciliation must release it, not take the form's previous call (still within its one
+    minute of clock slack) for it."""
+    from formcall import clients
+    from formcall.sweep import reconcile_stale_calls
+
+    number = "+15550200006"
+    fake(info, "POST", "/configure", json={"scripts": {number: ["no_answer", "reached"]}})
+    form = create_form(conn, patient_id=create_patient(conn, phone=number),
+                       deadline=datetime.now(timezone.utc))
+    first = wait_until(lambda: form_row(conn, form)["next_call_at"], timeout=30)
+    assert first is not None
+    # The follow-up's create-call: no call is placed and no answer comes within the timeout.
+    fake(info, "POST", "/rules", json={"customer_number": number, "status": 500, "delay": 3,
+                                       "times": 1})
+    wait_until(lambda: "outcome_unknown" in form_events(conn, form), timeout=30)
+    assert len(calls_to(info, number)) == 1
+
+    for name, value in info.env().items():
+        monkeypatch.setenv(name, value)
+    clients.reset()
+    try:
+        # The sweep would do this once the claim is older than its 15-minute lease.
+        outcome = reconcile_stale_calls(store=clients.store(), vapi=clients.vapi(),
+                                        lease_seconds=0)
+    finally:
+        clients.reset()
+    assert outcome == {"found": 0, "released": 1, "unresolved": 0}
+    assert form_row(conn, form)["call_status"] == "pending"
