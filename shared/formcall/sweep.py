@@ -41,8 +41,9 @@ def reconcile_stale_calls(*, store: FormStore, vapi: Caller,
             logger.error("could not reconcile a stale call", extra={"call_id": stale.call_id,
                                                                    "error": exc.public_message})
             continue
-        if found:
-            store.record_placed(stale.call_id, found["id"], status=found.get("status"))
+        # A call already recorded on another claim (the form's previous call, inside the
+        # search's clock slack) is not this claim's: recorded is False and the claim released.
+        if found and store.record_placed(stale.call_id, found["id"], status=found.get("status")):
             outcome["found"] += 1
         else:
             store.release(stale.call_id, "no call found in Vapi after an unknown outcome")
