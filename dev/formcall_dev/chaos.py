@@ -2,14 +2,18 @@
 
 `python -m formcall_dev.chaos` (`make chaos`) starts a local stack (real processes, as `formcall
 dev`), seeds 1,000 forms (due during the run, overdue, not yet due, submitted early, deadline
-moved later, earlier or away, some inserted with no webhook) and lets their one-time messages
-fire while it injects faults: Vapi 5xx answers, Vapi timeouts after the call was placed (the
-outcome is unknown to call-form), Vapi rejections, duplicate deliveries (a signed delivery
-re-POSTed twice, and a second message published), the function server SIGKILLed while a call
-is in flight at Vapi, the function server's database connections terminated, and the local
-QStash killed and restarted once. When nothing is due any more, sweeps run until a round
-changes nothing: stale claims are reconciled with `reconcile_stale_calls(lease_seconds=0)` (in
-production only claims older than the 15-minute lease are, which no run can wait for), then
+moved later, earlier or away, some inserted with no webhook; some patients have several forms
+due together, a few opt out on their call) and lets their one-time messages fire while it
+injects faults: Vapi 5xx answers, Vapi timeouts after the call was placed (the outcome is
+unknown to call-form), Vapi rejections, duplicate deliveries (a signed delivery re-POSTed twice,
+and a second message published), the function server SIGKILLed while a call is in flight at
+Vapi, the function server's database connections terminated, the local QStash killed and
+restarted once, and Vapi's call reports lost, duplicated and reordered. Calls end as a mix of
+outcomes (no answer, voicemail, busy... are followed up 2 s later, within tight per-patient
+caps). When nothing is due any more, sweeps run until a round changes nothing: stale claims are
+reconciled with `reconcile_stale_calls(lease_seconds=0)` and lost reports looked up with
+`look_up_lost_outcomes(timeout_seconds=0)` (in production only claims older than the 15-minute
+lease and calls older than CALL_OUTCOME_TIMEOUT_SECONDS are, which no run can wait for), then
 check-forms is triggered over HTTP. Then the fake Vapi's own record, the database and the local
 QStash's tables are checked, and the figures printed. `--write BENCHMARKS.md` puts them in the
 file's "## Chaos" section; the hostile-input suites run scaled up after it (`--hostile-cases`).
@@ -46,6 +50,13 @@ MUST_NOT_CALL = ("not_due", "submitted", "moved_away")
 # Shares of the forms; the rest are due during the run.
 MIX = {"overdue": 0.04, "overdue_silent": 0.04, "not_due": 0.12, "submitted": 0.12,
        "moved_later": 0.10, "moved_earlier": 0.04, "moved_away": 0.04}
+# How the fake Vapi's calls end (weights); opt-outs are scripted for chosen patients.
+OUTCOME_MIX = {"reached": 0.62, "no_answer": 0.14, "voicemail": 0.1, "busy": 0.06,
+               "not_connected": 0.06, "bad_number": 0.02}
+# The call rules of the run: follow-ups seconds apart, caps tight enough to be met.
+CALL_RULES = {"FOLLOW_UP_DELAY_SECONDS": "2", "MAX_CALLS_PER_FORM": "3",
+              "PATIENT_MAX_CALLS_PER_DAY": "2", "PATIENT_MAX_CALLS_PER_WEEK": "3",
+              "CALL_OUTCOME_TIMEOUT_SECONDS": "5"}
 
 
 @dataclass
@@ -68,6 +79,11 @@ class ChaosConfig:
     vapi_timeout_s: float = 1.0    # VAPI_TIMEOUT_SECONDS of the functions
     qstash_time_scale: float = 0.001
     settle_timeout_s: float = 420.0
+    shared: float = 0.30           # forms due together with other forms of their patient
+    opt_outs: float = 0.02         # forms whose patient opts out on the first call
+    report_drop_rate: float = 0.10     # Vapi's server messages lost (each message)
+    report_duplicate_rate: float = 0.10
+    reorder: bool = True           # the final status-update after the end-of-call report
 
 
 QUICK = dict(forms=120, lead_s=6.0, window_s=12.0, max_kills=3, kill_gap_s=3.0,
@@ -84,6 +100,9 @@ class Form:
     faults: list[str] = field(default_factory=list)
     act_at: datetime | None = None       # submit or move: planned
     acted_at: datetime | None = None     # when the submission or move had committed
+    patient: int = 0                     # index of the form's patient
+    opt_out: bool = False                # the patient opts out on the first call
+    shared: bool = False                 # due together with other forms of its patient
 
 
 @dataclass
@@ -135,7 +154,9 @@ def plan_forms(config: ChaosConfig, start: float) -> list[Form]:
         if form.act_at is not None:
             form.act_at = max(form.act_at, _utc(start + 2))
         forms.append(form)
-    callable_forms = [f for f in forms if f.case in MUST_CALL]
+    _assign_patients(forms, config, rng)
+    # Vapi's faults match a call's first form: a form that shares its call gets none.
+    callable_forms = [f for f in forms if f.case in MUST_CALL and not f.shared]
     rng.shuffle(callable_forms)
 
     def draw(share: float) -> list[Form]:
@@ -150,6 +171,40 @@ def plan_forms(config: ChaosConfig, start: float) -> list[Form]:
                 continue
             form.faults.append(kind)
     return forms
+
+
+def _assign_patients(forms: list[Form], config: ChaosConfig, rng: random.Random) -> None:
+    """Most forms have a patient of their own; `shared` of them are due together with one or two
+    more forms of the same patient (one call about all); `opt_outs` of them opt out."""
+    together = [f for f in forms if f.case in ("due", "overdue")]
+    rng.shuffle(together)
+    grouped = together[:round(config.forms * config.shared)]
+    patient = 0
+    while grouped:
+        size = min(len(grouped), rng.choice([2, 2, 3]))
+        group, grouped = grouped[:size], grouped[size:]
+        for form in group:
+            # One due moment and one case for the group: a clinic sends its forms at once.
+            form.patient, form.case, form.shared = patient, group[0].case, True
+            form.deadline = form.final_deadline = group[0].deadline
+        patient += 1
+    alone = [f for f in forms if not f.shared]
+    for form in alone:
+        form.patient = patient
+        patient += 1
+    candidates = [f for f in alone if f.case in ("due", "overdue", "overdue_silent")]
+    for form in rng.sample(candidates, min(len(candidates), round(config.forms * config.opt_outs))):
+        form.opt_out = True
+
+
+def _calls_over_caps(times: list[datetime], per_day: int, per_week: int) -> bool:
+    """Whether calls at `times` (UTC patients) break either cap."""
+    times = sorted(times)
+    days = Counter(t.date() for t in times)
+    if any(n > per_day for n in days.values()):
+        return True
+    return any(sum(1 for u in times[i:] if u < t + timedelta(days=7)) > per_week
+               for i, t in enumerate(times))
 
 
 class Chaos:
@@ -192,7 +247,7 @@ class Chaos:
         config = self.config
         self.stack = _ChaosStack(
             self.data_dir, qstash_time_scale=config.qstash_time_scale, vapi_call_seconds=0.5,
-            vapi_concurrency=200,
+            vapi_ring_seconds=0.3, vapi_concurrency=200, call_rules=CALL_RULES,
             extra_env={"VAPI_TIMEOUT_SECONDS": str(config.vapi_timeout_s),
                        "VAPI_CALLS_PER_MINUTE": "60000", "POWERTOOLS_LOG_LEVEL": "INFO"})
         self.info = self.stack.start()
@@ -233,18 +288,26 @@ class Chaos:
                 if "delay" in rule:
                     (self.timeout_rules if "vapi_timeout" in form.faults and
                      rule["delay"] > self.config.vapi_timeout_s else self.kill_rules).add(made["id"])
-        patients = [create_patient(conn, full_name=f"Chaos Patient {i}",
-                                   phone=f"+1555{2000000 + i:07d}") for i in range(50)]
+        count = max(f.patient for f in self.forms) + 1
+        self.phones = [f"+1555{2000000 + i:07d}" for i in range(count)]
+        self.admin("POST", "/configure", json={
+            "outcome_mix": OUTCOME_MIX, "seed": self.config.seed,
+            "report_drop_rate": self.config.report_drop_rate,
+            "report_duplicate_rate": self.config.report_duplicate_rate,
+            "reorder": self.config.reorder,
+            "scripts": {self.phones[f.patient]: ["opt_out"] for f in self.forms if f.opt_out}})
         with conn.transaction():
+            self.patients = [create_patient(conn, full_name=f"Chaos Patient {i}", phone=phone)
+                             for i, phone in enumerate(self.phones)]
             for index, form in enumerate(self.forms):
                 if form.case != "overdue_silent":
-                    create_form(conn, patient_id=patients[index % len(patients)],
+                    create_form(conn, patient_id=self.patients[form.patient],
                                 title=f"Chaos form {index}", deadline=form.deadline,
                                 form_id=form.id)
         # Apart: a silent insert's `set local session_replication_role` lasts to the commit.
         for index, form in enumerate(self.forms):
             if form.case == "overdue_silent":
-                create_form(conn, patient_id=patients[index % len(patients)],
+                create_form(conn, patient_id=self.patients[form.patient],
                             title=f"Chaos form {index}", deadline=form.deadline, form_id=form.id,
                             silent=True)
         self.log(f"seeded {len(self.forms)} forms in {time.time() - start:.1f} s")
@@ -393,7 +456,17 @@ class Chaos:
             busy = conn.execute(
                 "select count(*) from local_qstash.messages"
                 " where state = 'ACTIVE' or due_at < now() + interval '1 hour'").fetchone()[0]
-            if busy == 0 or time.monotonic() > deadline:
+            if busy == 0:
+                break
+            if time.monotonic() > deadline:
+                for row in conn.execute(
+                        "select m.state, m.due_at - now(), m.url, convert_from(m.body, 'utf8'),"
+                        " (select string_agg(e.event || coalesce(' ' || (e.detail->>'reason'), ''),"
+                        "  ', ' order by e.id) from form_call_events e"
+                        "  where e.form_id::text = convert_from(m.body, 'utf8')::jsonb->>'formId')"
+                        " from local_qstash.messages m"
+                        " where m.state = 'ACTIVE' or m.due_at < now() + interval '1 hour'"):
+                    self.log(f"still busy after {phase}: {row}")
                 break
             time.sleep(0.25)
         time.sleep(1.0)  # a last webhook or response in flight
@@ -426,7 +499,7 @@ class Chaos:
 
     def _sweep_rounds(self, conn: psycopg.Connection) -> list[dict]:
         from formcall import clients
-        from formcall.sweep import reconcile_stale_calls
+        from formcall.sweep import look_up_lost_outcomes, reconcile_stale_calls
 
         assert self.info is not None
         rounds = []
@@ -438,40 +511,76 @@ class Chaos:
                 reconciled.update(outcome)
                 if sum(outcome.values()) == outcome["unresolved"]:
                     break
+            # Calls whose end was never reported (lost reports, a kill before the record).
+            looked_up = look_up_lost_outcomes(
+                store=clients.store(), vapi=clients.vapi(), publisher=clients.publisher,
+                call_form_url=self.info.call_form_url, window=clients.window(),
+                timeout_seconds=0)
             answer = httpx.get(self.info.check_forms_url, timeout=120, headers={
                 "Authorization": f"Bearer {self.info.credentials['CRON_SECRET']}"}).json()
             self.settle(conn, f"sweep {len(rounds) + 1}")
-            rounds.append({"reconciled": dict(reconciled), "found": answer["found"],
-                           "enqueued": answer["enqueued"], "failed": answer["failed"]})
+            rounds.append({"reconciled": dict(reconciled), "looked up": looked_up,
+                           "found": answer["found"], "enqueued": answer["enqueued"],
+                           "failed": answer["failed"]})
             self.log(f"sweep {len(rounds)}: {rounds[-1]}")
-            if not answer["found"] and not reconciled["found"] and not reconciled["released"]:
+            if not answer["found"] and not reconciled["found"] and not reconciled["released"] \
+                    and not looked_up["ended"] and not looked_up["open"]:
                 break
+            if looked_up["open"]:
+                time.sleep(1.0)  # calls still ringing or talking at Vapi
         return rounds
 
     # ---- checks and figures -----------------------------------------------------------------
 
     def check(self, conn: psycopg.Connection, before_sweeps: dict, sweeps: list[dict],
               started: float) -> ChaosResult:
+        from formcall_dev.fake_vapi import ENDED_REASONS, form_ids_of
+
         violations: list[str] = []
         by_id = {f.id: f for f in self.forms}
         requests = self.admin("GET", "/requests")
+        # How each call ended, by Vapi's (the fake's) own record.
+        ended = {c["id"]: c for c in self.admin("GET", "/calls")}
+        class_of = {reason: ("reached" if outcome == "opt_out" else outcome)
+                    for outcome, reason in ENDED_REASONS.items()}
         placed: dict[str, list[dict]] = {}
         for request in requests:
-            if request["outcome"] == "placed" and request["form_id"] in by_id:
-                placed.setdefault(request["form_id"], []).append(request)
+            if request["outcome"] != "placed":
+                continue
+            # One call covers every due form of the patient (metadata.formIds).
+            for form_id in form_ids_of(request["body"]):
+                if form_id in by_id:
+                    placed.setdefault(form_id, []).append(request)
         rows = {str(r[0]): r[1:] for r in conn.execute(
-            "select id, call_status, vapi_call_id, last_call_error, deadline, submitted_at"
-            " from forms").fetchall()}
+            "select id, call_status, vapi_call_id, last_call_error, deadline, submitted_at,"
+            " call_outcome, next_call_at from forms").fetchall()}
+        rules = self.stack.call_rules if self.stack else CALL_RULES
+        delay = timedelta(seconds=int(rules["FOLLOW_UP_DELAY_SECONDS"]))
+        follow_up_on = {"no_answer", "busy", "voicemail", "not_connected"}
 
-        twice = [f for f, calls in placed.items() if len(calls) > 1]
-        violations += [f"form {f} ({by_id[f].case}) was called {len(placed[f])} times"
-                       for f in twice]
+        # Twice for one due moment: a second call that is not a follow-up of the first.
+        twice = []
+        for form_id, calls in placed.items():
+            calls.sort(key=lambda c: c["at"])
+            for first, second in zip(calls, calls[1:]):
+                record = ended.get(first["call_id"]) or {}
+                outcome = class_of.get(record.get("endedReason"))
+                ended_at = record.get("endedAt")
+                if outcome not in follow_up_on or ended_at is None or \
+                        _moment(second["at"]) < _moment(ended_at) + delay \
+                        - timedelta(milliseconds=1):
+                    twice.append(form_id)
+                    violations.append(f"form {form_id} ({by_id[form_id].case}) was called again"
+                                      f" at {second['at']} after a call that ended {outcome}")
+                    break
+            if len(calls) > int(rules["MAX_CALLS_PER_FORM"]):
+                violations.append(f"form {form_id} was called {len(calls)} times")
         called_before_act: set[str] = set()
         for form_id, calls in placed.items():
-            status, call_id, _error, _deadline, submitted_at = rows[form_id]
+            status, call_id, _error, _deadline, submitted_at, _outcome, _next = rows[form_id]
             form = by_id[form_id]
             for call in calls:
-                at = datetime.fromisoformat(call["at"].replace("Z", "+00:00"))
+                at = _moment(call["at"])
                 # The deadline in force when the call was placed: a submission or move the
                 # driver made late (after the old deadline) does not apply to an earlier call.
                 before_act = form.acted_at is None or at < form.acted_at
@@ -486,10 +595,13 @@ class Chaos:
                     violations.append(f"form {form_id} ({form.case}) was called before its deadline")
             if status == "called" and call_id not in {c["call_id"] for c in calls}:
                 violations.append(f"form {form_id} records call {call_id}, Vapi has another")
+        capped = {str(f) for (f,) in conn.execute(
+            "select distinct form_id from form_call_events where event = 'capped'"
+            " and detail->>'reason' = 'patient_cap'")}
         outcomes: Counter[str] = Counter()
         failures: Counter[str] = Counter()
         for form in self.forms:
-            status, call_id, error, deadline, submitted_at = rows[form.id]
+            status, call_id, error, deadline, submitted_at, outcome, next_call = rows[form.id]
             if form.id in called_before_act:
                 outcomes[f"{form.case}: called before the (late) {form.case} was made"] += 1
                 continue
@@ -498,20 +610,53 @@ class Chaos:
                 if status != "pending":
                     violations.append(f"form {form.id} ({form.case}) ended {status}")
                 continue
-            if status == "called" and call_id:
-                label = "called"
+            calls = len(placed.get(form.id, []))
+            if status == "called" and call_id and outcome == "reached":
+                label = "reached"
+            elif status == "called" and call_id and outcome is not None and (
+                    outcome not in follow_up_on or calls >= int(rules["MAX_CALLS_PER_FORM"])):
+                label = f"called {calls} times, not reached (last: {outcome})"
             elif status == "failed" and error:
                 label = "failed with a reason"
             elif status == "calling" and (error or "").startswith("outcome unknown"):
                 label = "flagged (outcome unknown)"
+            elif status == "opted_out" and form.opt_out:
+                label = "opted out"
+            elif (status == "pending" and form.id in capped and next_call is not None
+                  and next_call > datetime.now(timezone.utc) + timedelta(hours=1)):
+                label = "capped: called again when the patient's caps allow"
             else:
-                label = f"LOST ({status})"
-                violations.append(f"due form {form.id} ({form.case}) ended {status}: {error}")
+                label = f"LOST ({status}, {outcome or 'no outcome'})"
+                violations.append(f"due form {form.id} ({form.case}) ended {status}"
+                                  f" ({outcome}): {error}")
             outcomes[label] += 1
-            if label == "called" and "vapi_reject" in form.faults:
+            if calls and "vapi_reject" in form.faults:
                 violations.append(f"form {form.id} was called although Vapi rejects it")
             if label == "failed with a reason":
                 failures[_failure_kind(error)] += 1
+
+        # The caps, by the calls Vapi placed to each number (the patients are in UTC).
+        times: dict[str, list[datetime]] = {}
+        for request in requests:
+            if request["outcome"] == "placed":
+                number = (request["body"].get("customer") or {}).get("number")
+                times.setdefault(number, []).append(_moment(request["at"]))
+        over_cap = [n for n, t in times.items() if _calls_over_caps(
+            t, int(rules["PATIENT_MAX_CALLS_PER_DAY"]), int(rules["PATIENT_MAX_CALLS_PER_WEEK"]))]
+        violations += [f"patient {n} was called over a cap: {sorted(map(str, times[n]))}"
+                       for n in over_cap]
+        opted = conn.execute("select phone, opted_out_at from patients"
+                             " where opted_out_at is not null").fetchall()
+        after_opt_out = [n for n, at in opted if any(t > at for t in times.get(n, []))]
+        violations += [f"patient {n} was called after opting out" for n in after_opt_out]
+        unended = conn.execute("select count(*) from calls where vapi_call_id is not null"
+                               " and outcome is null").fetchone()[0]
+        if unended:
+            violations.append(f"{unended} placed calls have no outcome after the final sweep")
+        reports = Counter()
+        for delivery in self.admin("GET", "/reports"):
+            reports["dropped" if delivery["dropped"] else
+                    "duplicated" if delivery["duplicate"] else "delivered"] += 1
         extra = conn.execute("select count(*) from form_call_events where event = 'extra_call'"
                              ).fetchone()[0]
         if extra:
@@ -560,9 +705,16 @@ class Chaos:
         figures = {
             "forms": len(self.forms),
             "cases": dict(sorted(cases.items())),
+            "patients": {"patients": len(self.phones),
+                         "forms sharing a call with others of their patient": sum(
+                             f.shared for f in self.forms),
+                         "planned opt-outs": sum(f.opt_out for f in self.forms),
+                         "opted out": len(opted)},
+            "call rules": dict(rules),
             "faults planned (forms)": dict(sorted(planned.items())),
             "faults injected": dict(sorted(self.injected.items())),
             "vapi": dict(sorted(vapi.items())),
+            "call reports (fake Vapi's server messages)": dict(sorted(reports.items())),
             "call-form answers": responses,
             "qstash": {"messages": events.get("CREATED", 0),
                        "delivered": events.get("DELIVERED", 0),
@@ -575,7 +727,10 @@ class Chaos:
             "outcomes": dict(sorted(outcomes.items())),
             "failure reasons": dict(sorted(failures.items())),
             "checks": {
-                "forms called twice": len(twice),
+                "forms called twice for one due moment": len(twice),
+                "patients over a cap": len(over_cap),
+                "opted-out patients called after their opt-out": len(after_opt_out),
+                "placed calls without an outcome after the final sweep": unended,
                 "submitted or not-due forms called": sum(
                     1 for f in placed if by_id[f].case in MUST_NOT_CALL
                     and f not in called_before_act),
@@ -609,9 +764,15 @@ class Chaos:
         return dict(sorted(answers.items()))
 
 
+def _moment(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def _failure_kind(error: str) -> str:
-    if error.startswith("Vapi rejected"):
+    if error.startswith(("Vapi rejected", "HTTP 4")):
         return "Vapi rejected the call (4xx)"
+    if error.startswith("bad number"):
+        return "bad number (Vapi: misdialed or invalid)"
     if error.startswith("QStash gave up"):
         return "QStash gave up (every retry met a fault)"
     if error.startswith("gave up after"):
@@ -645,18 +806,25 @@ def markdown_section(figures: dict, hostile: dict | None, command: str) -> str:
              f"`{command}` on {datetime.now(timezone.utc):%Y-%m-%d} (2 cores): "
              f"{figures['forms']} forms through the local stack (real processes), "
              f"{figures['seconds']['total']} s in all. Stale claims are reconciled with "
-             "`reconcile_stale_calls(lease_seconds=0)` once nothing is in flight (production waits "
-             "for the 15-minute lease); then check-forms sweeps until a round changes nothing.", ""]
+             "`reconcile_stale_calls(lease_seconds=0)` and lost reports looked up with "
+             "`look_up_lost_outcomes(timeout_seconds=0)` once nothing is in flight (production "
+             "waits for the 15-minute lease and CALL_OUTCOME_TIMEOUT_SECONDS); then check-forms "
+             "sweeps until a round changes nothing.", ""]
     parts += table("case", figures["cases"])
+    parts += table("patients", figures["patients"])
+    parts += table("call rule", figures["call rules"])
     parts += table("fault injected", {**figures["faults injected"], **{
         f"Vapi: {k}": v for k, v in figures["vapi"].items()}})
+    parts += table("call report", figures["call reports (fake Vapi's server messages)"])
     parts += table("call-form answer", figures["call-form answers"])
     parts += table("QStash", figures["qstash"])
     parts += table("before the sweeps", figures["before sweeps"])
-    parts += ["| sweep round | reconciled: found in Vapi | reconciled: released | overdue found "
-              "| enqueued |", "|---|---:|---:|---:|---:|"]
+    parts += ["| sweep round | reconciled: found in Vapi | reconciled: released "
+              "| lost reports looked up | overdue found | enqueued |",
+              "|---|---:|---:|---:|---:|---:|"]
     parts += [f"| {i + 1} | {r['reconciled'].get('found', 0)} | "
-              f"{r['reconciled'].get('released', 0)} | {r['found']} | {r['enqueued']} |"
+              f"{r['reconciled'].get('released', 0)} | {r['looked up'].get('ended', 0)} | "
+              f"{r['found']} | {r['enqueued']} |"
               for i, r in enumerate(figures["sweeps"])] + [""]
     parts += table("outcome", figures["outcomes"])
     parts += table("failure reason", figures["failure reasons"])

@@ -2,7 +2,7 @@
 
 What is checked, in order: every setting present and valid (the functions' own pydantic
 models), the hourly QStash schedule (once, right cron, right destination), the function URLs
-(each refuses an unauthenticated request), the signing keys (a QStash-style token verifies,
+(each refuses an unauthenticated request; Vapi reports to call-events' own URL), the signing keys (a QStash-style token verifies,
 the keys are QStash's, call-form accepts a signed request) and the database (every migration
 applied, or the RPC functions reachable on Supabase). `--smoke` runs only the URL checks:
 the deploy pipeline's smoke check after each deploy.
@@ -39,6 +39,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     settings.ReceiverSettings, settings.PublisherSettings, settings.CronSettings,
     settings.DatabaseSettings, settings.VapiSettings, settings.CallFormUrlSettings,
     settings.CheckFormsUrlSettings, settings.WebhookSettings, settings.CallPolicySettings,
+    settings.CallRulesSettings,
 )
 # Every name doctor takes from the environment (beside the models' fields).
 EXTRA_NAMES = (SECRET_ARN, SECRET_ARNS, MAX_AGE, "NEXT_PUBLIC_SUPABASE_URL", "SETUP_URL")
@@ -54,6 +55,7 @@ PARAMETERS = {
 OUTPUTS = {
     "CallFormUrl": "CALL_FORM_URL", "CheckFormsUrl": "CHECK_FORMS_URL",
     "FailureCallbackUrl": "FAILURE_CALLBACK_URL", "SetupUrl": "SETUP_URL",
+    "CallEventsUrl": "CALL_EVENTS_URL",
     "SecretArn": SECRET_ARN, "SecretArns": SECRET_ARNS,
 }
 
@@ -65,6 +67,7 @@ ENDPOINTS = {
     "check-forms": ("GET", "CheckFormsUrl", "CheckFormsApiUrl"),
     "schedule-form": ("POST", "ScheduleFormUrl", "ScheduleFormApiUrl"),
     "failure-callback": ("POST", "FailureCallbackUrl", "FailureCallbackApiUrl"),
+    "call-events": ("POST", "CallEventsUrl", "CallEventsApiUrl"),
 }
 WHY_401 = {
     "setup": "without ?secret= or the bearer CRON_SECRET",
@@ -72,6 +75,7 @@ WHY_401 = {
     "check-forms": "without the bearer CRON_SECRET",
     "schedule-form": "without a signed X-Formcall-Signature",
     "failure-callback": "without an Upstash-Signature",
+    "call-events": "without Vapi's signature or X-Vapi-Secret",
 }
 
 # Where each setting is found, for the fixes.
@@ -92,6 +96,22 @@ WHERE = {
     "CHECK_FORMS_URL": "the stack output CheckFormsUrl",
     "FAILURE_CALLBACK_URL": "the stack output FailureCallbackUrl",
     "CALL_WINDOW": "e.g. 09:00-20:00 or Mon-Fri 09:00-18:00 (stack parameter CallWindow)",
+    "CALL_EVENTS_URL": "the stack output CallEventsUrl (where Vapi sends each call's reports)",
+    "VAPI_WEBHOOK_SECRET": "any random string of 16+ characters; with VAPI_SERVER_CREDENTIAL_ID "
+                           "it is that HMAC credential's secret in Vapi's dashboard",
+    "VAPI_SERVER_CREDENTIAL_ID": "Vapi dashboard, Credentials: the id of a Custom Credential of "
+                                 "type HMAC whose secret is VAPI_WEBHOOK_SECRET (optional)",
+    "FOLLOW_UP_ON": "comma-separated among no_answer, busy, voicemail, not_connected "
+                    "(default all four; empty: no follow-ups)",
+    "MAX_CALLS_PER_FORM": "calls placed for one form, the first included (default 3)",
+    "FOLLOW_UP_DELAY_SECONDS": "seconds after a call ended before its follow-up (default 86400)",
+    "PATIENT_MAX_CALLS_PER_DAY": "calls to one patient per local calendar day (default 1, the "
+                                 "FCC's healthcare exemption)",
+    "PATIENT_MAX_CALLS_PER_WEEK": "calls to one patient in any 7 days (default 3; at least "
+                                  "PATIENT_MAX_CALLS_PER_DAY)",
+    "CALL_OUTCOME_TIMEOUT_SECONDS": "seconds before the sweep looks a call without a report up "
+                                    "in Vapi (default 1800)",
+    "MAX_CALL_ATTEMPTS": "attempts at one call before the form is marked failed (default 5)",
 }
 
 
@@ -135,7 +155,7 @@ def find_target(*, stack_json: str | None, data_dir: Path, read_secret: bool = T
         target = Target(source=f"local stack in {data_dir}", values=info.env(), urls={
             "setup": info.setup_url, "call-form": info.call_form_url,
             "check-forms": info.check_forms_url, "schedule-form": info.schedule_form_url,
-            "failure-callback": info.failure_callback_url})
+            "failure-callback": info.failure_callback_url, "call-events": info.call_events_url})
     else:
         target = Target(source="the environment", values={})
     names = {name for model in MODELS for name in model.model_fields} | set(EXTRA_NAMES)
@@ -143,7 +163,8 @@ def find_target(*, stack_json: str | None, data_dir: Path, read_secret: bool = T
     if not target.urls:
         target.urls = {name: target.values[setting] for name, setting in [
             ("setup", "SETUP_URL"), ("call-form", "CALL_FORM_URL"),
-            ("check-forms", "CHECK_FORMS_URL")] if target.values.get(setting)}
+            ("check-forms", "CHECK_FORMS_URL"), ("call-events", "CALL_EVENTS_URL")]
+            if target.values.get(setting)}
         if not target.urls:
             raise DoctorError("nothing to check: give --stack-json (a deployed stack), start the "
                               "local stack (`formcall dev --serve`) or export its settings")
@@ -232,6 +253,7 @@ def run(target: Target, *, smoke: bool = False) -> list[Finding]:
     findings = check_settings(target)
     findings += check_schedule(target)
     findings += check_urls(target)
+    findings += check_call_events_url(target)
     findings += check_signing_keys(target)
     findings += check_database(target)
     return findings
@@ -404,6 +426,21 @@ def check_urls(target: Target) -> list[Finding]:
                                     "stack outputs; a 404/403 from AWS means a missing route or "
                                     "URL permission: deploy again"))
     return findings
+
+
+def check_call_events_url(target: Target) -> list[Finding]:
+    """Vapi reports each call to CALL_EVENTS_URL: it must be call-events' own URL."""
+    setting, own = target.values.get("CALL_EVENTS_URL"), target.urls.get("call-events")
+    if not setting or not own or target.source == "the environment":
+        # Missing: the settings check says so. From the environment alone, the URL knocked on
+        # is the setting itself: nothing to compare.
+        return []
+    if _same_url(setting, own):
+        return [Finding("call-events URL", True, f"Vapi reports calls to {setting}")]
+    return [Finding("call-events URL", False,
+                    f"CALL_EVENTS_URL is {setting}, but call-events is at {own}: Vapi's reports "
+                    "would go elsewhere, and outcomes be learned only by the sweep's lookup",
+                    _fix_for(target, "CALL_EVENTS_URL"))]
 
 
 def check_signing_keys(target: Target) -> list[Finding]:

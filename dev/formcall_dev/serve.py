@@ -29,6 +29,7 @@ def build(name: str):
         return FakeVapi(api_key=env["VAPI_PRIVATE_KEY"],
                         concurrency_limit=int(env.get("FORMCALL_DEV_VAPI_CONCURRENCY", "10")),
                         call_duration=float(env.get("FORMCALL_DEV_VAPI_CALL_SECONDS", "2")),
+                        ring_seconds=float(env.get("FORMCALL_DEV_VAPI_RING_SECONDS", "0")),
                         time_scale=float(env.get("FORMCALL_DEV_VAPI_TIME_SCALE", "1")),
                         # {credential id: HMAC secret}, as made in Vapi's dashboard.
                         credentials=json.loads(env.get("FORMCALL_DEV_VAPI_CREDENTIALS") or "{}"),

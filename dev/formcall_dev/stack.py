@@ -31,6 +31,19 @@ class StackBusy(Exception):
     """Another local stack holds the data folder (`make serve` while `make dev`, or twice)."""
 
 
+# Time compressed so the demo shows follow-ups within a minute: a follow-up seconds after a
+# call ended, a lost report looked up seconds later, and caps relaxed (production: one call a
+# day, three a week) so those follow-ups are allowed today. `formcall dev --help` names them.
+DEV_CALL_RULES = {
+    "FOLLOW_UP_DELAY_SECONDS": "3",
+    "CALL_OUTCOME_TIMEOUT_SECONDS": "5",
+    "PATIENT_MAX_CALLS_PER_DAY": "10",
+    "PATIENT_MAX_CALLS_PER_WEEK": "30",
+}
+# The fake Vapi's HMAC credential (as made in Vapi's dashboard); its secret is VAPI_WEBHOOK_SECRET.
+DEV_CREDENTIAL_ID = "dev-hmac-credential"
+
+
 @dataclass
 class StackInfo:
     """What a user (or `formcall status`) needs to reach a running stack."""
@@ -43,6 +56,7 @@ class StackInfo:
     real_vapi: bool = False
     # The dev stack calls at any hour unless told otherwise (`formcall dev --call-window`).
     call_window: str = "00:00-23:59:59"
+    call_rules: dict[str, str] = field(default_factory=lambda: dict(DEV_CALL_RULES))
     # The local console (formcall_dev.console), on 127.0.0.1.
     console_url: str = ""
     pids: dict[str, int] = field(default_factory=dict)
@@ -67,6 +81,10 @@ class StackInfo:
     def failure_callback_url(self) -> str:
         return f"{self.functions_url}/api/jobs/failed"
 
+    @property
+    def call_events_url(self) -> str:
+        return f"{self.functions_url}/api/webhooks/vapi"
+
     def env(self) -> dict[str, str]:
         """The formcall settings for this stack, as the functions read them."""
         return {
@@ -75,8 +93,10 @@ class StackInfo:
             "CALL_FORM_URL": self.call_form_url,
             "CHECK_FORMS_URL": self.check_forms_url,
             "FAILURE_CALLBACK_URL": self.failure_callback_url,
+            "CALL_EVENTS_URL": self.call_events_url,
             "VAPI_BASE_URL": self.vapi_url,
             "CALL_WINDOW": self.call_window,
+            **self.call_rules,
             **self.credentials,
         }
 
@@ -101,6 +121,8 @@ def _credentials(data_dir: Path) -> dict[str, str]:
         "VAPI_PRIVATE_KEY": "dev-" + secrets.token_urlsafe(18),
         "VAPI_ASSISTANT_ID": "dev-assistant",
         "VAPI_PHONE_NUMBER_ID": "dev-phone-number",
+        "VAPI_WEBHOOK_SECRET": secrets.token_urlsafe(24),
+        "VAPI_SERVER_CREDENTIAL_ID": DEV_CREDENTIAL_ID,
         **kept,
     }
     path.write_text(json.dumps(creds, indent=2))
@@ -112,6 +134,7 @@ class Stack:
     def __init__(self, data_dir: Path = DEFAULT_DIR, *, real_vapi: dict[str, str] | None = None,
                  qstash_time_scale: float = 0.1, vapi_call_seconds: float = 2.0,
                  call_window: str | None = None, vapi_concurrency: int = 10,
+                 vapi_ring_seconds: float = 1.0, call_rules: dict[str, str] | None = None,
                  extra_env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.real_vapi = real_vapi
@@ -119,6 +142,9 @@ class Stack:
         self.vapi_call_seconds = vapi_call_seconds
         self.call_window = call_window
         self.vapi_concurrency = vapi_concurrency
+        self.vapi_ring_seconds = vapi_ring_seconds
+        # The call rules' settings (the functions' defaults for those not given).
+        self.call_rules = dict(DEV_CALL_RULES if call_rules is None else call_rules)
         self.extra_env = extra_env or {}
         self.processes: dict[str, subprocess.Popen] = {}
         self.postgres = None
@@ -157,10 +183,12 @@ class Stack:
         ports = {name: free_port() for name in ("qstash", "vapi", "functions", "console")}
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         if self.real_vapi:
-            creds = {**creds, **self.real_vapi}
+            # The real Vapi knows no dev credential: it sends X-Vapi-Secret unless one is given.
+            creds = {**creds, "VAPI_SERVER_CREDENTIAL_ID": "", **self.real_vapi}
             urls["vapi"] = self.real_vapi.get("VAPI_BASE_URL", "https://api.vapi.ai")
         info = StackInfo(dsn=dsn, qstash_url=urls["qstash"], functions_url=urls["functions"],
                          vapi_url=urls["vapi"], credentials=creds, real_vapi=bool(self.real_vapi),
+                         call_rules=dict(self.call_rules),
                          console_url=urls["console"])
         if self.call_window:
             info.call_window = self.call_window
@@ -189,11 +217,16 @@ class Stack:
                 "FORMCALL_DEV_QSTASH_TIME_SCALE": str(self.qstash_time_scale),
                 "FORMCALL_DEV_VAPI_CALL_SECONDS": str(self.vapi_call_seconds),
                 "FORMCALL_DEV_VAPI_CONCURRENCY": str(self.vapi_concurrency),
+                "FORMCALL_DEV_VAPI_RING_SECONDS": str(self.vapi_ring_seconds),
+                # The fake signs server messages with this credential, as Vapi does.
+                "FORMCALL_DEV_VAPI_CREDENTIALS": json.dumps({
+                    self.info.credentials["VAPI_SERVER_CREDENTIAL_ID"] or DEV_CREDENTIAL_ID:
+                    self.info.credentials["VAPI_WEBHOOK_SECRET"]}),
                 "FORMCALL_DEV_REAL_VAPI": "1" if self.real_vapi else "",
                 "VAPI_MAX_CONCURRENCY": str(self.vapi_concurrency),
-                # The fake's lines free up after vapi_call_seconds: the rate that keeps them busy.
-                "VAPI_CALLS_PER_MINUTE": str(int(self.vapi_concurrency * 60
-                                                 / max(self.vapi_call_seconds, 0.1))),
+                # The fake's lines free up after a ring and a talk: the rate that keeps them busy.
+                "VAPI_CALLS_PER_MINUTE": str(int(self.vapi_concurrency * 60 / max(
+                    self.vapi_ring_seconds + self.vapi_call_seconds, 0.1))),
                 "POWERTOOLS_SERVICE_NAME": "formcall-dev",
                 "POWERTOOLS_METRICS_NAMESPACE": "formcall", **self.extra_env}
 

@@ -1,4 +1,4 @@
-"""`formcall status`: schedules, queued messages, DLQ entries and forms, from QStash and the database."""
+"""`formcall status`: schedules, queued messages, DLQ, forms and their calls (QStash and the database)."""
 
 from __future__ import annotations
 
@@ -16,16 +16,21 @@ class StatusError(Exception):
     pass
 
 
-def as_text(value: object) -> str:
-    """JSON as readable text, not a Python repr: `name: value, ...`, nested in parentheses."""
-    if isinstance(value, dict):
-        return ", ".join(f"{name}: ({as_text(item)})" if isinstance(item, dict) and item
-                         else f"{name}: {as_text(item)}" for name, item in value.items())
-    if isinstance(value, list):
-        return "[" + ", ".join(as_text(item) for item in value) + "]"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return "-" if value is None or value == {} else str(value)
+def _at(value: datetime | None) -> str:
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _id_column(table: Table, name: str) -> None:
+    # Ids are what a user copies into the next command: never cut or wrapped.
+    table.add_column(name, no_wrap=True, min_width=36)
+
+
+def _text(detail) -> str:
+    """An event's detail as `key: value` text (JSON objects are not for reading)."""
+    if not isinstance(detail, dict):
+        return "" if detail is None else str(detail)
+    return ", ".join(f"{key}: {_text(value) if isinstance(value, dict) else value}"
+                     for key, value in detail.items() if value is not None)
 
 
 def print_table(console: Console, table: Table) -> None:
@@ -55,6 +60,12 @@ def _ms(value: int | None) -> str:
     return datetime.fromtimestamp(value / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _ms(value: int | None) -> str:
+    if not value:
+        return ""
+    return datetime.fromtimestamp(value / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def show(console: Console, *, dsn: str, qstash_url: str, token: str, form_id: str | None,
          limit: int = 20) -> None:
     if form_id is not None:
@@ -65,10 +76,11 @@ def show(console: Console, *, dsn: str, qstash_url: str, token: str, form_id: st
     try:
         with psycopg.connect(dsn, connect_timeout=5) as conn:
             # An unknown form is the answer, before any table: nothing else is printed.
-            form = _form(conn, form_id) if form_id else None
+            if form_id:
+                _form_exists(conn, form_id)
             _qstash_sections(console, qstash_url, token)
             if form_id:
-                _history(console, conn, form_id, form)
+                _history(console, conn, form_id)
             else:
                 _forms(console, conn, limit)
     except psycopg.OperationalError as exc:
@@ -124,35 +136,63 @@ def _qstash_sections(console: Console, url: str, token: str) -> None:
 def _forms(console: Console, conn, limit: int) -> None:
     counts = dict(conn.execute("select call_status, count(*) from forms group by 1").fetchall())
     rows = conn.execute(
-        "select id, deadline, submitted_at is not null, call_status, call_attempts, vapi_call_id,"
-        " last_call_error from forms order by updated_at desc limit %s", (limit,)).fetchall()
+        "select id, deadline, submitted_at is not null, call_status, call_outcome, call_attempts,"
+        " vapi_call_id, last_call_error from forms order by updated_at desc limit %s",
+        (limit,)).fetchall()
     table = Table(title="forms (newest changes first) — " + ", ".join(
         f"{k}: {v}" for k, v in sorted(counts.items())))
-    for column in ("form id", "deadline", "submitted", "call", "attempts", "vapi call", "last error"):
+    _id_column(table, "form id")
+    for column in ("deadline", "submitted", "call", "outcome", "attempts"):
         table.add_column(column)
-    for fid, deadline, submitted, state, attempts, call_id, error in rows:
-        table.add_row(str(fid), deadline.strftime("%Y-%m-%d %H:%M:%S") if deadline else "none",
-                      "yes" if submitted else "", state, str(attempts), call_id or "",
-                      (error or "")[:60])
+    _id_column(table, "vapi call")
+    table.add_column("last error")
+    for fid, deadline, submitted, state, outcome, attempts, call_id, error in rows:
+        table.add_row(str(fid), _at(deadline) or "none", "yes" if submitted else "", state,
+                      outcome or "", str(attempts), call_id or "", (error or "")[:60])
     print_table(console, table)
 
 
-def _form(conn, form_id: str) -> tuple:
-    form = conn.execute("select call_status, call_attempts, deadline, vapi_call_id, last_call_error"
-                        " from forms where id = %s", (form_id,)).fetchone()
+def _form_exists(conn, form_id: str) -> None:
+    if conn.execute("select 1 from forms where id = %s", (form_id,)).fetchone() is None:
+        raise StatusError(f"no form {form_id}")
+
+
+def _history(console: Console, conn, form_id: str) -> None:
+    form = conn.execute(
+        "select f.call_status, f.call_outcome, f.call_attempts, f.deadline, f.next_call_at,"
+        " f.submitted_at, p.opted_out_at, f.last_call_error"
+        " from forms f join patients p on p.id = f.patient_id where f.id = %s",
+        (form_id,)).fetchone()
     if form is None:
         raise StatusError(f"no form {form_id}")
-    return form
-
-
-def _history(console: Console, conn, form_id: str, form: tuple) -> None:
-    console.print(f"form {form_id}: {form[0]}, {form[1]} attempt(s), deadline {form[2]}, "
-                  f"call {form[3] or '-'}, last error {form[4] or '-'}")
+    state, outcome, attempts, deadline, next_call, submitted, opted_out, error = form
+    console.print(f"form {form_id}")
+    for label, value in (("status", state), ("call outcome", outcome or "-"),
+                         ("attempts at the current call", attempts),
+                         ("deadline", _at(deadline) or "none"),
+                         ("next call", _at(next_call) or "-"),
+                         ("submitted", _at(submitted) or "no"),
+                         ("patient opted out", _at(opted_out) or "no"),
+                         ("last error", error or "-")):
+        console.print(f"  {label}: {value}")
+    calls = Table(title="calls")
+    _id_column(calls, "vapi call id")
+    for column in ("status", "outcome", "ended reason", "started", "ended", "cost"):
+        calls.add_column(column)
+    for vapi_id, status, call_outcome, reason, started, ended, cost in conn.execute(
+            "select c.vapi_call_id, c.status, c.outcome, c.ended_reason, c.started_at,"
+            " c.ended_at, c.cost from calls c join call_forms cf on cf.call_id = c.id"
+            " where cf.form_id = %s order by c.created_at", (form_id,)):
+        calls.add_row(vapi_id or "(not placed yet)", status, call_outcome or "",
+                      reason or "", _at(started), _at(ended),
+                      "" if cost is None else f"${cost:.4f}")
+    print_table(console, calls)
     table = Table(title="history")
     for column in ("time", "event", "detail"):
         table.add_column(column)
     for at, event, detail in conn.execute(
             "select created_at, event, detail from form_call_events where form_id = %s order by id",
             (form_id,)):
-        table.add_row(at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], event, as_text(detail))
+        table.add_row(at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], event,
+                      _text(detail))
     print_table(console, table)

@@ -28,8 +28,9 @@ def reconcile_claim(stale: StaleCall, *, store: FormStore, vapi: Caller) -> tupl
         created_after=stale.claimed_at - timedelta(minutes=1),
         created_before=now(),
     )
-    if found:
-        store.record_placed(stale.call_id, found["id"], status=found.get("status"))
+    # A call already recorded on another claim (the form's previous call, inside the search's
+    # clock slack) is not this claim's: not recorded, and the claim is released.
+    if found and store.record_placed(stale.call_id, found["id"], status=found.get("status")):
         logger.warning(
             "unknown outcome reconciled: the call exists",
             extra={"call_id": stale.call_id, "vapi_call_id": found["id"]},

@@ -329,7 +329,9 @@ end
 $$;
 
 -- Vapi accepted the call. A call row already placed under another Vapi id means a second call:
--- kept in the audit trail for a person to look at.
+-- kept in the audit trail for a person to look at. A Vapi call already recorded on another call
+-- row is not this one's (a stale follow-up claim reconciled within the search's clock slack
+-- finds the form's previous call): not recorded, known.
 create or replace function public.record_call_placed(p_call_id uuid, p_vapi_call_id text,
                                                      p_status text default null)
 returns jsonb
@@ -338,6 +340,10 @@ as $$
 declare
   c public.calls;
 begin
+  if exists (select 1 from public.calls where vapi_call_id = p_vapi_call_id and id <> p_call_id)
+  then
+    return jsonb_build_object('recorded', false, 'known', true);
+  end if;
   update public.calls
      set vapi_call_id = p_vapi_call_id, placed_at = coalesce(placed_at, now()),
          status = case when status = 'queued' and p_status in ('ringing', 'in-progress')

@@ -42,6 +42,15 @@ def test_bounded_chaos_run(tmp_path):
     assert injected["duplicate deliveries sent"] >= 1
     vapi = result.figures["vapi"]
     assert vapi["5xx answered"] >= 1 and vapi["timeouts after placing the call"] >= 1
+    reports = result.figures["call reports (fake Vapi's server messages)"]
+    assert reports["dropped"] >= 1 and reports["duplicated"] >= 1
+    patients = result.figures["patients"]
+    assert patients["forms sharing a call with others of their patient"] >= 2
+    assert patients["opted out"] >= 1
     checks = result.figures["checks"]
-    assert checks["forms called twice"] == checks["queued messages lost"] == 0
-    assert result.figures["seconds"]["total"] < 60
+    assert all(n == 0 for n in checks.values()), checks
+    for name in ("forms called twice for one due moment", "patients over a cap",
+                 "opted-out patients called after their opt-out",
+                 "placed calls without an outcome after the final sweep"):
+        assert name in checks
+    # Its duration is printed above, not asserted: a wall-clock bound flakes on a loaded machine.

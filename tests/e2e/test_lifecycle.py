@@ -56,7 +56,9 @@ def test_created_form_is_called_at_its_deadline(info, conn):
     wait_until(lambda: form_row(conn, form)["call_status"] == "called", timeout=10)
     assert len(calls_for(info, form)) == 1
     assert placed_at(calls_for(info, form)[0]) >= deadline
-    assert form_events(conn, form) == ["scheduled", "delivered", "claimed", "called"]
+    wait_until(lambda: form_row(conn, form)["call_outcome"] == "reached")
+    assert form_events(conn, form) == ["scheduled", "delivered", "claimed", "called",
+                                       "call_ended"]
 
 
 def test_submitted_early_is_never_called_and_its_message_is_cancelled(info, conn):
@@ -83,8 +85,9 @@ def test_moved_deadline_gives_one_call_at_the_new_time(info, conn):
     calls = calls_for(info, form)
     assert len(calls) == 1
     assert placed_at(calls[0]) >= new_deadline
+    wait_until(lambda: form_row(conn, form)["call_outcome"] == "reached")
     assert form_events(conn, form) == ["scheduled", "rescheduled", "delivered", "claimed",
-                                       "called"]
+                                       "called", "call_ended"]
     assert qstash_message(info, first) is None
 
 
@@ -129,9 +132,10 @@ def test_due_at_night_is_called_at_the_windows_opening(tmp_path):
     window, zone, opening = night_window(now, opens_in=8)
     with Stack(tmp_path, call_window=window) as info, \
             psycopg.connect(info.dsn, autocommit=True) as conn:
-        patient = create_patient(conn, timezone=zone)
-        due = create_form(conn, patient_id=patient, deadline=datetime.now(timezone.utc))
-        missed = create_form(conn, patient_id=patient, silent=True,
+        due = create_form(conn, patient_id=create_patient(conn, timezone=zone),
+                          deadline=datetime.now(timezone.utc))
+        # Another patient's: one patient's due forms would share one call.
+        missed = create_form(conn, patient_id=create_patient(conn, timezone=zone), silent=True,
                              deadline=datetime.now(timezone.utc) - timedelta(hours=1))
         sweep = httpx.get(info.check_forms_url, timeout=30, headers={
             "Authorization": f"Bearer {info.credentials['CRON_SECRET']}"})
@@ -153,13 +157,14 @@ def test_burst_of_200_against_5_lines(tmp_path):
     # QStash's retry backoff is not what this measures: a delivery that needs a retry (a
     # transient fault on a loaded machine) comes back in seconds, not minutes.
     with Stack(tmp_path, vapi_concurrency=lines, vapi_call_seconds=call_seconds,
-               qstash_time_scale=0.01,
+               vapi_ring_seconds=0, qstash_time_scale=0.01,
                extra_env={"VAPI_CALLS_PER_MINUTE": str(int(lines * 60 / call_seconds))}) as info, \
             psycopg.connect(info.dsn, autocommit=True) as conn:
-        patient = create_patient(conn)
         deadline = datetime.now(timezone.utc) + timedelta(seconds=3)
         with conn.transaction():
-            forms = [create_form(conn, patient_id=patient, deadline=deadline) for _ in range(200)]
+            # 200 patients: one patient's due forms would share one call.
+            forms = [create_form(conn, patient_id=create_patient(conn, phone=f"+1555030{i:04d}"),
+                                 deadline=deadline) for i in range(200)]
 
         def settled() -> bool:
             return conn.execute("select count(*) from forms where call_status in ('called',"

@@ -105,7 +105,10 @@ def test_form_due_in_two_seconds_is_called_once_on_time(info, conn):
     assert delay >= 0
     # On time: called by the one message scheduled for the deadline (QStash's not-before is
     # whole seconds), not by a sweep or a retry.
-    assert form_events(conn, form) == ["scheduled", "delivered", "claimed", "called"]
+    # The fake Vapi plays the call (reached by default) and reports its end to call-events.
+    wait_until(lambda: form_row(conn, form)["call_outcome"] == "reached")
+    assert form_events(conn, form) == ["scheduled", "delivered", "claimed", "called",
+                                       "call_ended"]
     (scheduled,) = conn.execute("select detail from form_call_events where form_id = %s"
                                 " and event = 'scheduled'", (form,)).fetchone()
     not_before = datetime.fromisoformat(scheduled["not_before"])
@@ -152,7 +155,7 @@ def test_rejected_call_ends_failed_and_reaches_the_dlq(info, conn):
                        deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
     message_id = wait_until(lambda: form_row(conn, form)["qstash_message_id"])
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed")
-    assert form_row(conn, form)["last_call_error"].startswith("Vapi rejected the call: HTTP 422")
+    assert form_row(conn, form)["last_call_error"].startswith("HTTP 422")
     entries = wait_until(lambda: [m for m in qstash(info).dlq.list().messages
                                   if m.message_id == message_id])
     assert entries[0].response_status == 489
@@ -160,9 +163,10 @@ def test_rejected_call_ends_failed_and_reaches_the_dlq(info, conn):
 
 def test_qstash_restart_loses_no_waiting_message(stack, conn):
     stack_obj, info = stack
-    patient = create_patient(conn)
     deadline = datetime.now(timezone.utc) + timedelta(seconds=3)
-    forms = [create_form(conn, patient_id=patient, deadline=deadline) for _ in range(5)]
+    # Five patients: one patient's forms would share one call.
+    forms = [create_form(conn, patient_id=create_patient(conn), deadline=deadline)
+             for _ in range(5)]
     wait_until(lambda: all(form_row(conn, f)["qstash_message_id"] for f in forms))
     stack_obj.restart("qstash")
     wait_until(lambda: all(form_row(conn, f)["call_status"] == "called" for f in forms), timeout=20)
@@ -182,9 +186,13 @@ def test_make_dev_demo_passes_and_leaves_nothing_running(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "every process stopped" in proc.stdout
     assert "Warning" not in proc.stderr, proc.stderr
-    # Readable text, and the seven form ids whole even at 80 columns.
+    # Readable text, and the demo's form ids whole even at 80 columns.
     assert "{'" not in proc.stdout and "found: 1, enqueued: 1" in proc.stdout
-    assert "…" not in proc.stdout and len(set(UUID.findall(proc.stdout))) == 7
+    assert "…" not in proc.stdout and len(set(UUID.findall(proc.stdout))) >= 13
+    # The demo's new scenarios, through the real processes (its duration is printed above).
+    for text in ("no-answer", "two-forms-a", "voicemail", "opt-out-later", "no_answer → reached",
+                 "voicemail → reached", "about all of them", "cancelled in QStash"):
+        assert text in proc.stdout, text
     leftover = subprocess.run(["pgrep", "-f", f"formcall_dev.serve"], capture_output=True, text=True)
     # Only this test's stack may be running; the module's stack fixture is in this process.
     assert not any(str(tmp_path) in line for line in leftover.stdout.splitlines())

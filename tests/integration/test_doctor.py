@@ -73,8 +73,43 @@ def test_a_healthy_stack_is_all_green(healthy):
     assert code == 0, output
     assert "✗" not in output and "all good" in output
     for check in ("settings", "schedule", "setup", "call-form", "check-forms", "schedule-form",
-                  "failure-callback", "signing keys", "call-form signature", "migrations"):
+                  "failure-callback", "call-events", "call-events URL", "signing keys",
+                  "call-form signature", "migrations"):
         assert f"✓ {check}:" in output, check
+    assert "✓ call-events: POST without Vapi's signature or X-Vapi-Secret answers 401" in output
+
+
+def test_the_new_call_settings_are_checked_with_their_fixes(healthy, tmp_path, clean_env):
+    _, info = healthy
+    for name, value in info.env().items():
+        if name not in ("CALL_EVENTS_URL", "VAPI_WEBHOOK_SECRET"):
+            clean_env.setenv(name, value)
+    clean_env.setenv("SETUP_URL", info.setup_url)
+    clean_env.setenv("PATIENT_MAX_CALLS_PER_DAY", "4")
+    clean_env.setenv("PATIENT_MAX_CALLS_PER_WEEK", "2")
+    clean_env.setenv("FOLLOW_UP_ON", "no_answer,reached")
+
+    code, output = run_doctor("--data-dir", str(tmp_path))
+
+    assert code == 1
+    assert "✗ CALL_EVENTS_URL: missing or malformed" in output
+    assert "fix: export CALL_EVENTS_URL=… (the stack output CallEventsUrl" in output
+    assert "✗ VAPI_WEBHOOK_SECRET: missing or malformed" in output
+    assert "✗ FOLLOW_UP_ON: FOLLOW_UP_ON: reached cannot be followed up" in output
+    for secret in info.credentials.values():
+        assert secret not in output
+
+
+def test_a_call_events_url_vapi_cannot_report_to_is_reported(healthy, clean_env):
+    data_dir, info = healthy
+    clean_env.setenv("CALL_EVENTS_URL", info.functions_url + "/api/webhooks/elsewhere")
+
+    code, output = run_doctor("--data-dir", str(data_dir))
+
+    assert code == 1
+    assert (f"✗ call-events URL: CALL_EVENTS_URL is {info.functions_url}/api/webhooks/elsewhere,"
+            f" but call-events is at {info.call_events_url}") in output
+    assert "✓ call-events: POST" in output  # the function itself is fine
 
 
 def test_a_deleted_schedule_is_reported_with_the_fix(healthy):
@@ -163,8 +198,10 @@ def test_settings_from_the_formcall_secret(healthy, tmp_path, clean_env):
     with mock_aws():
         arn = boto3.client("secretsmanager", region_name="us-east-1").create_secret(
             Name="formcall-local/secret",
-            SecretString=json.dumps({n: env[n] for n in SECRET_SETTINGS if n in env}))["ARN"]
-        stack = json.loads(outputs_of(info, SecretArn=arn))
+            # VAPI_WEBHOOK_SECRET is a secret too (formcall.secrets.SECRET_SETTINGS lacks it).
+            SecretString=json.dumps({n: env[n] for n in (*SECRET_SETTINGS, "VAPI_WEBHOOK_SECRET")
+                                     if n in env}))["ARN"]
+        stack = json.loads(outputs_of(info, SecretArn=arn, CallEventsUrl=info.call_events_url))
         stack["Stacks"][0]["Parameters"] = [
             {"ParameterKey": "QStashUrl", "ParameterValue": info.qstash_url},
             {"ParameterKey": "VapiAssistantId", "ParameterValue": env["VAPI_ASSISTANT_ID"]},
