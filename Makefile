@@ -57,7 +57,13 @@ dev: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(VENV)/bin/formcall dev --serve $(ARGS)
 
-test: $(VENV)/.installed $(SAM_VENV)/.installed
+# The console's browser tests (tests/browser, `pytest -m browser`) drive Debian's chromium and
+# its matching driver: installed from apt where missing, never downloaded from anywhere else.
+.PHONY: browser-deps
+browser-deps:
+	@command -v chromedriver >/dev/null || { apt-get update && apt-get install -y chromium chromium-driver; }
+
+test: $(VENV)/.installed $(SAM_VENV)/.installed browser-deps
 	SAM_CLI=$(abspath $(SAM)) PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/pytest $(ARGS)
 
 unit: $(VENV)/.installed

@@ -138,9 +138,10 @@ def compressed_time_note(rules: dict[str, str], ring_seconds: float, call_second
 
 def print_serve_help(info, data_dir: Path) -> None:
     """The stack's URLs, settings and commands to try, each whole and runnable as printed."""
-    rows = [("call-form", info.call_form_url), ("check-forms", info.check_forms_url),
-            ("setup", info.setup_url), ("call-events", info.call_events_url),
-            ("QStash", info.qstash_url), ("Vapi", info.vapi_url),
+    rows = [("console", info.console_url), ("call-form", info.call_form_url),
+            ("check-forms", info.check_forms_url), ("setup", info.setup_url),
+            ("call-events", info.call_events_url), ("QStash", info.qstash_url),
+            ("Vapi", info.vapi_url),
             ("database", info.dsn), *info.credentials.items()]
     width = max(len(name) for name, _ in rows)
     lines = ["formcall local stack (Ctrl-C stops everything)"]

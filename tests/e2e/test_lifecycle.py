@@ -103,14 +103,15 @@ def test_rejected_call_reaches_failure_callback_and_ends_failed(info, conn):
 
 def test_transient_failures_exhausting_retries_end_failed_through_the_callback(info, conn):
     patient = create_patient(conn, phone="+15550106666")
-    fake(info, "POST", "/rules", json={"customer_number": "+15550106666", "status": 502})
+    # 429: refused before any call was created (a 5xx is an unknown outcome: reconciled).
+    fake(info, "POST", "/rules", json={"customer_number": "+15550106666", "status": 429})
     form = create_form(conn, patient_id=patient, deadline=datetime.now(timezone.utc))
     wait_until(lambda: "delivery_failed" in form_events(conn, form), timeout=30)
     row = form_row(conn, form)
     # Five attempts (MAX_CALL_ATTEMPTS), then the form fails for good and QStash's failure
     # callback is recorded beside it.
     assert row["call_status"] == "failed"
-    assert row["last_call_error"] == "gave up after 5 attempts; last error: Vapi answered HTTP 502"
+    assert row["last_call_error"] == "gave up after 5 attempts; last error: Vapi answered HTTP 429"
     requests = fake(info, "GET", "/requests", params={"formId": form})
     assert len(requests) == 5
     assert calls_for(info, form) == []

@@ -113,7 +113,9 @@ def test_form_due_in_two_seconds_is_called_once_on_time(info, conn):
                                 " and event = 'scheduled'", (form,)).fetchone()
     not_before = datetime.fromisoformat(scheduled["not_before"])
     assert timedelta(0) <= not_before - deadline < timedelta(seconds=1)
-    assert scheduled["message_id"] == form_row(conn, form)["qstash_message_id"]
+    (delivered,) = conn.execute("select detail from form_call_events where form_id = %s"
+                                " and event = 'delivered'", (form,)).fetchone()
+    assert delivered["unverified_message_id"] == scheduled["message_id"]
 
 
 def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monkeypatch):
