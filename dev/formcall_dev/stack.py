@@ -32,13 +32,16 @@ class StackBusy(Exception):
 
 
 # Time compressed so the demo shows follow-ups within a minute: a follow-up seconds after a
-# call ended, a lost report looked up seconds later, and caps relaxed (production: one call a
+# call ended, a lost report looked up and an unknown outcome reconciled seconds later, and caps
+# relaxed (production: one call a
 # day, three a week) so those follow-ups are allowed today. `formcall dev --help` names them.
 DEV_CALL_RULES = {
     "FOLLOW_UP_DELAY_SECONDS": "3",
     "CALL_OUTCOME_TIMEOUT_SECONDS": "5",
     "PATIENT_MAX_CALLS_PER_DAY": "10",
     "PATIENT_MAX_CALLS_PER_WEEK": "30",
+    # An unknown Vapi answer (a 5xx) is reconciled against Vapi's call list seconds later.
+    "CLAIM_LEASE_SECONDS": "3",
 }
 # The fake Vapi's HMAC credential (as made in Vapi's dashboard); its secret is VAPI_WEBHOOK_SECRET.
 DEV_CREDENTIAL_ID = "dev-hmac-credential"
