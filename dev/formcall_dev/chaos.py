@@ -35,7 +35,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -48,15 +48,32 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 MUST_CALL = ("due", "overdue", "overdue_silent", "moved_later", "moved_earlier")
 MUST_NOT_CALL = ("not_due", "submitted", "moved_away")
 # Shares of the forms; the rest are due during the run.
-MIX = {"overdue": 0.04, "overdue_silent": 0.04, "not_due": 0.12, "submitted": 0.12,
-       "moved_later": 0.10, "moved_earlier": 0.04, "moved_away": 0.04}
+MIX = {
+    "overdue": 0.04,
+    "overdue_silent": 0.04,
+    "not_due": 0.12,
+    "submitted": 0.12,
+    "moved_later": 0.10,
+    "moved_earlier": 0.04,
+    "moved_away": 0.04,
+}
 # How the fake Vapi's calls end (weights); opt-outs are scripted for chosen patients.
-OUTCOME_MIX = {"reached": 0.62, "no_answer": 0.14, "voicemail": 0.1, "busy": 0.06,
-               "not_connected": 0.06, "bad_number": 0.02}
+OUTCOME_MIX = {
+    "reached": 0.62,
+    "no_answer": 0.14,
+    "voicemail": 0.1,
+    "busy": 0.06,
+    "not_connected": 0.06,
+    "bad_number": 0.02,
+}
 # The call rules of the run: follow-ups seconds apart, caps tight enough to be met.
-CALL_RULES = {"FOLLOW_UP_DELAY_SECONDS": "2", "MAX_CALLS_PER_FORM": "3",
-              "PATIENT_MAX_CALLS_PER_DAY": "2", "PATIENT_MAX_CALLS_PER_WEEK": "3",
-              "CALL_OUTCOME_TIMEOUT_SECONDS": "5"}
+CALL_RULES = {
+    "FOLLOW_UP_DELAY_SECONDS": "2",
+    "MAX_CALLS_PER_FORM": "3",
+    "PATIENT_MAX_CALLS_PER_DAY": "2",
+    "PATIENT_MAX_CALLS_PER_WEEK": "3",
+    "CALL_OUTCOME_TIMEOUT_SECONDS": "5",
+}
 
 
 @dataclass
@@ -65,44 +82,52 @@ class ChaosConfig:
 
     forms: int = 1000
     seed: int = 20261129
-    lead_s: float = 25.0           # first deadlines this long after the forms are in
-    window_s: float = 60.0         # deadlines spread over this long
+    lead_s: float = 25.0  # first deadlines this long after the forms are in
+    window_s: float = 60.0  # deadlines spread over this long
     vapi_5xx: float = 0.10
     vapi_timeout: float = 0.05
     vapi_reject: float = 0.02
     duplicates: float = 0.10
-    kills: float = 0.05            # forms whose call at Vapi triggers a SIGKILL of the function server
+    kills: float = 0.05  # forms whose call at Vapi triggers a SIGKILL of the function server
     max_kills: int = 12
-    kill_gap_s: float = 4.0        # at least this long between two kills (a restart takes ~1.5 s)
+    kill_gap_s: float = 4.0  # at least this long between two kills (a restart takes ~1.5 s)
     db_drop_every_s: float = 4.0
-    qstash_crash: bool = True      # SIGKILL (leases run out, 30 s) or a graceful restart
-    vapi_timeout_s: float = 1.0    # VAPI_TIMEOUT_SECONDS of the functions
+    qstash_crash: bool = True  # SIGKILL (leases run out, 30 s) or a graceful restart
+    vapi_timeout_s: float = 1.0  # VAPI_TIMEOUT_SECONDS of the functions
     qstash_time_scale: float = 0.001
     settle_timeout_s: float = 420.0
-    shared: float = 0.30           # forms due together with other forms of their patient
-    opt_outs: float = 0.02         # forms whose patient opts out on the first call
-    report_drop_rate: float = 0.10     # Vapi's server messages lost (each message)
+    shared: float = 0.30  # forms due together with other forms of their patient
+    opt_outs: float = 0.02  # forms whose patient opts out on the first call
+    report_drop_rate: float = 0.10  # Vapi's server messages lost (each message)
     report_duplicate_rate: float = 0.10
-    reorder: bool = True           # the final status-update after the end-of-call report
+    reorder: bool = True  # the final status-update after the end-of-call report
 
 
-QUICK = dict(forms=120, lead_s=6.0, window_s=12.0, max_kills=3, kill_gap_s=3.0,
-             db_drop_every_s=4.0, qstash_crash=False, qstash_time_scale=0.0005,
-             settle_timeout_s=40.0)
+QUICK = dict(
+    forms=120,
+    lead_s=6.0,
+    window_s=12.0,
+    max_kills=3,
+    kill_gap_s=3.0,
+    db_drop_every_s=4.0,
+    qstash_crash=False,
+    qstash_time_scale=0.0005,
+    settle_timeout_s=40.0,
+)
 
 
 @dataclass
 class Form:
     id: str
     case: str
-    deadline: datetime | None            # as inserted
-    final_deadline: datetime | None      # after a move
+    deadline: datetime | None  # as inserted
+    final_deadline: datetime | None  # after a move
     faults: list[str] = field(default_factory=list)
-    act_at: datetime | None = None       # submit or move: planned
-    acted_at: datetime | None = None     # when the submission or move had committed
-    patient: int = 0                     # index of the form's patient
-    opt_out: bool = False                # the patient opts out on the first call
-    shared: bool = False                 # due together with other forms of its patient
+    act_at: datetime | None = None  # submit or move: planned
+    acted_at: datetime | None = None  # when the submission or move had committed
+    patient: int = 0  # index of the form's patient
+    opt_out: bool = False  # the patient opts out on the first call
+    shared: bool = False  # due together with other forms of its patient
 
 
 @dataclass
@@ -119,7 +144,7 @@ class _ChaosStack(Stack):
 
 
 def _utc(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, timezone.utc)
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def plan_forms(config: ChaosConfig, start: float) -> list[Form]:
@@ -164,8 +189,12 @@ def plan_forms(config: ChaosConfig, start: float) -> list[Form]:
 
     for form in draw(config.vapi_reject):
         form.faults.append("vapi_reject")
-    for kind, share in (("vapi_5xx", config.vapi_5xx), ("vapi_timeout", config.vapi_timeout),
-                        ("kill", config.kills), ("duplicate", config.duplicates)):
+    for kind, share in (
+        ("vapi_5xx", config.vapi_5xx),
+        ("vapi_timeout", config.vapi_timeout),
+        ("kill", config.kills),
+        ("duplicate", config.duplicates),
+    ):
         for form in draw(share):
             if kind in ("vapi_timeout", "kill") and "vapi_reject" in form.faults:
                 continue
@@ -178,7 +207,7 @@ def _assign_patients(forms: list[Form], config: ChaosConfig, rng: random.Random)
     more forms of the same patient (one call about all); `opt_outs` of them opt out."""
     together = [f for f in forms if f.case in ("due", "overdue")]
     rng.shuffle(together)
-    grouped = together[:round(config.forms * config.shared)]
+    grouped = together[: round(config.forms * config.shared)]
     patient = 0
     while grouped:
         size = min(len(grouped), rng.choice([2, 2, 3]))
@@ -203,8 +232,10 @@ def _calls_over_caps(times: list[datetime], per_day: int, per_week: int) -> bool
     days = Counter(t.date() for t in times)
     if any(n > per_day for n in days.values()):
         return True
-    return any(sum(1 for u in times[i:] if u < t + timedelta(days=7)) > per_week
-               for i, t in enumerate(times))
+    return any(
+        sum(1 for u in times[i:] if u < t + timedelta(days=7)) > per_week
+        for i, t in enumerate(times)
+    )
 
 
 class Chaos:
@@ -230,9 +261,13 @@ class Chaos:
 
     def admin(self, method: str, path: str, **kwargs):
         assert self.info is not None
-        answer = httpx.request(method, f"{self.info.vapi_url}/_fake{path}", timeout=30, **kwargs,
-                               headers={"Authorization":
-                                        f"Bearer {self.info.credentials['VAPI_PRIVATE_KEY']}"})
+        answer = httpx.request(
+            method,
+            f"{self.info.vapi_url}/_fake{path}",
+            timeout=30,
+            **kwargs,
+            headers={"Authorization": f"Bearer {self.info.credentials['VAPI_PRIVATE_KEY']}"},
+        )
         answer.raise_for_status()
         return answer.json()
 
@@ -246,10 +281,18 @@ class Chaos:
         started = time.monotonic()
         config = self.config
         self.stack = _ChaosStack(
-            self.data_dir, qstash_time_scale=config.qstash_time_scale, vapi_call_seconds=0.5,
-            vapi_ring_seconds=0.3, vapi_concurrency=200, call_rules=CALL_RULES,
-            extra_env={"VAPI_TIMEOUT_SECONDS": str(config.vapi_timeout_s),
-                       "VAPI_CALLS_PER_MINUTE": "60000", "POWERTOOLS_LOG_LEVEL": "INFO"})
+            self.data_dir,
+            qstash_time_scale=config.qstash_time_scale,
+            vapi_call_seconds=0.5,
+            vapi_ring_seconds=0.3,
+            vapi_concurrency=200,
+            call_rules=CALL_RULES,
+            extra_env={
+                "VAPI_TIMEOUT_SECONDS": str(config.vapi_timeout_s),
+                "VAPI_CALLS_PER_MINUTE": "60000",
+                "POWERTOOLS_LOG_LEVEL": "INFO",
+            },
+        )
         self.info = self.stack.start()
         self.timings["stack start"] = time.monotonic() - started
         try:
@@ -270,46 +313,82 @@ class Chaos:
         for form in self.forms:
             rules = []
             if "vapi_reject" in form.faults:
-                rules.append({"form_id": form.id, "status": 422, "body": {
-                    "message": ["customer.number is not reachable"], "error": "Unprocessable Entity",
-                    "statusCode": 422}})
+                rules.append(
+                    {
+                        "form_id": form.id,
+                        "status": 422,
+                        "body": {
+                            "message": ["customer.number is not reachable"],
+                            "error": "Unprocessable Entity",
+                            "statusCode": 422,
+                        },
+                    }
+                )
             if "vapi_5xx" in form.faults:
-                rules.append({"form_id": form.id, "status": self.rng.choice([500, 502, 503]),
-                              "times": self.rng.choice([1, 1, 2])})
+                rules.append(
+                    {
+                        "form_id": form.id,
+                        "status": self.rng.choice([500, 502, 503]),
+                        "times": self.rng.choice([1, 1, 2]),
+                    }
+                )
             if "vapi_timeout" in form.faults:
-                rules.append({"form_id": form.id, "delay": self.config.vapi_timeout_s + 1.5,
-                              "times": 1})
+                rules.append(
+                    {"form_id": form.id, "delay": self.config.vapi_timeout_s + 1.5, "times": 1}
+                )
             if "kill" in form.faults:
                 # Long enough to be caught in flight, shorter than VAPI_TIMEOUT_SECONDS.
-                rules.append({"form_id": form.id, "delay": self.config.vapi_timeout_s * 0.7,
-                              "times": 1})
+                rules.append(
+                    {"form_id": form.id, "delay": self.config.vapi_timeout_s * 0.7, "times": 1}
+                )
             for rule in rules:
                 made = self.admin("POST", "/rules", json=rule)
                 if "delay" in rule:
-                    (self.timeout_rules if "vapi_timeout" in form.faults and
-                     rule["delay"] > self.config.vapi_timeout_s else self.kill_rules).add(made["id"])
+                    (
+                        self.timeout_rules
+                        if "vapi_timeout" in form.faults
+                        and rule["delay"] > self.config.vapi_timeout_s
+                        else self.kill_rules
+                    ).add(made["id"])
         count = max(f.patient for f in self.forms) + 1
         self.phones = [f"+1555{2000000 + i:07d}" for i in range(count)]
-        self.admin("POST", "/configure", json={
-            "outcome_mix": OUTCOME_MIX, "seed": self.config.seed,
-            "report_drop_rate": self.config.report_drop_rate,
-            "report_duplicate_rate": self.config.report_duplicate_rate,
-            "reorder": self.config.reorder,
-            "scripts": {self.phones[f.patient]: ["opt_out"] for f in self.forms if f.opt_out}})
+        self.admin(
+            "POST",
+            "/configure",
+            json={
+                "outcome_mix": OUTCOME_MIX,
+                "seed": self.config.seed,
+                "report_drop_rate": self.config.report_drop_rate,
+                "report_duplicate_rate": self.config.report_duplicate_rate,
+                "reorder": self.config.reorder,
+                "scripts": {self.phones[f.patient]: ["opt_out"] for f in self.forms if f.opt_out},
+            },
+        )
         with conn.transaction():
-            self.patients = [create_patient(conn, full_name=f"Chaos Patient {i}", phone=phone)
-                             for i, phone in enumerate(self.phones)]
+            self.patients = [
+                create_patient(conn, full_name=f"Chaos Patient {i}", phone=phone)
+                for i, phone in enumerate(self.phones)
+            ]
             for index, form in enumerate(self.forms):
                 if form.case != "overdue_silent":
-                    create_form(conn, patient_id=self.patients[form.patient],
-                                title=f"Chaos form {index}", deadline=form.deadline,
-                                form_id=form.id)
+                    create_form(
+                        conn,
+                        patient_id=self.patients[form.patient],
+                        title=f"Chaos form {index}",
+                        deadline=form.deadline,
+                        form_id=form.id,
+                    )
         # Apart: a silent insert's `set local session_replication_role` lasts to the commit.
         for index, form in enumerate(self.forms):
             if form.case == "overdue_silent":
-                create_form(conn, patient_id=self.patients[form.patient],
-                            title=f"Chaos form {index}", deadline=form.deadline, form_id=form.id,
-                            silent=True)
+                create_form(
+                    conn,
+                    patient_id=self.patients[form.patient],
+                    title=f"Chaos form {index}",
+                    deadline=form.deadline,
+                    form_id=form.id,
+                    silent=True,
+                )
         self.log(f"seeded {len(self.forms)} forms in {time.time() - start:.1f} s")
 
     def traffic(self, conn: psycopg.Connection) -> None:
@@ -334,11 +413,12 @@ class Chaos:
         actions.append((window_start + (window_end - window_start) * 0.4, "qstash_restart", None))
         actions.sort(key=lambda a: a[0])
 
-        killer = threading.Thread(target=self.kill_on_victim_calls, name="chaos-killer",
-                                  daemon=True)
+        killer = threading.Thread(
+            target=self.kill_on_victim_calls, name="chaos-killer", daemon=True
+        )
         killer.start()
         for at, kind, form in actions:
-            wait = (at - datetime.now(timezone.utc)).total_seconds()
+            wait = (at - datetime.now(UTC)).total_seconds()
             if wait > 0:
                 time.sleep(wait)
             try:
@@ -353,13 +433,12 @@ class Chaos:
 
     def do_submit(self, conn, form: Form) -> None:
         conn.execute("update forms set submitted_at = now() where id = %s", (form.id,))
-        form.acted_at = datetime.now(timezone.utc)
+        form.acted_at = datetime.now(UTC)
         self.late_actions(form)
 
     def do_move(self, conn, form: Form) -> None:
-        conn.execute("update forms set deadline = %s where id = %s",
-                     (form.final_deadline, form.id))
-        form.acted_at = datetime.now(timezone.utc)
+        conn.execute("update forms set deadline = %s where id = %s", (form.final_deadline, form.id))
+        form.acted_at = datetime.now(UTC)
         self.late_actions(form)
 
     def late_actions(self, form: Form) -> None:
@@ -370,11 +449,16 @@ class Chaos:
         from qstash import QStash
 
         assert self.info is not None
-        client = QStash(self.info.credentials["QSTASH_TOKEN"], base_url=self.info.qstash_url,
-                        retry=False)
-        client.message.publish_json(url=self.info.call_form_url, body={"formId": form.id},
-                                    not_before=int(form.final_deadline.timestamp()) + 1,
-                                    retries=5, failure_callback=self.info.failure_callback_url)
+        client = QStash(
+            self.info.credentials["QSTASH_TOKEN"], base_url=self.info.qstash_url, retry=False
+        )
+        client.message.publish_json(
+            url=self.info.call_form_url,
+            body={"formId": form.id},
+            not_before=int(form.final_deadline.timestamp()) + 1,
+            retries=5,
+            failure_callback=self.info.failure_callback_url,
+        )
         self.injected["duplicate messages published"] += 1
 
     def do_replay(self, conn, form: Form) -> None:
@@ -382,19 +466,27 @@ class Chaos:
         from formcall.signatures import sign
 
         assert self.info is not None
-        row = conn.execute("select qstash_message_id from forms where id = %s",
-                           (form.id,)).fetchone()
+        row = conn.execute(
+            "select qstash_message_id from forms where id = %s", (form.id,)
+        ).fetchone()
         body = json.dumps({"formId": form.id}).encode()
-        headers = {"content-type": "application/json", "upstash-retried": "0",
-                   "upstash-message-id": (row and row[0]) or f"msg_replay_{form.id}",
-                   "user-agent": "Upstash-QStash",
-                   "upstash-signature": sign(key=self.info.credentials["QSTASH_CURRENT_SIGNING_KEY"],
-                                             url=self.info.call_form_url, body=body)}
+        headers = {
+            "content-type": "application/json",
+            "upstash-retried": "0",
+            "upstash-message-id": (row and row[0]) or f"msg_replay_{form.id}",
+            "user-agent": "Upstash-QStash",
+            "upstash-signature": sign(
+                key=self.info.credentials["QSTASH_CURRENT_SIGNING_KEY"],
+                url=self.info.call_form_url,
+                body=body,
+            ),
+        }
 
         def post() -> None:
             try:
-                answer = httpx.post(self.info.call_form_url, content=body, headers=headers,
-                                    timeout=30)
+                answer = httpx.post(
+                    self.info.call_form_url, content=body, headers=headers, timeout=30
+                )
                 self.injected[f"duplicate deliveries answered {answer.status_code}"] += 1
             except httpx.HTTPError:
                 self.injected["duplicate deliveries refused (server down)"] += 1
@@ -406,7 +498,8 @@ class Chaos:
     def do_db_drop(self, conn, _form) -> None:
         terminated = conn.execute(
             "select count(*) filter (where pg_terminate_backend(pid)) from pg_stat_activity"
-            " where application_name = 'formcall-functions'").fetchone()[0]
+            " where application_name = 'formcall-functions'"
+        ).fetchone()[0]
         self.injected["database drops"] += 1
         self.injected["database connections terminated"] += terminated
 
@@ -421,8 +514,10 @@ class Chaos:
             self.stack.restart("qstash")
         self.injected["qstash restarts"] += 1
         self.injected["messages queued at the qstash restart"] += queued
-        self.log(f"QStash {'killed' if self.config.qstash_crash else 'stopped'} and restarted"
-                 f" with {queued} messages queued")
+        self.log(
+            f"QStash {'killed' if self.config.qstash_crash else 'stopped'} and restarted"
+            f" with {queued} messages queued"
+        )
 
     def kill_on_victim_calls(self) -> None:
         """SIGKILL the function server whenever a victim's call is in flight at Vapi."""
@@ -430,12 +525,16 @@ class Chaos:
         seen, last_kill = 0, 0.0
         while not self.stop.is_set():
             try:
-                hits = sum(r["hits"] for r in self.admin("GET", "/rules")
-                           if r["id"] in self.kill_rules)
+                hits = sum(
+                    r["hits"] for r in self.admin("GET", "/rules") if r["id"] in self.kill_rules
+                )
             except httpx.HTTPError:
                 hits = seen
-            if hits > seen and self.injected["function server kills"] < self.config.max_kills \
-                    and time.monotonic() - last_kill >= self.config.kill_gap_s:
+            if (
+                hits > seen
+                and self.injected["function server kills"] < self.config.max_kills
+                and time.monotonic() - last_kill >= self.config.kill_gap_s
+            ):
                 last_kill = time.monotonic()
                 with self.restart_lock:
                     process = self.stack.processes["functions"]
@@ -455,26 +554,31 @@ class Chaos:
         while True:
             busy = conn.execute(
                 "select count(*) from local_qstash.messages"
-                " where state = 'ACTIVE' or due_at < now() + interval '1 hour'").fetchone()[0]
+                " where state = 'ACTIVE' or due_at < now() + interval '1 hour'"
+            ).fetchone()[0]
             if busy == 0:
                 break
             if time.monotonic() > deadline:
                 for row in conn.execute(
-                        "select m.state, m.due_at - now(), m.url, convert_from(m.body, 'utf8'),"
-                        " (select string_agg(e.event || coalesce(' ' || (e.detail->>'reason'), ''),"
-                        "  ', ' order by e.id) from form_call_events e"
-                        "  where e.form_id::text = convert_from(m.body, 'utf8')::jsonb->>'formId')"
-                        " from local_qstash.messages m"
-                        " where m.state = 'ACTIVE' or m.due_at < now() + interval '1 hour'"):
+                    "select m.state, m.due_at - now(), m.url, convert_from(m.body, 'utf8'),"
+                    " (select string_agg(e.event || coalesce(' ' || (e.detail->>'reason'), ''),"
+                    "  ', ' order by e.id) from form_call_events e"
+                    "  where e.form_id::text = convert_from(m.body, 'utf8')::jsonb->>'formId')"
+                    " from local_qstash.messages m"
+                    " where m.state = 'ACTIVE' or m.due_at < now() + interval '1 hour'"
+                ):
                     self.log(f"still busy after {phase}: {row}")
                 break
             time.sleep(0.25)
         time.sleep(1.0)  # a last webhook or response in flight
         self.timings[f"settle after {phase}"] = time.monotonic() - started
-        snapshot = dict(conn.execute(
-            "select case when call_status = 'calling' and last_call_error like 'outcome unknown%%'"
-            " then 'calling (outcome unknown)' else call_status end, count(*) from forms"
-            " group by 1").fetchall())
+        snapshot = dict(
+            conn.execute(
+                "select case when call_status = 'calling' and last_call_error like 'outcome unknown%%'"
+                " then 'calling (outcome unknown)' else call_status end, count(*) from forms"
+                " group by 1"
+            ).fetchall()
+        )
         snapshot["messages still busy"] = busy
         return snapshot
 
@@ -506,25 +610,44 @@ class Chaos:
         for _ in range(10):
             reconciled = Counter()
             while True:
-                outcome = reconcile_stale_calls(store=clients.store(), vapi=clients.vapi(),
-                                                lease_seconds=0)
+                outcome = reconcile_stale_calls(
+                    store=clients.store(), vapi=clients.vapi(), lease_seconds=0
+                )
                 reconciled.update(outcome)
                 if sum(outcome.values()) == outcome["unresolved"]:
                     break
             # Calls whose end was never reported (lost reports, a kill before the record).
             looked_up = look_up_lost_outcomes(
-                store=clients.store(), vapi=clients.vapi(), publisher=clients.publisher,
-                call_form_url=self.info.call_form_url, window=clients.window(),
-                timeout_seconds=0)
-            answer = httpx.get(self.info.check_forms_url, timeout=120, headers={
-                "Authorization": f"Bearer {self.info.credentials['CRON_SECRET']}"}).json()
+                store=clients.store(),
+                vapi=clients.vapi(),
+                publisher=clients.publisher,
+                call_form_url=self.info.call_form_url,
+                window=clients.window(),
+                timeout_seconds=0,
+            )
+            answer = httpx.get(
+                self.info.check_forms_url,
+                timeout=120,
+                headers={"Authorization": f"Bearer {self.info.credentials['CRON_SECRET']}"},
+            ).json()
             self.settle(conn, f"sweep {len(rounds) + 1}")
-            rounds.append({"reconciled": dict(reconciled), "looked up": looked_up,
-                           "found": answer["found"], "enqueued": answer["enqueued"],
-                           "failed": answer["failed"]})
+            rounds.append(
+                {
+                    "reconciled": dict(reconciled),
+                    "looked up": looked_up,
+                    "found": answer["found"],
+                    "enqueued": answer["enqueued"],
+                    "failed": answer["failed"],
+                }
+            )
             self.log(f"sweep {len(rounds)}: {rounds[-1]}")
-            if not answer["found"] and not reconciled["found"] and not reconciled["released"] \
-                    and not looked_up["ended"] and not looked_up["open"]:
+            if (
+                not answer["found"]
+                and not reconciled["found"]
+                and not reconciled["released"]
+                and not looked_up["ended"]
+                and not looked_up["open"]
+            ):
                 break
             if looked_up["open"]:
                 time.sleep(1.0)  # calls still ringing or talking at Vapi
@@ -532,8 +655,9 @@ class Chaos:
 
     # ---- checks and figures -----------------------------------------------------------------
 
-    def check(self, conn: psycopg.Connection, before_sweeps: dict, sweeps: list[dict],
-              started: float) -> ChaosResult:
+    def check(
+        self, conn: psycopg.Connection, before_sweeps: dict, sweeps: list[dict], started: float
+    ) -> ChaosResult:
         from formcall_dev.fake_vapi import ENDED_REASONS, form_ids_of
 
         violations: list[str] = []
@@ -541,8 +665,10 @@ class Chaos:
         requests = self.admin("GET", "/requests")
         # How each call ended, by Vapi's (the fake's) own record.
         ended = {c["id"]: c for c in self.admin("GET", "/calls")}
-        class_of = {reason: ("reached" if outcome == "opt_out" else outcome)
-                    for outcome, reason in ENDED_REASONS.items()}
+        class_of = {
+            reason: ("reached" if outcome == "opt_out" else outcome)
+            for outcome, reason in ENDED_REASONS.items()
+        }
         placed: dict[str, list[dict]] = {}
         for request in requests:
             if request["outcome"] != "placed":
@@ -551,9 +677,13 @@ class Chaos:
             for form_id in form_ids_of(request["body"]):
                 if form_id in by_id:
                     placed.setdefault(form_id, []).append(request)
-        rows = {str(r[0]): r[1:] for r in conn.execute(
-            "select id, call_status, vapi_call_id, last_call_error, deadline, submitted_at,"
-            " call_outcome, next_call_at from forms").fetchall()}
+        rows = {
+            str(r[0]): r[1:]
+            for r in conn.execute(
+                "select id, call_status, vapi_call_id, last_call_error, deadline, submitted_at,"
+                " call_outcome, next_call_at from forms"
+            ).fetchall()
+        }
         rules = self.stack.call_rules if self.stack else CALL_RULES
         delay = timedelta(seconds=int(rules["FOLLOW_UP_DELAY_SECONDS"]))
         follow_up_on = {"no_answer", "busy", "voicemail", "not_connected"}
@@ -562,16 +692,20 @@ class Chaos:
         twice = []
         for form_id, calls in placed.items():
             calls.sort(key=lambda c: c["at"])
-            for first, second in zip(calls, calls[1:]):
+            for first, second in zip(calls, calls[1:], strict=False):
                 record = ended.get(first["call_id"]) or {}
                 outcome = class_of.get(record.get("endedReason"))
                 ended_at = record.get("endedAt")
-                if outcome not in follow_up_on or ended_at is None or \
-                        _moment(second["at"]) < _moment(ended_at) + delay \
-                        - timedelta(milliseconds=1):
+                if (
+                    outcome not in follow_up_on
+                    or ended_at is None
+                    or _moment(second["at"]) < _moment(ended_at) + delay - timedelta(milliseconds=1)
+                ):
                     twice.append(form_id)
-                    violations.append(f"form {form_id} ({by_id[form_id].case}) was called again"
-                                      f" at {second['at']} after a call that ended {outcome}")
+                    violations.append(
+                        f"form {form_id} ({by_id[form_id].case}) was called again"
+                        f" at {second['at']} after a call that ended {outcome}"
+                    )
                     break
             if len(calls) > int(rules["MAX_CALLS_PER_FORM"]):
                 violations.append(f"form {form_id} was called {len(calls)} times")
@@ -592,12 +726,18 @@ class Chaos:
                 if submitted_at is not None and at >= submitted_at:
                     violations.append(f"form {form_id} was called after it was submitted")
                 if in_force is None or at < in_force - timedelta(milliseconds=1):
-                    violations.append(f"form {form_id} ({form.case}) was called before its deadline")
+                    violations.append(
+                        f"form {form_id} ({form.case}) was called before its deadline"
+                    )
             if status == "called" and call_id not in {c["call_id"] for c in calls}:
                 violations.append(f"form {form_id} records call {call_id}, Vapi has another")
-        capped = {str(f) for (f,) in conn.execute(
-            "select distinct form_id from form_call_events where event = 'capped'"
-            " and detail->>'reason' = 'patient_cap'")}
+        capped = {
+            str(f)
+            for (f,) in conn.execute(
+                "select distinct form_id from form_call_events where event = 'capped'"
+                " and detail->>'reason' = 'patient_cap'"
+            )
+        }
         outcomes: Counter[str] = Counter()
         failures: Counter[str] = Counter()
         for form in self.forms:
@@ -613,8 +753,12 @@ class Chaos:
             calls = len(placed.get(form.id, []))
             if status == "called" and call_id and outcome == "reached":
                 label = "reached"
-            elif status == "called" and call_id and outcome is not None and (
-                    outcome not in follow_up_on or calls >= int(rules["MAX_CALLS_PER_FORM"])):
+            elif (
+                status == "called"
+                and call_id
+                and outcome is not None
+                and (outcome not in follow_up_on or calls >= int(rules["MAX_CALLS_PER_FORM"]))
+            ):
                 label = f"called {calls} times, not reached (last: {outcome})"
             elif status == "failed" and error:
                 label = "failed with a reason"
@@ -622,13 +766,18 @@ class Chaos:
                 label = "flagged (outcome unknown)"
             elif status == "opted_out" and form.opt_out:
                 label = "opted out"
-            elif (status == "pending" and form.id in capped and next_call is not None
-                  and next_call > datetime.now(timezone.utc) + timedelta(hours=1)):
+            elif (
+                status == "pending"
+                and form.id in capped
+                and next_call is not None
+                and next_call > datetime.now(UTC) + timedelta(hours=1)
+            ):
                 label = "capped: called again when the patient's caps allow"
             else:
                 label = f"LOST ({status}, {outcome or 'no outcome'})"
-                violations.append(f"due form {form.id} ({form.case}) ended {status}"
-                                  f" ({outcome}): {error}")
+                violations.append(
+                    f"due form {form.id} ({form.case}) ended {status} ({outcome}): {error}"
+                )
             outcomes[label] += 1
             if calls and "vapi_reject" in form.faults:
                 violations.append(f"form {form.id} was called although Vapi rejects it")
@@ -641,24 +790,38 @@ class Chaos:
             if request["outcome"] == "placed":
                 number = (request["body"].get("customer") or {}).get("number")
                 times.setdefault(number, []).append(_moment(request["at"]))
-        over_cap = [n for n, t in times.items() if _calls_over_caps(
-            t, int(rules["PATIENT_MAX_CALLS_PER_DAY"]), int(rules["PATIENT_MAX_CALLS_PER_WEEK"]))]
-        violations += [f"patient {n} was called over a cap: {sorted(map(str, times[n]))}"
-                       for n in over_cap]
-        opted = conn.execute("select phone, opted_out_at from patients"
-                             " where opted_out_at is not null").fetchall()
+        over_cap = [
+            n
+            for n, t in times.items()
+            if _calls_over_caps(
+                t, int(rules["PATIENT_MAX_CALLS_PER_DAY"]), int(rules["PATIENT_MAX_CALLS_PER_WEEK"])
+            )
+        ]
+        violations += [
+            f"patient {n} was called over a cap: {sorted(map(str, times[n]))}" for n in over_cap
+        ]
+        opted = conn.execute(
+            "select phone, opted_out_at from patients where opted_out_at is not null"
+        ).fetchall()
         after_opt_out = [n for n, at in opted if any(t > at for t in times.get(n, []))]
         violations += [f"patient {n} was called after opting out" for n in after_opt_out]
-        unended = conn.execute("select count(*) from calls where vapi_call_id is not null"
-                               " and outcome is null").fetchone()[0]
+        unended = conn.execute(
+            "select count(*) from calls where vapi_call_id is not null and outcome is null"
+        ).fetchone()[0]
         if unended:
             violations.append(f"{unended} placed calls have no outcome after the final sweep")
         reports = Counter()
         for delivery in self.admin("GET", "/reports"):
-            reports["dropped" if delivery["dropped"] else
-                    "duplicated" if delivery["duplicate"] else "delivered"] += 1
-        extra = conn.execute("select count(*) from form_call_events where event = 'extra_call'"
-                             ).fetchone()[0]
+            reports[
+                "dropped"
+                if delivery["dropped"]
+                else "duplicated"
+                if delivery["duplicate"]
+                else "delivered"
+            ] += 1
+        extra = conn.execute(
+            "select count(*) from form_call_events where event = 'extra_call'"
+        ).fetchone()[0]
         if extra:
             violations.append(f"{extra} extra_call events")
 
@@ -669,24 +832,30 @@ class Chaos:
             " and not exists (select 1 from local_qstash.events e where e.message_id = c.message_id"
             "   and e.state in ('DELIVERED', 'FAILED', 'CANCELED'))"
             " and not exists (select 1 from local_qstash.messages m where m.message_id = c.message_id"
-            "   and m.not_before > now() + interval '1 hour')").fetchall()
-        violations += [f"message {m} to {url} was neither delivered, dead-lettered, cancelled"
-                       " nor kept for later" for m, url in lost]
+            "   and m.not_before > now() + interval '1 hour')"
+        ).fetchall()
+        violations += [
+            f"message {m} to {url} was neither delivered, dead-lettered, cancelled"
+            " nor kept for later"
+            for m, url in lost
+        ]
         unrecorded = conn.execute(
             "select d.message_id from local_qstash.dlq d where d.url like '%%/api/jobs/call-form'"
             " and not exists (select 1 from form_call_events e where e.event in"
             "   ('failed', 'delivery_failed') and e.detail->>'source_message_id' = d.message_id)"
         ).fetchall()
-        violations += [f"dead-lettered message {m} never reached failure-callback"
-                       for (m,) in unrecorded]
+        violations += [
+            f"dead-lettered message {m} never reached failure-callback" for (m,) in unrecorded
+        ]
         kept = conn.execute(
             "select count(*) filter (where m.message_id is not null), count(*) from forms f"
             " left join local_qstash.messages m on m.message_id = f.qstash_message_id"
             " where f.deadline > now() + interval '1 hour' and f.submitted_at is null"
         ).fetchone()
 
-        events = dict(conn.execute("select state, count(*) from local_qstash.events group by 1"
-                                   ).fetchall())
+        events = dict(
+            conn.execute("select state, count(*) from local_qstash.events group by 1").fetchall()
+        )
         responses = self.function_responses()
         cases = Counter(f.case for f in self.forms)
         planned = Counter(kind for f in self.forms for kind in f.faults)
@@ -705,23 +874,28 @@ class Chaos:
         figures = {
             "forms": len(self.forms),
             "cases": dict(sorted(cases.items())),
-            "patients": {"patients": len(self.phones),
-                         "forms sharing a call with others of their patient": sum(
-                             f.shared for f in self.forms),
-                         "planned opt-outs": sum(f.opt_out for f in self.forms),
-                         "opted out": len(opted)},
+            "patients": {
+                "patients": len(self.phones),
+                "forms sharing a call with others of their patient": sum(
+                    f.shared for f in self.forms
+                ),
+                "planned opt-outs": sum(f.opt_out for f in self.forms),
+                "opted out": len(opted),
+            },
             "call rules": dict(rules),
             "faults planned (forms)": dict(sorted(planned.items())),
             "faults injected": dict(sorted(self.injected.items())),
             "vapi": dict(sorted(vapi.items())),
             "call reports (fake Vapi's server messages)": dict(sorted(reports.items())),
             "call-form answers": responses,
-            "qstash": {"messages": events.get("CREATED", 0),
-                       "delivered": events.get("DELIVERED", 0),
-                       "failed attempts": events.get("ERROR", 0),
-                       "dead-lettered": events.get("FAILED", 0),
-                       "cancelled": events.get("CANCELED", 0),
-                       "not-yet-due forms whose message is still queued": f"{kept[0]} of {kept[1]}"},
+            "qstash": {
+                "messages": events.get("CREATED", 0),
+                "delivered": events.get("DELIVERED", 0),
+                "failed attempts": events.get("ERROR", 0),
+                "dead-lettered": events.get("FAILED", 0),
+                "cancelled": events.get("CANCELED", 0),
+                "not-yet-due forms whose message is still queued": f"{kept[0]} of {kept[1]}",
+            },
             "before sweeps": before_sweeps,
             "sweeps": sweeps,
             "outcomes": dict(sorted(outcomes.items())),
@@ -732,17 +906,23 @@ class Chaos:
                 "opted-out patients called after their opt-out": len(after_opt_out),
                 "placed calls without an outcome after the final sweep": unended,
                 "submitted or not-due forms called": sum(
-                    1 for f in placed if by_id[f].case in MUST_NOT_CALL
-                    and f not in called_before_act),
+                    1
+                    for f in placed
+                    if by_id[f].case in MUST_NOT_CALL and f not in called_before_act
+                ),
                 "calls before the deadline": sum(
-                    1 for v in violations if "before its deadline" in v),
+                    1 for v in violations if "before its deadline" in v
+                ),
                 "due forms neither called, failed nor flagged": sum(
-                    n for k, n in outcomes.items() if k.startswith("LOST")),
+                    n for k, n in outcomes.items() if k.startswith("LOST")
+                ),
                 "queued messages lost": len(lost),
                 "dead letters without failure-callback": len(unrecorded),
             },
-            "seconds": {**{k: round(v, 1) for k, v in self.timings.items()},
-                        "total": round(time.monotonic() - started, 1)},
+            "seconds": {
+                **{k: round(v, 1) for k, v in self.timings.items()},
+                "total": round(time.monotonic() - started, 1),
+            },
         }
         return ChaosResult(figures, violations)
 
@@ -782,6 +962,7 @@ def _failure_kind(error: str) -> str:
 
 # ---- reporting ------------------------------------------------------------------------------
 
+
 def format_figures(figures: dict) -> str:
     lines = []
     for key, value in figures.items():
@@ -802,43 +983,60 @@ def markdown_section(figures: dict, hostile: dict | None, command: str) -> str:
         out += [f"| {k} | {v} |" for k, v in rows.items()]
         return out + [""]
 
-    parts = ["## Chaos", "",
-             f"`{command}` on {datetime.now(timezone.utc):%Y-%m-%d} (2 cores): "
-             f"{figures['forms']} forms through the local stack (real processes), "
-             f"{figures['seconds']['total']} s in all. Stale claims are reconciled with "
-             "`reconcile_stale_calls(lease_seconds=0)` and lost reports looked up with "
-             "`look_up_lost_outcomes(timeout_seconds=0)` once nothing is in flight (production "
-             "waits for the 15-minute lease and CALL_OUTCOME_TIMEOUT_SECONDS); then check-forms "
-             "sweeps until a round changes nothing.", ""]
+    parts = [
+        "## Chaos",
+        "",
+        f"`{command}` on {datetime.now(UTC):%Y-%m-%d} (2 cores): "
+        f"{figures['forms']} forms through the local stack (real processes), "
+        f"{figures['seconds']['total']} s in all. Stale claims are reconciled with "
+        "`reconcile_stale_calls(lease_seconds=0)` and lost reports looked up with "
+        "`look_up_lost_outcomes(timeout_seconds=0)` once nothing is in flight (production "
+        "waits for the 15-minute lease and CALL_OUTCOME_TIMEOUT_SECONDS); then check-forms "
+        "sweeps until a round changes nothing.",
+        "",
+    ]
     parts += table("case", figures["cases"])
     parts += table("patients", figures["patients"])
     parts += table("call rule", figures["call rules"])
-    parts += table("fault injected", {**figures["faults injected"], **{
-        f"Vapi: {k}": v for k, v in figures["vapi"].items()}})
+    parts += table(
+        "fault injected",
+        {**figures["faults injected"], **{f"Vapi: {k}": v for k, v in figures["vapi"].items()}},
+    )
     parts += table("call report", figures["call reports (fake Vapi's server messages)"])
     parts += table("call-form answer", figures["call-form answers"])
     parts += table("QStash", figures["qstash"])
     parts += table("before the sweeps", figures["before sweeps"])
-    parts += ["| sweep round | reconciled: found in Vapi | reconciled: released "
-              "| lost reports looked up | overdue found | enqueued |",
-              "|---|---:|---:|---:|---:|---:|"]
-    parts += [f"| {i + 1} | {r['reconciled'].get('found', 0)} | "
-              f"{r['reconciled'].get('released', 0)} | {r['looked up'].get('ended', 0)} | "
-              f"{r['found']} | {r['enqueued']} |"
-              for i, r in enumerate(figures["sweeps"])] + [""]
+    parts += [
+        "| sweep round | reconciled: found in Vapi | reconciled: released "
+        "| lost reports looked up | overdue found | enqueued |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    parts += [
+        f"| {i + 1} | {r['reconciled'].get('found', 0)} | "
+        f"{r['reconciled'].get('released', 0)} | {r['looked up'].get('ended', 0)} | "
+        f"{r['found']} | {r['enqueued']} |"
+        for i, r in enumerate(figures["sweeps"])
+    ] + [""]
     parts += table("outcome", figures["outcomes"])
     parts += table("failure reason", figures["failure reasons"])
     parts += table("check (all must be 0)", figures["checks"])
     if hostile:
-        parts += ["Hostile input, after the run: tests/integration/test_hostile_input.py with "
-                  "FORMCALL_HOSTILE_CASES=10000 (schemathesis on docs/openapi.yaml, hypothesis "
-                  "for raw bodies and headers, signed garbage, near-miss secrets) and "
-                  "tests/integration/test_signature_attacks.py. Every case: no 5xx, no database "
-                  "write, no Vapi request, nothing published.", ""]
-        parts += table("hostile input: generated cases", {
-            k: v for k, v in hostile.items() if not k.startswith(("answers", "pytest"))})
-        parts += table("hostile input: answers", {
-            k.removeprefix("answers "): v for k, v in hostile.items() if k.startswith("answers")})
+        parts += [
+            "Hostile input, after the run: tests/integration/test_hostile_input.py with "
+            "FORMCALL_HOSTILE_CASES=10000 (schemathesis on docs/openapi.yaml, hypothesis "
+            "for raw bodies and headers, signed garbage, near-miss secrets) and "
+            "tests/integration/test_signature_attacks.py. Every case: no 5xx, no database "
+            "write, no Vapi request, nothing published.",
+            "",
+        ]
+        parts += table(
+            "hostile input: generated cases",
+            {k: v for k, v in hostile.items() if not k.startswith(("answers", "pytest"))},
+        )
+        parts += table(
+            "hostile input: answers",
+            {k.removeprefix("answers "): v for k, v in hostile.items() if k.startswith("answers")},
+        )
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -850,19 +1048,32 @@ def write_section(path: Path, section: str) -> None:
         text = (text.rstrip() + "\n\n" if text.strip() else "") + section
     else:
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
+        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
     path.write_text(text)
 
 
 def run_hostile(cases: int) -> dict:
     """The hostile-input and signature suites, scaled up; their figures."""
     figures_file = Path(tempfile.mkstemp(suffix=".json")[1])
-    env = {**os.environ, "FORMCALL_HOSTILE_CASES": str(cases),
-           "FORMCALL_HOSTILE_FIGURES": str(figures_file)}
+    env = {
+        **os.environ,
+        "FORMCALL_HOSTILE_CASES": str(cases),
+        "FORMCALL_HOSTILE_FIGURES": str(figures_file),
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/integration/test_hostile_input.py", "tests/integration/test_signature_attacks.py"],
-        cwd=REPO_ROOT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/integration/test_hostile_input.py",
+            "tests/integration/test_signature_attacks.py",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+    )
     figures = json.loads(figures_file.read_text() or "{}") if figures_file.exists() else {}
     figures_file.unlink(missing_ok=True)
     figures["pytest exit code"] = done.returncode
@@ -880,15 +1091,25 @@ def run(config: ChaosConfig, *, data_dir: Path | None = None, log=print) -> Chao
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m formcall_dev.chaos", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--forms", type=int, help=f"default {ChaosConfig.forms}, --quick "
-                        f"{QUICK['forms']}")
+    parser = argparse.ArgumentParser(
+        prog="python -m formcall_dev.chaos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--forms", type=int, help=f"default {ChaosConfig.forms}, --quick {QUICK['forms']}"
+    )
     parser.add_argument("--seed", type=int, default=ChaosConfig.seed)
     parser.add_argument("--quick", action="store_true", help="the bounded run of make test")
-    parser.add_argument("--hostile-cases", type=int, default=10_000,
-                        help="generated hostile-input cases after the run (0: skip)")
-    parser.add_argument("--write", type=Path, help="put the figures in this file's ## Chaos section")
+    parser.add_argument(
+        "--hostile-cases",
+        type=int,
+        default=10_000,
+        help="generated hostile-input cases after the run (0: skip)",
+    )
+    parser.add_argument(
+        "--write", type=Path, help="put the figures in this file's ## Chaos section"
+    )
     parser.add_argument("--data-dir", type=Path, help="keep the stack's data and logs here")
     args = parser.parse_args(argv)
     config = ChaosConfig(**(QUICK if args.quick else {}))
@@ -903,9 +1124,14 @@ def main(argv: list[str] | None = None) -> int:
         print("hostile input:")
         print("\n".join(f"  {k}: {v}" for k, v in hostile.items()))
     if args.write:
-        write_section(args.write, markdown_section(result.figures, hostile,
-                                                   "make chaos" if not args.quick else
-                                                   "python -m formcall_dev.chaos --quick"))
+        write_section(
+            args.write,
+            markdown_section(
+                result.figures,
+                hostile,
+                "make chaos" if not args.quick else "python -m formcall_dev.chaos --quick",
+            ),
+        )
     for violation in result.violations:
         print(f"VIOLATION: {violation}")
     ok = not result.violations and (hostile is None or hostile["pytest exit code"] == 0)

@@ -6,14 +6,17 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-app = typer.Typer(help="formcall: deadline-driven patient calls.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="formcall: deadline-driven patient calls.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 # soft_wrap: a long id, token or URL is printed whole on one line (a terminal folds it for the
 # eye, and a pipe or log gets it unbroken), never cut or wrapped mid-way.
 console = Console(soft_wrap=True)
@@ -39,16 +42,58 @@ def setting(name: str, data_dir: Path = Path(".dev")) -> str:
 
 
 @app.command()
-def dev(serve: Annotated[bool, typer.Option("--serve", help="Keep the stack running for manual use.")] = False,
-        real_vapi: Annotated[bool, typer.Option("--real-vapi", help="Use the real Vapi API (dials real phones; needs VAPI_PRIVATE_KEY, VAPI_ASSISTANT_ID, VAPI_PHONE_NUMBER_ID; --serve only).")] = False,
-        call_window: Annotated[Optional[str], typer.Option("--call-window", help="CALL_WINDOW for the stack (default: any hour, so the demo runs now).")] = None,
-        follow_up_delay: Annotated[Optional[int], typer.Option("--follow-up-delay", help="FOLLOW_UP_DELAY_SECONDS (dev: 3; production default 86400).")] = None,
-        outcome_timeout: Annotated[Optional[int], typer.Option("--outcome-timeout", help="CALL_OUTCOME_TIMEOUT_SECONDS: a call without a report is looked up by the sweep after this long (dev: 5; production default 1800).")] = None,
-        max_calls_per_day: Annotated[Optional[int], typer.Option("--max-calls-per-day", help="PATIENT_MAX_CALLS_PER_DAY (dev: 10; production default 1).")] = None,
-        max_calls_per_week: Annotated[Optional[int], typer.Option("--max-calls-per-week", help="PATIENT_MAX_CALLS_PER_WEEK (dev: 30; production default 3).")] = None,
-        ring_seconds: Annotated[float, typer.Option("--ring-seconds", help="How long the fake Vapi's calls ring.")] = 1.0,
-        call_seconds: Annotated[float, typer.Option("--call-seconds", help="How long the fake Vapi's answered calls talk.")] = 1.5,
-        data_dir: DataDir = Path(".dev")) -> None:
+def dev(
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Keep the stack running for manual use.")
+    ] = False,
+    real_vapi: Annotated[
+        bool,
+        typer.Option(
+            "--real-vapi",
+            help="Use the real Vapi API (dials real phones; needs VAPI_PRIVATE_KEY, VAPI_ASSISTANT_ID, VAPI_PHONE_NUMBER_ID; --serve only).",
+        ),
+    ] = False,
+    call_window: Annotated[
+        str | None,
+        typer.Option(
+            "--call-window",
+            help="CALL_WINDOW for the stack (default: any hour, so the demo runs now).",
+        ),
+    ] = None,
+    follow_up_delay: Annotated[
+        int | None,
+        typer.Option(
+            "--follow-up-delay", help="FOLLOW_UP_DELAY_SECONDS (dev: 3; production default 86400)."
+        ),
+    ] = None,
+    outcome_timeout: Annotated[
+        int | None,
+        typer.Option(
+            "--outcome-timeout",
+            help="CALL_OUTCOME_TIMEOUT_SECONDS: a call without a report is looked up by the sweep after this long (dev: 5; production default 1800).",
+        ),
+    ] = None,
+    max_calls_per_day: Annotated[
+        int | None,
+        typer.Option(
+            "--max-calls-per-day", help="PATIENT_MAX_CALLS_PER_DAY (dev: 10; production default 1)."
+        ),
+    ] = None,
+    max_calls_per_week: Annotated[
+        int | None,
+        typer.Option(
+            "--max-calls-per-week",
+            help="PATIENT_MAX_CALLS_PER_WEEK (dev: 30; production default 3).",
+        ),
+    ] = None,
+    ring_seconds: Annotated[
+        float, typer.Option("--ring-seconds", help="How long the fake Vapi's calls ring.")
+    ] = 1.0,
+    call_seconds: Annotated[
+        float, typer.Option("--call-seconds", help="How long the fake Vapi's answered calls talk.")
+    ] = 1.5,
+    data_dir: DataDir = Path(".dev"),
+) -> None:
     """Start the whole system locally and play the demo (or keep it running with --serve).
 
     Time is compressed: the fake Vapi's calls ring about a second and talk a second or two, \
@@ -66,12 +111,17 @@ unless an option is given.
     if real_vapi:
         if not serve:
             fail("--real-vapi dials real phones: it is only allowed with --serve (no demo seeds)")
-        missing = [n for n in ("VAPI_PRIVATE_KEY", "VAPI_ASSISTANT_ID", "VAPI_PHONE_NUMBER_ID")
-                   if not os.environ.get(n)]
+        missing = [
+            n
+            for n in ("VAPI_PRIVATE_KEY", "VAPI_ASSISTANT_ID", "VAPI_PHONE_NUMBER_ID")
+            if not os.environ.get(n)
+        ]
         if missing:
             fail(f"--real-vapi needs {', '.join(missing)}")
-        vapi = {n: os.environ[n] for n in ("VAPI_PRIVATE_KEY", "VAPI_ASSISTANT_ID",
-                                           "VAPI_PHONE_NUMBER_ID")}
+        vapi = {
+            n: os.environ[n]
+            for n in ("VAPI_PRIVATE_KEY", "VAPI_ASSISTANT_ID", "VAPI_PHONE_NUMBER_ID")
+        }
         vapi["VAPI_BASE_URL"] = os.environ.get("VAPI_BASE_URL", "https://api.vapi.ai")
     # Ctrl-C and a terminating parent both end here, with every process stopped.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -83,13 +133,17 @@ unless an option is given.
             parse_window(call_window)
         except ValueError as exc:
             fail(str(exc))
-    given = {"FOLLOW_UP_DELAY_SECONDS": follow_up_delay,
-             "CALL_OUTCOME_TIMEOUT_SECONDS": outcome_timeout,
-             "PATIENT_MAX_CALLS_PER_DAY": max_calls_per_day,
-             "PATIENT_MAX_CALLS_PER_WEEK": max_calls_per_week}
+    given = {
+        "FOLLOW_UP_DELAY_SECONDS": follow_up_delay,
+        "CALL_OUTCOME_TIMEOUT_SECONDS": outcome_timeout,
+        "PATIENT_MAX_CALLS_PER_DAY": max_calls_per_day,
+        "PATIENT_MAX_CALLS_PER_WEEK": max_calls_per_week,
+    }
     # Real phones get the real rules (a follow-up a day, one call a day) unless told otherwise.
-    rules = {**({} if real_vapi else DEV_CALL_RULES),
-             **{k: str(v) for k, v in given.items() if v is not None}}
+    rules = {
+        **({} if real_vapi else DEV_CALL_RULES),
+        **{k: str(v) for k, v in given.items() if v is not None},
+    }
     from formcall.errors import ConfigurationError
     from formcall.settings import CallRulesSettings
 
@@ -99,8 +153,14 @@ unless an option is given.
         fail(str(exc))
     except ValueError as exc:  # pydantic's ValidationError
         fail("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors()))
-    stack = Stack(data_dir, real_vapi=vapi, call_window=call_window, call_rules=rules,
-                  vapi_ring_seconds=ring_seconds, vapi_call_seconds=call_seconds)
+    stack = Stack(
+        data_dir,
+        real_vapi=vapi,
+        call_window=call_window,
+        call_rules=rules,
+        vapi_ring_seconds=ring_seconds,
+        vapi_call_seconds=call_seconds,
+    )
     try:
         stack.lock()  # before anything is started or touched
     except StackBusy as exc:
@@ -127,32 +187,42 @@ unless an option is given.
 
 
 def compressed_time_note(rules: dict[str, str], ring_seconds: float, call_seconds: float) -> str:
-    return (f"time compressed: calls ring {ring_seconds:g} s and talk {call_seconds:g} s, "
-            f"follow-ups {rules['FOLLOW_UP_DELAY_SECONDS']} s after a call "
-            f"(production: a day), lost reports looked up after "
-            f"{rules['CALL_OUTCOME_TIMEOUT_SECONDS']} s, caps "
-            f"{rules['PATIENT_MAX_CALLS_PER_DAY']} calls a day and "
-            f"{rules['PATIENT_MAX_CALLS_PER_WEEK']} a week per patient (production: 1 and 3); "
-            "see formcall dev --help")
+    return (
+        f"time compressed: calls ring {ring_seconds:g} s and talk {call_seconds:g} s, "
+        f"follow-ups {rules['FOLLOW_UP_DELAY_SECONDS']} s after a call "
+        f"(production: a day), lost reports looked up after "
+        f"{rules['CALL_OUTCOME_TIMEOUT_SECONDS']} s, caps "
+        f"{rules['PATIENT_MAX_CALLS_PER_DAY']} calls a day and "
+        f"{rules['PATIENT_MAX_CALLS_PER_WEEK']} a week per patient (production: 1 and 3); "
+        "see formcall dev --help"
+    )
 
 
 def print_serve_help(info, data_dir: Path) -> None:
     """The stack's URLs, settings and commands to try, each whole and runnable as printed."""
-    rows = [("console", info.console_url), ("call-form", info.call_form_url),
-            ("check-forms", info.check_forms_url), ("setup", info.setup_url),
-            ("call-events", info.call_events_url), ("QStash", info.qstash_url),
-            ("Vapi", info.vapi_url),
-            ("database", info.dsn), *info.credentials.items()]
+    rows = [
+        ("console", info.console_url),
+        ("call-form", info.call_form_url),
+        ("check-forms", info.check_forms_url),
+        ("setup", info.setup_url),
+        ("call-events", info.call_events_url),
+        ("QStash", info.qstash_url),
+        ("Vapi", info.vapi_url),
+        ("database", info.dsn),
+        *info.credentials.items(),
+    ]
     width = max(len(name) for name, _ in rows)
     lines = ["formcall local stack (Ctrl-C stops everything)"]
     lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
     secret = info.credentials["CRON_SECRET"]
-    lines += ["Try:",
-              f"  curl '{info.setup_url}?secret={secret}'",
-              f"  curl -H 'Authorization: Bearer {secret}' {info.check_forms_url}",
-              f"  {formcall_command('status', data_dir)}",
-              f"  export $({formcall_command('env', data_dir)})  # this stack's settings for "
-              f"other formcall commands"]
+    lines += [
+        "Try:",
+        f"  curl '{info.setup_url}?secret={secret}'",
+        f"  curl -H 'Authorization: Bearer {secret}' {info.check_forms_url}",
+        f"  {formcall_command('status', data_dir)}",
+        f"  export $({formcall_command('env', data_dir)})  # this stack's settings for "
+        f"other formcall commands",
+    ]
     for line in lines:
         console.print(line, markup=False, highlight=False)
 
@@ -203,9 +273,16 @@ def trigger(data_dir: DataDir = Path(".dev")) -> None:
 
 
 @app.command("sign-event")
-def sign_event(files: Annotated[list[Path], typer.Argument(help="Event files to re-sign in place.")],
-               key: Annotated[Optional[str], typer.Option(help="Signing key (default: QSTASH_CURRENT_SIGNING_KEY).")] = None,
-               url: Annotated[Optional[str], typer.Option(help="Subject URL (default: https://{domainName}{rawPath} of each event).")] = None) -> None:
+def sign_event(
+    files: Annotated[list[Path], typer.Argument(help="Event files to re-sign in place.")],
+    key: Annotated[
+        str | None, typer.Option(help="Signing key (default: QSTASH_CURRENT_SIGNING_KEY).")
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="Subject URL (default: https://{domainName}{rawPath} of each event)."),
+    ] = None,
+) -> None:
     """Re-sign the QStash-signed files in events/ (signatures expire after 5 minutes)."""
     from formcall_dev.events import sign_event_files
 
@@ -221,12 +298,17 @@ def sign_event(files: Annotated[list[Path], typer.Argument(help="Event files to 
         fail(f"not a Lambda HTTP event: {exc}")
     for path in changed:
         console.print(f"signed {path}")
-    console.print(f"{len(changed)} of {len(files)} files carry a QStash signature; valid for 5 minutes")
+    console.print(
+        f"{len(changed)} of {len(files)} files carry a QStash signature; valid for 5 minutes"
+    )
 
 
 @app.command()
-def status(form_id: Annotated[Optional[str], typer.Argument(help="Show one form's call history.")] = None,
-           data_dir: DataDir = Path(".dev"), limit: int = 20) -> None:
+def status(
+    form_id: Annotated[str | None, typer.Argument(help="Show one form's call history.")] = None,
+    data_dir: DataDir = Path(".dev"),
+    limit: int = 20,
+) -> None:
     """The schedule, queued messages, DLQ entries and each form's call state."""
     from formcall_dev import status as report
 
@@ -234,23 +316,40 @@ def status(form_id: Annotated[Optional[str], typer.Argument(help="Show one form'
     qstash_url = setting("QSTASH_URL", data_dir)
     token = setting("QSTASH_TOKEN", data_dir)
     try:
-        report.show(console, dsn=dsn, qstash_url=qstash_url, token=token, form_id=form_id,
-                    limit=limit)
+        report.show(
+            console, dsn=dsn, qstash_url=qstash_url, token=token, form_id=form_id, limit=limit
+        )
     except report.StatusError as exc:
         fail(str(exc))
 
 
 @app.command()
-def doctor(stack_json: Annotated[Optional[str], typer.Option("--stack-json", help="A deployed stack: the output of `aws cloudformation describe-stacks --stack-name NAME`, as a file or - for standard input.")] = None,
-           smoke: Annotated[bool, typer.Option("--smoke", help="Only check that every function URL refuses an unauthenticated request (the deploy pipeline's smoke check).")] = False,
-           data_dir: DataDir = Path(".dev")) -> None:
+def doctor(
+    stack_json: Annotated[
+        str | None,
+        typer.Option(
+            "--stack-json",
+            help="A deployed stack: the output of `aws cloudformation describe-stacks --stack-name NAME`, as a file or - for standard input.",
+        ),
+    ] = None,
+    smoke: Annotated[
+        bool,
+        typer.Option(
+            "--smoke",
+            help="Only check that every function URL refuses an unauthenticated request (the deploy pipeline's smoke check).",
+        ),
+    ] = False,
+    data_dir: DataDir = Path(".dev"),
+) -> None:
     """Check a deployed or local stack: settings, schedule, URLs, signing keys, migrations."""
     from formcall_dev import doctor as checks
 
     try:
         target = checks.find_target(
-            stack_json=checks.read_stack_json(stack_json, sys.stdin.read), data_dir=data_dir,
-            read_secret=not smoke)
+            stack_json=checks.read_stack_json(stack_json, sys.stdin.read),
+            data_dir=data_dir,
+            read_secret=not smoke,
+        )
     except checks.DoctorError as exc:
         fail(str(exc))
     findings = checks.run(target, smoke=smoke)
@@ -259,15 +358,17 @@ def doctor(stack_json: Annotated[Optional[str], typer.Option("--stack-json", hel
 
 
 @app.command()
-def schedule(form_id: Annotated[str, typer.Argument(help="The form whose call message to sync.")],
-             data_dir: DataDir = Path(".dev")) -> None:
+def schedule(
+    form_id: Annotated[str, typer.Argument(help="The form whose call message to sync.")],
+    data_dir: DataDir = Path(".dev"),
+) -> None:
     """Publish, move or cancel a form's one-time call message to match the form (as schedule-form does)."""
     import uuid
 
     from formcall import clients
-    from formcall.schedule import sync_form_schedule
     from formcall.errors import FormcallError
     from formcall.observability import logger
+    from formcall.schedule import sync_form_schedule
 
     logger.setLevel("WARNING")  # the function's JSON logs are for CloudWatch, not this terminal
 
@@ -287,9 +388,13 @@ def schedule(form_id: Annotated[str, typer.Argument(help="The form whose call me
                 os.environ[name] = info.env()[name]
     clients.reset()
     try:
-        result = sync_form_schedule(form_id, store=clients.store(), publisher=clients.publisher(),
-                                    call_form_url=os.environ["CALL_FORM_URL"],
-                                    window=clients.window())
+        result = sync_form_schedule(
+            form_id,
+            store=clients.store(),
+            publisher=clients.publisher(),
+            call_form_url=os.environ["CALL_FORM_URL"],
+            window=clients.window(),
+        )
     except FormcallError as exc:
         fail(exc.public_message)
     if result.action == "gone":

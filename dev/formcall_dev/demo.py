@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import psycopg
@@ -33,15 +33,15 @@ class Case:
     key: str
     title: str
     phone: str
-    expect: str                       # reached | cancelled | failed | unscheduled | opted_out
-    calls: int = 1                    # calls placed for the form by the end
-    due_in: float | None = 4.0        # seconds from now; None: no deadline
-    webhook: bool = True              # False: inserted as if the webhook (the job) was missed
-    submit: bool = False              # the patient submits before the deadline
-    move_to: float | None = None      # the doctor moves the deadline to this many seconds from now
-    vapi_rule: dict | None = None     # fault the fake Vapi injects for this phone
-    script: list[str] | None = None   # how the fake plays this number's calls, one per call
-    patient: str = ""                 # cases with the same patient share one (default: own)
+    expect: str  # reached | cancelled | failed | unscheduled | opted_out
+    calls: int = 1  # calls placed for the form by the end
+    due_in: float | None = 4.0  # seconds from now; None: no deadline
+    webhook: bool = True  # False: inserted as if the webhook (the job) was missed
+    submit: bool = False  # the patient submits before the deadline
+    move_to: float | None = None  # the doctor moves the deadline to this many seconds from now
+    vapi_rule: dict | None = None  # fault the fake Vapi injects for this phone
+    script: list[str] | None = None  # how the fake plays this number's calls, one per call
+    patient: str = ""  # cases with the same patient share one (default: own)
     form_id: str = ""
     patient_id: str = ""
     journey: list[str] = field(default_factory=list)
@@ -57,25 +57,62 @@ def cases() -> list[Case]:
         Case("on-time", "Pre-visit questionnaire", "+15550100101", "reached"),
         Case("submitted", "Consent form", "+15550100102", "cancelled", calls=0, submit=True),
         Case("moved", "Lab results review", "+15550100107", "reached", due_in=3, move_to=7),
-        Case("no-deadline", "Optional feedback", "+15550100103", "unscheduled", calls=0,
-             due_in=None),
-        Case("rejected", "Insurance details", "+15550100104", "failed", calls=0,
-             vapi_rule={"status": 400}),
-        Case("flaky", "Medication list", "+15550100105", "reached",
-             vapi_rule={"status": 503, "times": 1}),
+        Case(
+            "no-deadline", "Optional feedback", "+15550100103", "unscheduled", calls=0, due_in=None
+        ),
+        Case(
+            "rejected",
+            "Insurance details",
+            "+15550100104",
+            "failed",
+            calls=0,
+            vapi_rule={"status": 400},
+        ),
+        Case(
+            "flaky",
+            "Medication list",
+            "+15550100105",
+            "reached",
+            vapi_rule={"status": 503, "times": 1},
+        ),
         Case("missed-job", "Allergy form", "+15550100106", "reached", due_in=-60, webhook=False),
         # Call outcomes: follow-ups, one call per patient, opt-out.
-        Case("no-answer", "Vaccination record", "+15550100108", "reached", calls=2,
-             script=["no_answer", "reached"]),
+        Case(
+            "no-answer",
+            "Vaccination record",
+            "+15550100108",
+            "reached",
+            calls=2,
+            script=["no_answer", "reached"],
+        ),
         Case("two-forms-a", "Health history", "+15550100109", "reached", patient="two-forms"),
         Case("two-forms-b", "Dental history", "+15550100109", "reached", patient="two-forms"),
-        Case("voicemail", "Emergency contacts", "+15550100110", "reached", calls=2,
-             script=["voicemail", "reached"]),
-        Case("opt-out", "Travel questionnaire", "+15550100111", "opted_out",
-             script=["opt_out"], patient="opt-out"),
+        Case(
+            "voicemail",
+            "Emergency contacts",
+            "+15550100110",
+            "reached",
+            calls=2,
+            script=["voicemail", "reached"],
+        ),
+        Case(
+            "opt-out",
+            "Travel questionnaire",
+            "+15550100111",
+            "opted_out",
+            script=["opt_out"],
+            patient="opt-out",
+        ),
         # Due after the opt-out: its message is cancelled and it is never called.
-        Case("opt-out-later", "Follow-up survey", "+15550100111", "opted_out", calls=0,
-             due_in=12, patient="opt-out"),
+        Case(
+            "opt-out-later",
+            "Follow-up survey",
+            "+15550100111",
+            "opted_out",
+            calls=0,
+            due_in=12,
+            patient="opt-out",
+        ),
     ]
 
 
@@ -90,9 +127,12 @@ def seed(info: StackInfo, demo: list[Case]) -> None:
         for case in demo:
             if case.vapi_rule:
                 _fake(info, "/rules", json={"customer_number": case.phone, **case.vapi_rule})
-        _fake(info, "/configure", json={"scripts": {
-            case.phone: case.script for case in demo if case.script}})
-    now = datetime.now(timezone.utc)
+        _fake(
+            info,
+            "/configure",
+            json={"scripts": {case.phone: case.script for case in demo if case.script}},
+        )
+    now = datetime.now(UTC)
     patients: dict[str, str] = {}
     with psycopg.connect(info.dsn, autocommit=True) as conn:
         for case in demo:
@@ -102,8 +142,13 @@ def seed(info: StackInfo, demo: list[Case]) -> None:
             case.patient_id = patients[who]
             deadline = None if case.due_in is None else now + timedelta(seconds=case.due_in)
             # A silent insert: schedule-form never hears of the form (a lost webhook or job).
-            case.form_id = create_form(conn, patient_id=case.patient_id, title=case.title,
-                                       deadline=deadline, silent=not case.webhook)
+            case.form_id = create_form(
+                conn,
+                patient_id=case.patient_id,
+                title=case.title,
+                deadline=deadline,
+                silent=not case.webhook,
+            )
 
 
 def change_forms(info: StackInfo, demo: list[Case]) -> None:
@@ -111,15 +156,21 @@ def change_forms(info: StackInfo, demo: list[Case]) -> None:
     with psycopg.connect(info.dsn, autocommit=True) as conn:
         for case in demo:
             if case.submit:
-                conn.execute("update forms set submitted_at = now() where id = %s",
-                             (case.form_id,))
+                conn.execute("update forms set submitted_at = now() where id = %s", (case.form_id,))
             if case.move_to is not None:
-                conn.execute("update forms set deadline = now() + make_interval(secs => %s)"
-                             " where id = %s", (case.move_to, case.form_id))
+                conn.execute(
+                    "update forms set deadline = now() + make_interval(secs => %s) where id = %s",
+                    (case.move_to, case.form_id),
+                )
 
 
-LABELS = {"claimed": "claimed", "released": "retry", "outcome_unknown": "unknown",
-          "follow_up_scheduled": "follow-up", "opted_out": "opted out"}
+LABELS = {
+    "claimed": "claimed",
+    "released": "retry",
+    "outcome_unknown": "unknown",
+    "follow_up_scheduled": "follow-up",
+    "opted_out": "opted out",
+}
 
 
 def _label(event: str, detail: dict | None) -> str:
@@ -133,14 +184,20 @@ def refresh(info: StackInfo, demo: list[Case]) -> None:
         for case in demo:
             case.status, case.call_outcome, case.next_call_at, error = conn.execute(
                 "select call_status, call_outcome, next_call_at, last_call_error from forms"
-                " where id = %s", (case.form_id,)).fetchone()
-            rows = conn.execute("select event, detail from form_call_events where form_id = %s"
-                                " order by id", (case.form_id,)).fetchall()
+                " where id = %s",
+                (case.form_id,),
+            ).fetchone()
+            rows = conn.execute(
+                "select event, detail from form_call_events where form_id = %s order by id",
+                (case.form_id,),
+            ).fetchall()
             case.journey = ["created"] + [_label(event, detail) for event, detail in rows]
             case.placed = conn.execute(
                 "select c.vapi_call_id, c.outcome from calls c join call_forms cf"
                 " on cf.call_id = c.id where cf.form_id = %s and c.vapi_call_id is not null"
-                " order by c.created_at", (case.form_id,)).fetchall()
+                " order by c.created_at",
+                (case.form_id,),
+            ).fetchall()
             skipped = [d.get("reason") for e, d in rows if e == "skipped"]
             case.detail = error or (f"skipped: {skipped[-1]}" if skipped else "")
 
@@ -175,10 +232,18 @@ def render(demo: list[Case], elapsed: float, phase: str) -> Table:
         table.add_column(column)
     for case in demo:
         now = outcome(case)
-        style = "green" if settled(case, elapsed) else (
-            "red" if now in ("reached", "failed", "opted_out") else "")
-        table.add_row(case.key, case.expect, " → ".join(case.journey),
-                      f"[{style}]{now}[/]" if style else now, escape(case.detail[:60]))
+        style = (
+            "green"
+            if settled(case, elapsed)
+            else ("red" if now in ("reached", "failed", "opted_out") else "")
+        )
+        table.add_row(
+            case.key,
+            case.expect,
+            " → ".join(case.journey),
+            f"[{style}]{now}[/]" if style else now,
+            escape(case.detail[:60]),
+        )
     return table
 
 
@@ -192,8 +257,11 @@ def describe_answer(answer: httpx.Response) -> str:
 
 
 def message_gone(info: StackInfo, message_id: str) -> bool:
-    answer = httpx.get(f"{info.qstash_url}/v2/messages/{message_id}", timeout=10,
-                       headers={"Authorization": f"Bearer {info.credentials['QSTASH_TOKEN']}"})
+    answer = httpx.get(
+        f"{info.qstash_url}/v2/messages/{message_id}",
+        timeout=10,
+        headers={"Authorization": f"Bearer {info.credentials['QSTASH_TOKEN']}"},
+    )
     return answer.status_code == 404
 
 
@@ -203,41 +271,58 @@ def opted_out_messages(info: StackInfo, demo: list[Case]) -> list[tuple[Case, st
     with psycopg.connect(info.dsn) as conn:
         for case in demo:
             for (message_id,) in conn.execute(
-                    "select detail->>'message_id' from form_call_events where form_id = %s"
-                    " and event = 'opted_out' and detail->>'message_id' is not null",
-                    (case.form_id,)):
+                "select detail->>'message_id' from form_call_events where form_id = %s"
+                " and event = 'opted_out' and detail->>'message_id' is not null",
+                (case.form_id,),
+            ):
                 out.append((case, message_id, message_gone(info, message_id)))
     return out
 
 
 def outcome_table(demo: list[Case]) -> Table:
     table = Table(title="outcomes: every form, every call placed for it")
-    for column in ("form", "form id", "patient", "calls placed", "each call's outcome",
-                   "final status / outcome", "ok"):
+    for column in (
+        "form",
+        "form id",
+        "patient",
+        "calls placed",
+        "each call's outcome",
+        "final status / outcome",
+        "ok",
+    ):
         table.add_column(column, no_wrap=column == "form id")
     for case in demo:
         final = case.status + (f" / {case.call_outcome}" if case.call_outcome else "")
         if case.status == "pending" and outcome(case) != "waiting":
             final += f" ({outcome(case)})"
-        table.add_row(case.key, case.form_id, f"Demo {case.patient or case.key}",
-                      str(len(case.placed)),
-                      " → ".join(o or "(under way)" for _, o in case.placed) or "-", final,
-                      "✔" if settled(case, float("inf")) else "✘")
+        table.add_row(
+            case.key,
+            case.form_id,
+            f"Demo {case.patient or case.key}",
+            str(len(case.placed)),
+            " → ".join(o or "(under way)" for _, o in case.placed) or "-",
+            final,
+            "✔" if settled(case, float("inf")) else "✘",
+        )
     return table
 
 
 def run(info: StackInfo, console: Console, *, timeout: float = 50.0) -> bool:
     """Play the demo; True when every form ended where it should."""
     started = time.monotonic()
-    setup = httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]},
-                      timeout=30)
+    setup = httpx.get(
+        info.setup_url, params={"secret": info.credentials["CRON_SECRET"]}, timeout=30
+    )
     console.print(f"[bold]setup[/] {escape(describe_answer(setup))}")
     demo = cases()
     seed(info, demo)
     time.sleep(1.0)
     change_forms(info, demo)
-    trigger = httpx.get(info.check_forms_url, timeout=60, headers={
-        "Authorization": f"Bearer {info.credentials['CRON_SECRET']}"})
+    trigger = httpx.get(
+        info.check_forms_url,
+        timeout=60,
+        headers={"Authorization": f"Bearer {info.credentials['CRON_SECRET']}"},
+    )
     console.print(f"[bold]manual sweep[/] {escape(describe_answer(trigger))}")
     with Live(render(demo, 0, "running"), console=console, refresh_per_second=4) as live:
         while time.monotonic() - started < timeout:
@@ -254,8 +339,10 @@ def run(info: StackInfo, console: Console, *, timeout: float = 50.0) -> bool:
     print_table(console, outcome_table(demo))
     ok = _shared_calls(console, demo) and ok
     for case, message_id, gone in opted_out_messages(info, demo):
-        console.print(f"opt-out: {case.key}'s message {message_id} "
-                      + ("cancelled in QStash" if gone else "[red]still queued[/]"))
+        console.print(
+            f"opt-out: {case.key}'s message {message_id} "
+            + ("cancelled in QStash" if gone else "[red]still queued[/]")
+        )
         ok = ok and gone
     return ok
 
@@ -272,8 +359,13 @@ def _shared_calls(console: Console, demo: list[Case]) -> bool:
             continue
         ids = {tuple(v for v, _ in case.placed) for case in group}
         one = len(ids) == 1 and len(next(iter(ids))) == 1
-        console.print(f"patient Demo {patient}: {len(group)} forms, "
-                      + (f"one call {next(iter(ids))[0]} about all of them" if one
-                         else "[red]not one shared call[/]"))
+        console.print(
+            f"patient Demo {patient}: {len(group)} forms, "
+            + (
+                f"one call {next(iter(ids))[0]} about all of them"
+                if one
+                else "[red]not one shared call[/]"
+            )
+        )
         ok = ok and one
     return ok

@@ -16,9 +16,16 @@ from urllib.parse import urlencode
 from formcall.signatures import sign
 
 
-def http_event(*, method: str, path: str, body: str | bytes = "", headers: dict | None = None,
-               query: dict | None = None, domain: str = "example.lambda-url.us-east-1.on.aws",
-               base64_body: bool = False) -> dict:
+def http_event(
+    *,
+    method: str,
+    path: str,
+    body: str | bytes = "",
+    headers: dict | None = None,
+    query: dict | None = None,
+    domain: str = "example.lambda-url.us-east-1.on.aws",
+    base64_body: bool = False,
+) -> dict:
     """A payload-2.0 event as a Lambda Function URL (or HTTP API $default stage) delivers it."""
     raw = body.encode() if isinstance(body, str) else body
     now = time.time()
@@ -34,8 +41,13 @@ def http_event(*, method: str, path: str, body: str | bytes = "", headers: dict 
             "apiId": domain.split(".")[0],
             "domainName": domain,
             "domainPrefix": domain.split(".")[0],
-            "http": {"method": method, "path": path, "protocol": "HTTP/1.1",
-                     "sourceIp": "203.0.113.10", "userAgent": "Upstash-QStash"},
+            "http": {
+                "method": method,
+                "path": path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "203.0.113.10",
+                "userAgent": "Upstash-QStash",
+            },
             "requestId": str(uuid.uuid4()),
             "routeKey": "$default",
             "stage": "$default",
@@ -59,8 +71,9 @@ def event_url(event: dict) -> str:
 def sign_event(event: dict, *, key: str, url: str | None = None) -> dict:
     """A copy of `event` with a fresh Upstash-Signature for its body and URL (or `url`)."""
     signed = json.loads(json.dumps(event))
-    signed["headers"]["upstash-signature"] = sign(key=key, url=url or event_url(event),
-                                                  body=event_body(event))
+    signed["headers"]["upstash-signature"] = sign(
+        key=key, url=url or event_url(event), body=event_body(event)
+    )
     return signed
 
 
@@ -83,5 +96,8 @@ def webhook_headers(body: str | bytes, *, secret: str, now: float | None = None)
 
     raw = body.encode() if isinstance(body, str) else body
     stamp = str(int(time.time() if now is None else now))
-    return {"content-type": "application/json", "x-formcall-timestamp": stamp,
-            "x-formcall-signature": webhook_signature(secret, timestamp=stamp, body=raw)}
+    return {
+        "content-type": "application/json",
+        "x-formcall-timestamp": stamp,
+        "x-formcall-signature": webhook_signature(secret, timestamp=stamp, body=raw),
+    }

@@ -9,7 +9,14 @@ from pathlib import Path
 from starlette.applications import Starlette
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-FUNCTIONS = ("call_form", "check_forms", "setup", "schedule_form", "failure_callback", "call_events")
+FUNCTIONS = (
+    "call_form",
+    "check_forms",
+    "setup",
+    "schedule_form",
+    "failure_callback",
+    "call_events",
+)
 
 
 def load_function(name: str):

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
-
-T = TypeVar("T")
 
 
-def wait_until(condition: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.05) -> T:
+def wait_until[T](
+    condition: Callable[[], T], *, timeout: float = 20.0, interval: float = 0.05
+) -> T:
     """Poll `condition` until it returns something truthy; AssertionError after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:

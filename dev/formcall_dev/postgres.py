@@ -59,6 +59,8 @@ def apply_migrations(dsn: str, migrations_dir: Path = MIGRATIONS_DIR) -> list[st
                 if done:
                     continue
                 conn.execute(path.read_text())
-                conn.execute("insert into public.formcall_migrations (name) values (%s)", (path.name,))
+                conn.execute(
+                    "insert into public.formcall_migrations (name) values (%s)", (path.name,)
+                )
                 applied.append(path.name)
     return applied

@@ -19,8 +19,13 @@ import certifi
 import httpx
 import jwt
 
-from formcall_dev.qstash_headers import (BadRequest, MessageSpec, canonical_header, parse_duration,
-                                        retry_delay_ms)
+from formcall_dev.qstash_headers import (
+    BadRequest,
+    MessageSpec,
+    canonical_header,
+    parse_duration,
+    retry_delay_ms,
+)
 from formcall_dev.qstash_store import LEASE_S, Store, to_ms
 
 log = logging.getLogger("formcall_dev.qstash")
@@ -31,20 +36,40 @@ DEFAULT_ATTEMPT_TIMEOUT_S = 900.0
 MAX_STORED_RESPONSE_BYTES = 1024 * 1024
 CONNECTIONS_PER_CLIENT = 4
 # Reply headers QStash reads as "retry no sooner than"; larger than a day falls back to the backoff.
-RETRY_AFTER_HEADERS = ("retry-after", "x-ratelimit-reset", "x-ratelimit-reset-requests",
-                       "x-ratelimit-reset-tokens")
+RETRY_AFTER_HEADERS = (
+    "retry-after",
+    "x-ratelimit-reset",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+)
 # Forwarded headers QStash sets itself (or the HTTP layer owns) are not taken from the publisher.
-RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "user-agent",
-                    "upstash-signature", "upstash-message-id", "upstash-retried",
-                    "upstash-schedule-id", "upstash-caller-ip"}
+RESERVED_HEADERS = {
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "user-agent",
+    "upstash-signature",
+    "upstash-message-id",
+    "upstash-retried",
+    "upstash-schedule-id",
+    "upstash-caller-ip",
+}
 
 
 def sign(*, signing_key: str, url: str, body: bytes) -> str:
     """The Upstash-Signature JWT: HS256 over the key's UTF-8 bytes, claims as QStash sends them."""
     now = int(time.time())
     body_hash = base64.urlsafe_b64encode(hashlib.sha256(body).digest()).decode()
-    claims = {"iss": "Upstash", "sub": url, "iat": now, "nbf": 0, "exp": now + 300,
-              "jti": "jwt_" + secrets.token_hex(16), "body": body_hash}
+    claims = {
+        "iss": "Upstash",
+        "sub": url,
+        "iat": now,
+        "nbf": 0,
+        "exp": now + 300,
+        "jti": "jwt_" + secrets.token_hex(16),
+        "body": body_hash,
+    }
     return jwt.encode(claims, signing_key, algorithm="HS256")
 
 
@@ -97,8 +122,10 @@ class Attempt:
 
     @property
     def non_retryable(self) -> bool:
-        return self.status == 489 and \
-            self.headers.get("upstash-nonretryable-error", "").strip().lower() == "true"
+        return (
+            self.status == 489
+            and self.headers.get("upstash-nonretryable-error", "").strip().lower() == "true"
+        )
 
 
 @dataclass
@@ -135,16 +162,29 @@ class DeliveryStats:
     max_in_flight: int = 0
 
     def as_json(self) -> dict:
-        return {"attempted": self.attempted, "delivered": self.delivered, "failed": self.failed,
-                "failedAttempts": self.failed_attempts, "retriesScheduled": self.retries_scheduled,
-                "callbacksQueued": self.callbacks_queued, "maxInFlight": self.max_in_flight}
+        return {
+            "attempted": self.attempted,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "failedAttempts": self.failed_attempts,
+            "retriesScheduled": self.retries_scheduled,
+            "callbacksQueued": self.callbacks_queued,
+            "maxInFlight": self.max_in_flight,
+        }
 
 
 class Dispatcher:
     """Background delivery for one app: claims due rows, runs up to max_in_flight at once."""
 
-    def __init__(self, store: Store, *, signing_key: str, time_scale: float,
-                 max_in_flight: int = 200, poll_s: float = 0.03) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        signing_key: str,
+        time_scale: float,
+        max_in_flight: int = 200,
+        poll_s: float = 0.03,
+    ) -> None:
         self.store = store
         self.signing_key = signing_key
         self.time_scale = time_scale
@@ -177,11 +217,16 @@ class Dispatcher:
         # clients deliver far faster than one client with hundreds of connections.
         # One TLS context for all of them: building one costs tens of milliseconds.
         tls = ssl.create_default_context(cafile=certifi.where())
-        self._clients = [httpx.AsyncClient(limits=httpx.Limits(max_connections=None),
-                                           follow_redirects=False, verify=tls)
-                         for _ in range(max(1, self.max_in_flight // CONNECTIONS_PER_CLIENT))]
-        self._loops = [asyncio.create_task(self._run(), name="local-qstash-dispatch"),
-                       asyncio.create_task(self._heartbeat(), name="local-qstash-leases")]
+        self._clients = [
+            httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=None), follow_redirects=False, verify=tls
+            )
+            for _ in range(max(1, self.max_in_flight // CONNECTIONS_PER_CLIENT))
+        ]
+        self._loops = [
+            asyncio.create_task(self._run(), name="local-qstash-dispatch"),
+            asyncio.create_task(self._heartbeat(), name="local-qstash-leases"),
+        ]
 
     async def stop(self) -> None:
         tasks = [*self._loops, *self._deliveries]
@@ -212,8 +257,9 @@ class Dispatcher:
                 free = self.max_in_flight - len(self._deliveries)
                 if free > 0:
                     blocked, allowances = self._flow_limits()
-                    rows = await self.store.claim_due(owner=self.owner, limit=free,
-                                                      blocked=blocked, allowances=allowances)
+                    rows = await self.store.claim_due(
+                        owner=self.owner, limit=free, blocked=blocked, allowances=allowances
+                    )
                     for row in rows:
                         self._start(row)
                     if rows and len(rows) == free:
@@ -283,8 +329,12 @@ class Dispatcher:
         await self._record(row, attempt)
 
     async def _send(self, row: dict) -> Attempt:
-        headers = [(name, value) for name, values in row["header"].items()
-                   if name.lower() not in RESERVED_HEADERS for value in values]
+        headers = [
+            (name, value)
+            for name, values in row["header"].items()
+            if name.lower() not in RESERVED_HEADERS
+            for value in values
+        ]
         if row["content_type"] is not None:
             headers = [(n, v) for n, v in headers if n.lower() != "content-type"]
             headers.append(("Content-Type", row["content_type"]))
@@ -292,8 +342,10 @@ class Dispatcher:
             ("Upstash-Message-Id", row["message_id"]),
             ("Upstash-Retried", str(row["retried"])),
             ("User-Agent", "Upstash-QStash"),
-            ("Upstash-Signature", sign(signing_key=self.signing_key, url=row["url"],
-                                       body=row["body"])),
+            (
+                "Upstash-Signature",
+                sign(signing_key=self.signing_key, url=row["url"], body=row["body"]),
+            ),
         ]
         if row["schedule_id"]:
             headers.append(("Upstash-Schedule-Id", row["schedule_id"]))
@@ -305,14 +357,21 @@ class Dispatcher:
         client = self._clients[self._sent % len(self._clients)]
         try:
             response = await client.request(
-                row["method"], row["url"], content=row["body"], headers=headers,
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
+                row["method"],
+                row["url"],
+                content=row["body"],
+                headers=headers,
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            )
         except httpx.TimeoutException:
             return Attempt(error=f"timeout after {timeout:g}s")
         except Exception as exc:  # connection refused, protocol errors, bad header values
             return Attempt(error=f"{type(exc).__name__}: {exc}")
-        return Attempt(status=response.status_code, headers=response.headers,
-                       body=response.content[:MAX_STORED_RESPONSE_BYTES])
+        return Attempt(
+            status=response.status_code,
+            headers=response.headers,
+            body=response.content[:MAX_STORED_RESPONSE_BYTES],
+        )
 
     async def _record(self, row: dict, attempt: Attempt) -> None:
         callbacks = self._callback(row, attempt) if attempt.error is None else []
@@ -325,14 +384,20 @@ class Dispatcher:
 
         self.stats.failed_attempts += 1
         retried = row["retried"] + 1
-        detail = {"error": attempt.error or f"endpoint replied {attempt.status}",
-                  "responseStatus": attempt.status}
+        detail = {
+            "error": attempt.error or f"endpoint replied {attempt.status}",
+            "responseStatus": attempt.status,
+        }
         if attempt.error is None:
-            detail |= {"responseHeader": header_lists(attempt.headers),
-                       "responseBody": attempt.body.decode("utf-8", "replace")}
+            detail |= {
+                "responseHeader": header_lists(attempt.headers),
+                "responseBody": attempt.body.decode("utf-8", "replace"),
+            }
         if attempt.non_retryable or retried > row["max_retries"]:
-            dlq_fields = {"responseStatus": attempt.status,
-                          "responseHeader": header_lists(attempt.headers)}
+            dlq_fields = {
+                "responseStatus": attempt.status,
+                "responseHeader": header_lists(attempt.headers),
+            }
             try:
                 dlq_fields["responseBody"] = attempt.body.decode("utf-8")
             except UnicodeDecodeError:
@@ -396,11 +461,17 @@ class Dispatcher:
     @staticmethod
     def _callback_spec(row: dict, settings: dict, payload: dict) -> MessageSpec:
         return MessageSpec(
-            url=settings["url"], body=json.dumps(payload).encode(), method=settings["method"],
-            content_type="application/json", header=settings["header"],
-            max_retries=settings["retries"] if settings["retries"] is not None
+            url=settings["url"],
+            body=json.dumps(payload).encode(),
+            method=settings["method"],
+            content_type="application/json",
+            header=settings["header"],
+            max_retries=settings["retries"]
+            if settings["retries"] is not None
             else row["max_retries"],
-            timeout_s=settings["timeout_s"], retry_delay=settings["retry_delay"])
+            timeout_s=settings["timeout_s"],
+            retry_delay=settings["retry_delay"],
+        )
 
     def _callback(self, row: dict, attempt: Attempt) -> list[MessageSpec]:
         """Upstash-Callback: called after every attempt that got an HTTP response."""
@@ -420,12 +491,17 @@ class Dispatcher:
 def describe(row: dict) -> dict:
     """A queued row for GET /v2/_local/messages: the message plus where it is in its life."""
     return {
-        "messageId": row["message_id"], "url": row["url"], "method": row["method"],
-        "state": row["state"], "retried": row["retried"], "maxRetries": row["max_retries"],
+        "messageId": row["message_id"],
+        "url": row["url"],
+        "method": row["method"],
+        "state": row["state"],
+        "retried": row["retried"],
+        "maxRetries": row["max_retries"],
         "nextAttemptAt": to_ms(row["due_at"]) if row["state"] != "ACTIVE" else None,
         "leaseUntil": to_ms(row["due_at"]) if row["state"] == "ACTIVE" else None,
-        "notBefore": to_ms(row["not_before"]), "createdAt": to_ms(row["created_at"]),
-        "scheduleId": row["schedule_id"], "flowControlKey": row["flow_key"],
+        "notBefore": to_ms(row["not_before"]),
+        "createdAt": to_ms(row["created_at"]),
+        "scheduleId": row["schedule_id"],
+        "flowControlKey": row["flow_key"],
         "label": row["label"],
     }
-

@@ -110,12 +110,23 @@ def _parse_int(text: str, what: str, *, minimum: int = 0) -> int:
 # --- Upstash-Retry-Delay: a small arithmetic language, walked on a whitelisted AST, never eval().
 
 _FUNCTIONS = {
-    "pow": math.pow, "sqrt": math.sqrt, "abs": abs, "exp": math.exp, "floor": math.floor,
-    "ceil": math.ceil, "round": round, "min": min, "max": max,
+    "pow": math.pow,
+    "sqrt": math.sqrt,
+    "abs": abs,
+    "exp": math.exp,
+    "floor": math.floor,
+    "ceil": math.ceil,
+    "round": round,
+    "min": min,
+    "max": max,
 }
 _BINARY = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-    ast.Div: operator.truediv, ast.Mod: operator.mod, ast.Pow: math.pow,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Mod: operator.mod,
+    ast.Pow: math.pow,
 }
 
 
@@ -131,8 +142,9 @@ def _evaluate(node: ast.AST, retried: float) -> float:
             return -_evaluate(operand, retried)
         case ast.UnaryOp(op=ast.UAdd(), operand=operand):
             return _evaluate(operand, retried)
-        case ast.Call(func=ast.Name(id=name), args=[_, *_] as args, keywords=[]) \
-                if name in _FUNCTIONS:
+        case ast.Call(func=ast.Name(id=name), args=[_, *_] as args, keywords=[]) if (
+            name in _FUNCTIONS
+        ):
             return float(_FUNCTIONS[name](*(_evaluate(arg, retried) for arg in args)))
     raise BadRequest(f"unsupported element in retry delay expression: {ast.dump(node)[:60]}")
 
@@ -156,6 +168,7 @@ def retry_delay_ms(expression: str, retried: int) -> float:
 
 # --- Flow control and cron.
 
+
 def parse_flow_control(key: str, value: str) -> tuple[int | None, int | None, int | None]:
     """(parallelism, rate, period s) from `parallelism=2, rate=10, period=60s`; "" = no limit."""
     if not key.strip():
@@ -169,8 +182,11 @@ def parse_flow_control(key: str, value: str) -> tuple[int | None, int | None, in
         if not sep or name not in ("parallelism", "rate", "period") or name in limits:
             raise BadRequest(f"invalid Upstash-Flow-Control-Value: {value!r}")
         limits[name] = setting.strip()
-    parallelism = _parse_int(limits["parallelism"], "flow control parallelism", minimum=1) \
-        if "parallelism" in limits else None
+    parallelism = (
+        _parse_int(limits["parallelism"], "flow control parallelism", minimum=1)
+        if "parallelism" in limits
+        else None
+    )
     rate = _parse_int(limits["rate"], "flow control rate", minimum=1) if "rate" in limits else None
     period = None
     if "period" in limits:
@@ -188,7 +204,7 @@ def split_cron(cron: str) -> tuple[ZoneInfo, str]:
     text = cron.strip()
     zone = ZoneInfo("UTC")
     if text.startswith("CRON_TZ="):
-        zone_name, _, text = text[len("CRON_TZ="):].partition(" ")
+        zone_name, _, text = text[len("CRON_TZ=") :].partition(" ")
         try:
             zone = ZoneInfo(zone_name)
         except (ZoneInfoNotFoundError, ValueError) as exc:
@@ -207,8 +223,10 @@ def next_cron_time(cron: str, after: datetime) -> datetime:
 
 # --- Publish and schedule headers.
 
-def _callback_settings(url: str, settings: dict[str, str], header: dict[str, list[str]],
-                       what: str) -> dict:
+
+def _callback_settings(
+    url: str, settings: dict[str, str], header: dict[str, list[str]], what: str
+) -> dict:
     check_url(url, what)
     if "delay" in settings:
         raise BadRequest(f"{what} with a delay is not allowed")
@@ -230,8 +248,9 @@ def _callback_settings(url: str, settings: dict[str, str], header: dict[str, lis
     }
 
 
-def parse_message_headers(headers: Iterable[tuple[str, str]], *, url: str, body: bytes,
-                          for_schedule: bool = False) -> MessageSpec:
+def parse_message_headers(
+    headers: Iterable[tuple[str, str]], *, url: str, body: bytes, for_schedule: bool = False
+) -> MessageSpec:
     """Read the Upstash-* configuration headers of a publish, batch element or schedule create."""
     spec = MessageSpec(url=check_url(url), body=body)
     plain: dict[str, str] = {}
@@ -271,15 +290,18 @@ def parse_message_headers(headers: Iterable[tuple[str, str]], *, url: str, body:
     if "upstash-label" in plain:
         spec.label = plain["upstash-label"]
     if "upstash-callback" in plain:
-        spec.callback = _callback_settings(plain["upstash-callback"], callback, callback_header,
-                                           "callback")
+        spec.callback = _callback_settings(
+            plain["upstash-callback"], callback, callback_header, "callback"
+        )
     if "upstash-failure-callback" in plain:
-        spec.failure_callback = _callback_settings(plain["upstash-failure-callback"], failure,
-                                                   failure_header, "failure callback")
+        spec.failure_callback = _callback_settings(
+            plain["upstash-failure-callback"], failure, failure_header, "failure callback"
+        )
     if "upstash-flow-control-key" in plain:
         spec.flow_key = plain["upstash-flow-control-key"].strip()
         spec.flow_parallelism, spec.flow_rate, spec.flow_period_s = parse_flow_control(
-            spec.flow_key, plain.get("upstash-flow-control-value", ""))
+            spec.flow_key, plain.get("upstash-flow-control-value", "")
+        )
     elif "upstash-flow-control-value" in plain:
         raise BadRequest("Upstash-Flow-Control-Value needs Upstash-Flow-Control-Key")
     if plain.get("upstash-queue-name"):
@@ -297,8 +319,9 @@ def parse_message_headers(headers: Iterable[tuple[str, str]], *, url: str, body:
     return spec
 
 
-def _sort_callback_header(suffix: str, value: str, settings: dict[str, str],
-                          header: dict[str, list[str]]) -> None:
+def _sort_callback_header(
+    suffix: str, value: str, settings: dict[str, str], header: dict[str, list[str]]
+) -> None:
     lower = suffix.lower()
     if lower in _CALLBACK_SETTINGS:
         settings[lower] = value

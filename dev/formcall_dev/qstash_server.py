@@ -75,10 +75,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from formcall_dev.qstash_dispatcher import Dispatcher, describe
-from formcall_dev.qstash_headers import (SCHEDULE_ID_PATTERN, BadRequest, content_dedup_key,
-                                         parse_message_headers, split_cron)
-from formcall_dev.qstash_store import (NotFound, Store, message_json, new_schedule_id,
-                                       schedule_json)
+from formcall_dev.qstash_headers import (
+    SCHEDULE_ID_PATTERN,
+    BadRequest,
+    content_dedup_key,
+    parse_message_headers,
+    split_cron,
+)
+from formcall_dev.qstash_store import NotFound, Store, message_json, new_schedule_id, schedule_json
 
 MAX_BATCH = 1000
 
@@ -100,9 +104,10 @@ def _destination(request: Request, prefix: str) -> str:
     """The destination pasted raw after `prefix`, with the request's query string as its own."""
     raw_path = request.scope.get("raw_path") or request.scope["path"].encode()
     raw = raw_path.decode("utf-8", "replace")
-    destination = raw[raw.index(prefix) + len(prefix):]
-    if not destination.lower().startswith(("http://", "https://")) and \
-            urllib.parse.unquote(destination).lower().startswith(("http://", "https://")):
+    destination = raw[raw.index(prefix) + len(prefix) :]
+    if not destination.lower().startswith(("http://", "https://")) and urllib.parse.unquote(
+        destination
+    ).lower().startswith(("http://", "https://")):
         # Some clients percent-encode the whole destination; QStash accepts that too.
         destination = urllib.parse.unquote(destination)
     query = request.scope.get("query_string", b"").decode("utf-8", "replace")
@@ -139,14 +144,23 @@ async def _json_body(request: Request):
 class LocalQStash:
     """The app's state (store, dispatcher, credentials, request counters) and its route handlers."""
 
-    def __init__(self, *, dsn: str, token: str, current_signing_key: str, next_signing_key: str,
-                 schema: str, time_scale: float) -> None:
+    def __init__(
+        self,
+        *,
+        dsn: str,
+        token: str,
+        current_signing_key: str,
+        next_signing_key: str,
+        schema: str,
+        time_scale: float,
+    ) -> None:
         self.token = token.encode()
         self.current_signing_key = current_signing_key
         self.next_signing_key = next_signing_key
         self.store = Store(dsn, schema)
-        self.dispatcher = Dispatcher(self.store, signing_key=current_signing_key,
-                                     time_scale=time_scale)
+        self.dispatcher = Dispatcher(
+            self.store, signing_key=current_signing_key, time_scale=time_scale
+        )
         self.requests: collections.Counter[str] = collections.Counter()
 
     async def trigger_schedule_now(self, schedule_id: str) -> str:
@@ -178,6 +192,7 @@ class LocalQStash:
                 return error(400, str(exc))
             except NotFound as exc:
                 return error(404, str(exc))
+
         return run
 
     def routes(self) -> list[Route]:
@@ -186,19 +201,32 @@ class LocalQStash:
             Route("/v2/publish/{destination:path}", e("publish", self.publish), methods=["POST"]),
             Route("/v2/batch", e("batch", self.batch), methods=["POST"]),
             Route("/v2/messages/{message_id}", e("reads", self.get_message), methods=["GET"]),
-            Route("/v2/messages/{message_id}", e("cancel", self.cancel_message),
-                  methods=["DELETE"]),
+            Route(
+                "/v2/messages/{message_id}", e("cancel", self.cancel_message), methods=["DELETE"]
+            ),
             Route("/v2/messages", e("cancel", self.cancel_messages), methods=["DELETE"]),
-            Route("/v2/schedules/{schedule_id}/pause", e("schedules", self.pause_schedule),
-                  methods=["PATCH", "POST"]),
-            Route("/v2/schedules/{schedule_id}/resume", e("schedules", self.resume_schedule),
-                  methods=["PATCH", "POST"]),
+            Route(
+                "/v2/schedules/{schedule_id}/pause",
+                e("schedules", self.pause_schedule),
+                methods=["PATCH", "POST"],
+            ),
+            Route(
+                "/v2/schedules/{schedule_id}/resume",
+                e("schedules", self.resume_schedule),
+                methods=["PATCH", "POST"],
+            ),
             Route("/v2/schedules", e("reads", self.list_schedules), methods=["GET"]),
             Route("/v2/schedules/{schedule_id}", e("reads", self.get_schedule), methods=["GET"]),
-            Route("/v2/schedules/{schedule_id}", e("schedules", self.delete_schedule),
-                  methods=["DELETE"]),
-            Route("/v2/schedules/{destination:path}", e("schedules", self.create_schedule),
-                  methods=["POST"]),
+            Route(
+                "/v2/schedules/{schedule_id}",
+                e("schedules", self.delete_schedule),
+                methods=["DELETE"],
+            ),
+            Route(
+                "/v2/schedules/{destination:path}",
+                e("schedules", self.create_schedule),
+                methods=["POST"],
+            ),
             Route("/v2/dlq", e("reads", self.list_dlq), methods=["GET"]),
             Route("/v2/dlq", e("dlq", self.delete_dlq_many), methods=["DELETE"]),
             Route("/v2/dlq/{dlq_id}", e("reads", self.get_dlq), methods=["GET"]),
@@ -209,8 +237,11 @@ class LocalQStash:
             Route("/v2/_local/messages", e(None, self.local_messages), methods=["GET"]),
             Route("/v2/_local/stats", e(None, self.local_stats), methods=["GET"]),
             Route("/v2/_local/stats/reset", e(None, self.reset_stats), methods=["POST"]),
-            Route("/v2/_local/schedules/{schedule_id}/trigger", e(None, self.trigger_schedule),
-                  methods=["POST"]),
+            Route(
+                "/v2/_local/schedules/{schedule_id}/trigger",
+                e(None, self.trigger_schedule),
+                methods=["POST"],
+            ),
             Route("/v2/{rest:path}", e("unsupported", self.unsupported)),
         ]
 
@@ -218,10 +249,12 @@ class LocalQStash:
 
     async def publish(self, request: Request) -> Response:
         destination = _destination(request, "/v2/publish/")
-        spec = parse_message_headers(request.headers.items(), url=destination,
-                                     body=await request.body())
+        spec = parse_message_headers(
+            request.headers.items(), url=destination, body=await request.body()
+        )
         [(message_id, deduplicated)] = await self.store.publish(
-            [spec], [_dedup_key(spec)], caller_ip=request.client.host if request.client else None)
+            [spec], [_dedup_key(spec)], caller_ip=request.client.host if request.client else None
+        )
         self.dispatcher.wake()
         if deduplicated:
             return JSONResponse({"messageId": message_id, "deduplicated": True}, status_code=202)
@@ -248,10 +281,14 @@ class LocalQStash:
             keys.append(_dedup_key(spec))
         if specs:
             results = await self.store.publish(
-                specs, keys, caller_ip=request.client.host if request.client else None)
+                specs, keys, caller_ip=request.client.host if request.client else None
+            )
             for slot, (message_id, deduplicated) in zip(slots, results, strict=True):
-                answers[slot] = {"messageId": message_id, "deduplicated": True} if deduplicated \
+                answers[slot] = (
+                    {"messageId": message_id, "deduplicated": True}
+                    if deduplicated
                     else {"messageId": message_id}
+                )
             self.dispatcher.wake()
         return JSONResponse(answers)
 
@@ -267,11 +304,14 @@ class LocalQStash:
             raise BadRequest("batch headers must be an object and body a string or null")
         return parse_message_headers(
             [(str(name), str(value)) for name, value in headers.items()],
-            url=element["destination"], body=(body or "").encode())
+            url=element["destination"],
+            body=(body or "").encode(),
+        )
 
     async def get_message(self, request: Request) -> Response:
-        return JSONResponse(message_json(
-            await self.store.get_message(request.path_params["message_id"])))
+        return JSONResponse(
+            message_json(await self.store.get_message(request.path_params["message_id"]))
+        )
 
     async def cancel_message(self, request: Request) -> Response:
         message_id = request.path_params["message_id"]
@@ -283,9 +323,12 @@ class LocalQStash:
         data = await _json_body(request)
         ids = request.query_params.getlist("messageIds") or None
         if data is not None:
-            if not isinstance(data, dict) or set(data) - {"messageIds"} or \
-                    not isinstance(data.get("messageIds", []), list):
-                raise BadRequest("only {\"messageIds\": [...]} is supported by the local QStash")
+            if (
+                not isinstance(data, dict)
+                or set(data) - {"messageIds"}
+                or not isinstance(data.get("messageIds", []), list)
+            ):
+                raise BadRequest('only {"messageIds": [...]} is supported by the local QStash')
             ids = [str(i) for i in data.get("messageIds", [])]
         return JSONResponse({"cancelled": await self.store.cancel_messages(ids)})
 
@@ -300,18 +343,21 @@ class LocalQStash:
         schedule_id = request.headers.get("upstash-schedule-id") or new_schedule_id()
         if not SCHEDULE_ID_PATTERN.fullmatch(schedule_id) or len(schedule_id) > 200:
             raise BadRequest("invalid schedule id: use letters, digits, '-', '_' and '.'")
-        spec = parse_message_headers(request.headers.items(), url=destination,
-                                     body=await request.body(), for_schedule=True)
+        spec = parse_message_headers(
+            request.headers.items(), url=destination, body=await request.body(), for_schedule=True
+        )
         await self.store.upsert_schedule(
-            schedule_id, spec, cron, caller_ip=request.client.host if request.client else None)
+            schedule_id, spec, cron, caller_ip=request.client.host if request.client else None
+        )
         return JSONResponse({"scheduleId": schedule_id})
 
     async def list_schedules(self, request: Request) -> Response:
         return JSONResponse([schedule_json(row) for row in await self.store.list_schedules()])
 
     async def get_schedule(self, request: Request) -> Response:
-        return JSONResponse(schedule_json(
-            await self.store.get_schedule(request.path_params["schedule_id"])))
+        return JSONResponse(
+            schedule_json(await self.store.get_schedule(request.path_params["schedule_id"]))
+        )
 
     async def delete_schedule(self, request: Request) -> Response:
         await self.store.delete_schedule(request.path_params["schedule_id"])
@@ -332,7 +378,8 @@ class LocalQStash:
             filters=dict(request.query_params),
             cursor=_int_param(request, "cursor", None),
             count=_int_param(request, "count", 100, 100) or 100,
-            latest_first=request.query_params.get("order") == "latestFirst")
+            latest_first=request.query_params.get("order") == "latestFirst",
+        )
         answer: dict = {"messages": messages}
         if cursor is not None:
             answer["cursor"] = str(cursor)
@@ -352,7 +399,7 @@ class LocalQStash:
         ids = request.query_params.getlist("dlqIds")
         if data is not None:
             if not isinstance(data, dict) or not isinstance(data.get("dlqIds"), list):
-                raise BadRequest("body must be {\"dlqIds\": [...]}")
+                raise BadRequest('body must be {"dlqIds": [...]}')
             ids = [str(i) for i in data["dlqIds"]]
         return JSONResponse({"deleted": await self.store.delete_dlq(ids)})
 
@@ -364,40 +411,60 @@ class LocalQStash:
             filters=dict(request.query_params),
             message_ids=request.query_params.getlist("messageIds"),
             cursor=_int_param(request, "cursor", None),
-            count=_int_param(request, "count", 1000, 1000) or 1000)
+            count=_int_param(request, "count", 1000, 1000) or 1000,
+        )
         answer: dict = {"events": events}
         if cursor is not None:
             answer["cursor"] = str(cursor)
         return JSONResponse(answer)
 
     async def unsupported(self, request: Request) -> Response:
-        return error(404 if request.method == "GET" else 501,
-                     f"{request.method} {request.url.path} is not supported by the local QStash")
+        return error(
+            404 if request.method == "GET" else 501,
+            f"{request.method} {request.url.path} is not supported by the local QStash",
+        )
 
     # --- local-only extras
 
     async def local_messages(self, request: Request) -> Response:
         rows = await self.store.list_queued()
-        return JSONResponse({"messages": [describe(row) for row in rows],
-                             "inFlight": self.dispatcher.in_flight()})
+        return JSONResponse(
+            {"messages": [describe(row) for row in rows], "inFlight": self.dispatcher.in_flight()}
+        )
 
     async def local_stats(self, request: Request) -> Response:
         counts = await self.store.counts()
-        kinds = ("publish", "batch", "batchMessages", "schedules", "cancel", "dlq", "reads",
-                 "unsupported", "unauthorized")
-        return JSONResponse({
-            "requests": {kind: self.requests[kind] for kind in kinds},
-            "deliveries": self.dispatcher.stats.as_json(),
-            "inFlight": self.dispatcher.in_flight(),
-            "queued": counts["queued"],
-            "dlq": counts["dlq"],
-            "schedules": counts["schedules"],
-            "flowControl": {
-                key: {"parallelism": state.parallelism, "rate": state.rate,
-                      "period": state.period_s, "inFlight": state.in_flight,
-                      "maxInFlight": state.max_in_flight}
-                for key, state in self.dispatcher.flow.items()},
-        })
+        kinds = (
+            "publish",
+            "batch",
+            "batchMessages",
+            "schedules",
+            "cancel",
+            "dlq",
+            "reads",
+            "unsupported",
+            "unauthorized",
+        )
+        return JSONResponse(
+            {
+                "requests": {kind: self.requests[kind] for kind in kinds},
+                "deliveries": self.dispatcher.stats.as_json(),
+                "inFlight": self.dispatcher.in_flight(),
+                "queued": counts["queued"],
+                "dlq": counts["dlq"],
+                "schedules": counts["schedules"],
+                "flowControl": {
+                    key: {
+                        "parallelism": state.parallelism,
+                        "rate": state.rate,
+                        "period": state.period_s,
+                        "inFlight": state.in_flight,
+                        "maxInFlight": state.max_in_flight,
+                    }
+                    for key, state in self.dispatcher.flow.items()
+                },
+            }
+        )
 
     async def reset_stats(self, request: Request) -> Response:
         self.requests.clear()
@@ -406,16 +473,30 @@ class LocalQStash:
 
     async def trigger_schedule(self, request: Request) -> Response:
         return JSONResponse(
-            {"messageId": await self.trigger_schedule_now(request.path_params["schedule_id"])})
+            {"messageId": await self.trigger_schedule_now(request.path_params["schedule_id"])}
+        )
 
 
-def create_app(*, dsn: str, token: str, current_signing_key: str, next_signing_key: str,
-               schema: str = "local_qstash", time_scale: float = 1.0) -> Starlette:
+def create_app(
+    *,
+    dsn: str,
+    token: str,
+    current_signing_key: str,
+    next_signing_key: str,
+    schema: str = "local_qstash",
+    time_scale: float = 1.0,
+) -> Starlette:
     """The local QStash as an ASGI app; its lifespan creates the schema and runs the dispatcher."""
     if not token:
         raise ValueError("token must not be empty")
-    qstash = LocalQStash(dsn=dsn, token=token, current_signing_key=current_signing_key,
-                         next_signing_key=next_signing_key, schema=schema, time_scale=time_scale)
+    qstash = LocalQStash(
+        dsn=dsn,
+        token=token,
+        current_signing_key=current_signing_key,
+        next_signing_key=next_signing_key,
+        schema=schema,
+        time_scale=time_scale,
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette):

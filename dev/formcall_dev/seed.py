@@ -5,27 +5,43 @@ from __future__ import annotations
 from datetime import datetime
 
 
-def create_patient(conn, *, full_name: str = "Test Patient", phone: str = "+15550100000",
-                   timezone: str = "UTC") -> str:
+def create_patient(
+    conn, *, full_name: str = "Test Patient", phone: str = "+15550100000", timezone: str = "UTC"
+) -> str:
     row = conn.execute(
         "insert into patients (full_name, phone, timezone) values (%s, %s, %s) returning id",
-        (full_name, phone, timezone)).fetchone()
+        (full_name, phone, timezone),
+    ).fetchone()
     return str(row[0])
 
 
-def create_form(conn, *, patient_id: str, title: str = "Intake form",
-                deadline: datetime | None = None, submitted_at: datetime | None = None,
-                form_id: str | None = None, silent: bool = False) -> str:
+def create_form(
+    conn,
+    *,
+    patient_id: str,
+    title: str = "Intake form",
+    deadline: datetime | None = None,
+    submitted_at: datetime | None = None,
+    form_id: str | None = None,
+    silent: bool = False,
+) -> str:
     """Insert a form; `silent` skips triggers, as if its webhook (and one-time job) were lost."""
     if silent:
         with conn.transaction():
             conn.execute("set local session_replication_role = replica")
-            return create_form(conn, patient_id=patient_id, title=title, deadline=deadline,
-                               submitted_at=submitted_at, form_id=form_id)
+            return create_form(
+                conn,
+                patient_id=patient_id,
+                title=title,
+                deadline=deadline,
+                submitted_at=submitted_at,
+                form_id=form_id,
+            )
     row = conn.execute(
         "insert into forms (id, patient_id, title, deadline, submitted_at)"
         " values (coalesce(%s::uuid, gen_random_uuid()), %s, %s, %s, %s) returning id",
-        (form_id, patient_id, title, deadline, submitted_at)).fetchone()
+        (form_id, patient_id, title, deadline, submitted_at),
+    ).fetchone()
     return str(row[0])
 
 
@@ -37,8 +53,9 @@ def form_row(conn, form_id: str) -> dict:
 
 
 def form_events(conn, form_id: str) -> list[str]:
-    rows = conn.execute("select event from form_call_events where form_id = %s order by id",
-                        (form_id,)).fetchall()
+    rows = conn.execute(
+        "select event from form_call_events where form_id = %s order by id", (form_id,)
+    ).fetchall()
     return [r[0] for r in rows]
 
 
@@ -49,5 +66,6 @@ def create_forms_one_patient_each(conn, *, count: int, title: str, deadline: dat
         "           select 'Patient ' || g, '+1555' || lpad(g::text, 7, '0')"
         "             from generate_series(1, %s) g returning id)"
         " insert into forms (patient_id, title, deadline) select id, %s, %s from p returning id",
-        (count, title, deadline)).fetchall()
+        (count, title, deadline),
+    ).fetchall()
     return [str(r[0]) for r in rows]

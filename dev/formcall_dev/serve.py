@@ -1,4 +1,6 @@
-"""Run one component (a server, or the webhook forwarder) of the local stack in its own process: `python -m formcall_dev.serve NAME PORT`.
+"""Run one component of the local stack (a server, or the webhook forwarder) in its own process.
+
+`python -m formcall_dev.serve NAME PORT`.
 
 Its settings come from the environment the dev stack (stack.py) gives it.
 """
@@ -16,24 +18,29 @@ def build(name: str):
     if name == "qstash":
         from formcall_dev.qstash_server import create_app
 
-        return create_app(dsn=env["FORMCALL_DEV_DSN"], token=env["QSTASH_TOKEN"],
-                          current_signing_key=env["QSTASH_CURRENT_SIGNING_KEY"],
-                          next_signing_key=env["QSTASH_NEXT_SIGNING_KEY"],
-                          time_scale=float(env.get("FORMCALL_DEV_QSTASH_TIME_SCALE", "1")))
+        return create_app(
+            dsn=env["FORMCALL_DEV_DSN"],
+            token=env["QSTASH_TOKEN"],
+            current_signing_key=env["QSTASH_CURRENT_SIGNING_KEY"],
+            next_signing_key=env["QSTASH_NEXT_SIGNING_KEY"],
+            time_scale=float(env.get("FORMCALL_DEV_QSTASH_TIME_SCALE", "1")),
+        )
     if name == "vapi":
         import json
 
         from formcall_dev.fake_vapi import FakeVapi
 
         mix = env.get("FORMCALL_DEV_VAPI_OUTCOME_MIX")
-        return FakeVapi(api_key=env["VAPI_PRIVATE_KEY"],
-                        concurrency_limit=int(env.get("FORMCALL_DEV_VAPI_CONCURRENCY", "10")),
-                        call_duration=float(env.get("FORMCALL_DEV_VAPI_CALL_SECONDS", "2")),
-                        ring_seconds=float(env.get("FORMCALL_DEV_VAPI_RING_SECONDS", "0")),
-                        time_scale=float(env.get("FORMCALL_DEV_VAPI_TIME_SCALE", "1")),
-                        # {credential id: HMAC secret}, as made in Vapi's dashboard.
-                        credentials=json.loads(env.get("FORMCALL_DEV_VAPI_CREDENTIALS") or "{}"),
-                        outcome_mix=json.loads(mix) if mix else None).app
+        return FakeVapi(
+            api_key=env["VAPI_PRIVATE_KEY"],
+            concurrency_limit=int(env.get("FORMCALL_DEV_VAPI_CONCURRENCY", "10")),
+            call_duration=float(env.get("FORMCALL_DEV_VAPI_CALL_SECONDS", "2")),
+            ring_seconds=float(env.get("FORMCALL_DEV_VAPI_RING_SECONDS", "0")),
+            time_scale=float(env.get("FORMCALL_DEV_VAPI_TIME_SCALE", "1")),
+            # {credential id: HMAC secret}, as made in Vapi's dashboard.
+            credentials=json.loads(env.get("FORMCALL_DEV_VAPI_CREDENTIALS") or "{}"),
+            outcome_mix=json.loads(mix) if mix else None,
+        ).app
     if name == "webhooks":
         from formcall_dev.webhooks import forward
 
@@ -55,8 +62,15 @@ def main() -> None:
     app = build(name)
     # Keep idle connections longer than the local QStash's pool keeps them (5 s), so a pooled
     # connection is never closed by the server just as a delivery goes out on it.
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=3, timeout_keep_alive=75)
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=3,
+        timeout_keep_alive=75,
+    )
 
 
 if __name__ == "__main__":

@@ -28,12 +28,20 @@ class ServerHandle:
         self.thread.join(timeout=10)
 
 
-def serve_in_thread(app, *, host: str = "127.0.0.1", port: int | None = None,
-                    lifespan: str = "auto") -> ServerHandle:
+def serve_in_thread(
+    app, *, host: str = "127.0.0.1", port: int | None = None, lifespan: str = "auto"
+) -> ServerHandle:
     """Start `app` on host:port (a free port when None) and return once it accepts connections."""
     port = port or free_port(host)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan=lifespan,
-                            access_log=False, timeout_graceful_shutdown=2)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan=lifespan,
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

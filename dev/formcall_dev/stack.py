@@ -134,11 +134,19 @@ def _credentials(data_dir: Path) -> dict[str, str]:
 
 
 class Stack:
-    def __init__(self, data_dir: Path = DEFAULT_DIR, *, real_vapi: dict[str, str] | None = None,
-                 qstash_time_scale: float = 0.1, vapi_call_seconds: float = 2.0,
-                 call_window: str | None = None, vapi_concurrency: int = 10,
-                 vapi_ring_seconds: float = 1.0, call_rules: dict[str, str] | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path = DEFAULT_DIR,
+        *,
+        real_vapi: dict[str, str] | None = None,
+        qstash_time_scale: float = 0.1,
+        vapi_call_seconds: float = 2.0,
+        call_window: str | None = None,
+        vapi_concurrency: int = 10,
+        vapi_ring_seconds: float = 1.0,
+        call_rules: dict[str, str] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.real_vapi = real_vapi
         self.qstash_time_scale = qstash_time_scale
@@ -170,9 +178,11 @@ class Stack:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise StackBusy(f"a local stack is already running on {self.data_dir} (pid "
-                            f"{holder}): stop it (Ctrl-C where `make serve` runs) or give "
-                            f"another --data-dir") from None
+            raise StackBusy(
+                f"a local stack is already running on {self.data_dir} (pid "
+                f"{holder}): stop it (Ctrl-C where `make serve` runs) or give "
+                f"another --data-dir"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._folder_lock = fd
@@ -189,10 +199,16 @@ class Stack:
             # The real Vapi knows no dev credential: it sends X-Vapi-Secret unless one is given.
             creds = {**creds, "VAPI_SERVER_CREDENTIAL_ID": "", **self.real_vapi}
             urls["vapi"] = self.real_vapi.get("VAPI_BASE_URL", "https://api.vapi.ai")
-        info = StackInfo(dsn=dsn, qstash_url=urls["qstash"], functions_url=urls["functions"],
-                         vapi_url=urls["vapi"], credentials=creds, real_vapi=bool(self.real_vapi),
-                         call_rules=dict(self.call_rules),
-                         console_url=urls["console"])
+        info = StackInfo(
+            dsn=dsn,
+            qstash_url=urls["qstash"],
+            functions_url=urls["functions"],
+            vapi_url=urls["vapi"],
+            credentials=creds,
+            real_vapi=bool(self.real_vapi),
+            call_rules=dict(self.call_rules),
+            console_url=urls["console"],
+        )
         if self.call_window:
             info.call_window = self.call_window
         self.info = info
@@ -216,22 +232,35 @@ class Stack:
 
     def _env(self) -> dict[str, str]:
         assert self.info is not None
-        return {**os.environ, **self.info.env(), "FORMCALL_DEV_DSN": self.info.dsn,
-                "FORMCALL_DEV_QSTASH_TIME_SCALE": str(self.qstash_time_scale),
-                "FORMCALL_DEV_VAPI_CALL_SECONDS": str(self.vapi_call_seconds),
-                "FORMCALL_DEV_VAPI_CONCURRENCY": str(self.vapi_concurrency),
-                "FORMCALL_DEV_VAPI_RING_SECONDS": str(self.vapi_ring_seconds),
-                # The fake signs server messages with this credential, as Vapi does.
-                "FORMCALL_DEV_VAPI_CREDENTIALS": json.dumps({
-                    self.info.credentials["VAPI_SERVER_CREDENTIAL_ID"] or DEV_CREDENTIAL_ID:
-                    self.info.credentials["VAPI_WEBHOOK_SECRET"]}),
-                "FORMCALL_DEV_REAL_VAPI": "1" if self.real_vapi else "",
-                "VAPI_MAX_CONCURRENCY": str(self.vapi_concurrency),
-                # The fake's lines free up after a ring and a talk: the rate that keeps them busy.
-                "VAPI_CALLS_PER_MINUTE": str(int(self.vapi_concurrency * 60 / max(
-                    self.vapi_ring_seconds + self.vapi_call_seconds, 0.1))),
-                "POWERTOOLS_SERVICE_NAME": "formcall-dev",
-                "POWERTOOLS_METRICS_NAMESPACE": "formcall", **self.extra_env}
+        return {
+            **os.environ,
+            **self.info.env(),
+            "FORMCALL_DEV_DSN": self.info.dsn,
+            "FORMCALL_DEV_QSTASH_TIME_SCALE": str(self.qstash_time_scale),
+            "FORMCALL_DEV_VAPI_CALL_SECONDS": str(self.vapi_call_seconds),
+            "FORMCALL_DEV_VAPI_CONCURRENCY": str(self.vapi_concurrency),
+            "FORMCALL_DEV_VAPI_RING_SECONDS": str(self.vapi_ring_seconds),
+            # The fake signs server messages with this credential, as Vapi does.
+            "FORMCALL_DEV_VAPI_CREDENTIALS": json.dumps(
+                {
+                    self.info.credentials["VAPI_SERVER_CREDENTIAL_ID"]
+                    or DEV_CREDENTIAL_ID: self.info.credentials["VAPI_WEBHOOK_SECRET"]
+                }
+            ),
+            "FORMCALL_DEV_REAL_VAPI": "1" if self.real_vapi else "",
+            "VAPI_MAX_CONCURRENCY": str(self.vapi_concurrency),
+            # The fake's lines free up after a ring and a talk: the rate that keeps them busy.
+            "VAPI_CALLS_PER_MINUTE": str(
+                int(
+                    self.vapi_concurrency
+                    * 60
+                    / max(self.vapi_ring_seconds + self.vapi_call_seconds, 0.1)
+                )
+            ),
+            "POWERTOOLS_SERVICE_NAME": "formcall-dev",
+            "POWERTOOLS_METRICS_NAMESPACE": "formcall",
+            **self.extra_env,
+        }
 
     def _wait_listening(self, dsn: str, timeout: float = 15.0) -> None:
         """The webhook forwarder is ready once its LISTEN is in place."""
@@ -242,8 +271,9 @@ class Stack:
             while time.monotonic() < deadline:
                 if self.processes["webhooks"].poll() is not None:
                     raise RuntimeError(f"webhooks exited at start; see {self.data_dir}/logs")
-                if conn.execute("select 1 from pg_stat_activity where query ilike 'listen %'"
-                                ).fetchone():
+                if conn.execute(
+                    "select 1 from pg_stat_activity where query ilike 'listen %'"
+                ).fetchone():
                     return
                 time.sleep(0.05)
         raise TimeoutError("the webhook forwarder did not start listening")
@@ -252,7 +282,11 @@ class Stack:
         log = open(self.data_dir / "logs" / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "formcall_dev.serve", name, str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
     def _wait_ready(self, name: str, url: str, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -269,8 +303,11 @@ class Stack:
     def restart(self, name: str) -> None:
         """Stop one component and start it again on the same port (tests: restart QStash)."""
         assert self.info is not None
-        url = {"qstash": self.info.qstash_url, "vapi": self.info.vapi_url,
-               "functions": self.info.functions_url}[name]
+        url = {
+            "qstash": self.info.qstash_url,
+            "vapi": self.info.vapi_url,
+            "functions": self.info.functions_url,
+        }[name]
         self._terminate(name)
         self._spawn(name, int(url.rsplit(":", 1)[1]), self._env())
         self._wait_ready(name, url)

@@ -37,28 +37,51 @@ def create_app(*, dsn: str, service_role_key: str) -> Starlette:
                 types = await _parameter_types(conn, function)
                 unknown = sorted(set(args) - set(types))
                 if types is None or unknown:
-                    return JSONResponse({"code": "PGRST202", "details": None, "hint": None,
-                                         "message": f"Could not find the function "
-                                                    f"public.{function} with these arguments"},
-                                        404)
+                    return JSONResponse(
+                        {
+                            "code": "PGRST202",
+                            "details": None,
+                            "hint": None,
+                            "message": f"Could not find the function "
+                            f"public.{function} with these arguments",
+                        },
+                        404,
+                    )
                 # As PostgREST does: the JSON body becomes a record of the parameters' own
                 # types (json_to_record), so arrays, numbers and times arrive typed.
                 names = list(args)
                 query = sql.SQL("select {}({}) from json_to_record(%s::json) as x({})").format(
                     sql.Identifier("public", function),
-                    sql.SQL(", ").join(sql.SQL("{0} => x.{0}").format(sql.Identifier(n))
-                                       for n in names),
-                    sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n),
-                                                               sql.SQL(types[n]))
-                                       for n in names) if names else sql.SQL("_ int"))
+                    sql.SQL(", ").join(
+                        sql.SQL("{0} => x.{0}").format(sql.Identifier(n)) for n in names
+                    ),
+                    sql.SQL(", ").join(
+                        sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(types[n])) for n in names
+                    )
+                    if names
+                    else sql.SQL("_ int"),
+                )
                 row = await (await conn.execute(query, (json.dumps(args),))).fetchone()
         except psycopg.errors.UndefinedFunction as exc:
-            return JSONResponse({"code": "PGRST202", "message": str(exc).splitlines()[0],
-                                 "details": None, "hint": None}, 404)
+            return JSONResponse(
+                {
+                    "code": "PGRST202",
+                    "message": str(exc).splitlines()[0],
+                    "details": None,
+                    "hint": None,
+                },
+                404,
+            )
         except psycopg.Error as exc:
-            return JSONResponse({"code": getattr(exc, "sqlstate", None) or "PGRST000",
-                                 "message": str(exc).splitlines()[0], "details": None,
-                                 "hint": None}, 400)
+            return JSONResponse(
+                {
+                    "code": getattr(exc, "sqlstate", None) or "PGRST000",
+                    "message": str(exc).splitlines()[0],
+                    "details": None,
+                    "hint": None,
+                },
+                400,
+            )
         return JSONResponse(row[0] if row else None)
 
     return Starlette(routes=[Route("/rest/v1/rpc/{function}", rpc, methods=["POST"])])
@@ -66,10 +89,14 @@ def create_app(*, dsn: str, service_role_key: str) -> Starlette:
 
 async def _parameter_types(conn, function: str) -> dict[str, str] | None:
     """The named parameters of public.<function> and their SQL types (None: no such function)."""
-    row = await (await conn.execute(
-        "select p.proargnames, array(select format_type(t, null) from unnest(p.proargtypes) t)"
-        "  from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
-        " where n.nspname = 'public' and p.proname = %s", (function,))).fetchone()
+    row = await (
+        await conn.execute(
+            "select p.proargnames, array(select format_type(t, null) from unnest(p.proargtypes) t)"
+            "  from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+            " where n.nspname = 'public' and p.proname = %s",
+            (function,),
+        )
+    ).fetchone()
     if row is None:
         return None
     return dict(zip(row[0] or [], row[1], strict=False))

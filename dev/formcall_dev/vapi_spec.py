@@ -26,8 +26,10 @@ def spec() -> dict[str, Any]:
     """The spec document as published (loaded once, on first use)."""
     path = spec_path()
     if not path.is_file():
-        raise FileNotFoundError(f"Vapi's OpenAPI spec is not at {path}: set {SPEC_ENV} or put "
-                                "the reference folder beside the clone")
+        raise FileNotFoundError(
+            f"Vapi's OpenAPI spec is not at {path}: set {SPEC_ENV} or put "
+            "the reference folder beside the clone"
+        )
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -37,8 +39,10 @@ def schema_names() -> list[str]:
 
 def validate(schema_name: str, instance: Any) -> list[str]:
     """Error messages for `instance` against components.schemas[schema_name]; empty when valid."""
-    return [f"{_pointer(error.instance_path)}: {error.message}"
-            for error in _validator(schema_name).iter_errors(instance)]
+    return [
+        f"{_pointer(error.instance_path)}: {error.message}"
+        for error in _validator(schema_name).iter_errors(instance)
+    ]
 
 
 def _pointer(path: Any) -> str:

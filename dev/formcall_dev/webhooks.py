@@ -27,9 +27,11 @@ def install(dsn: str, *, url: str, secret: str) -> None:
         conn.execute("drop trigger if exists formcall_dev_forms_webhook on public.forms")
         conn.execute("drop function if exists public.formcall_dev_forms_webhook()")
         for name, value in (("formcall_webhook_url", url), ("formcall_webhook_secret", secret)):
-            conn.execute("insert into public.formcall_dev_webhook_settings (name, value)"
-                         " values (%s, %s) on conflict (name) do update set value = excluded.value",
-                         (name, value))
+            conn.execute(
+                "insert into public.formcall_dev_webhook_settings (name, value)"
+                " values (%s, %s) on conflict (name) do update set value = excluded.value",
+                (name, value),
+            )
 
 
 def uninstall(dsn: str) -> None:
@@ -39,8 +41,7 @@ def uninstall(dsn: str) -> None:
 
 def deliver(http: httpx.Client, request: dict) -> httpx.Response:
     """POST one request as the trigger built it: its URL, its headers, its body's exact bytes."""
-    return http.post(request["url"], content=request["body"].encode(),
-                     headers=request["headers"])
+    return http.post(request["url"], content=request["body"].encode(), headers=request["headers"])
 
 
 def forward(dsn: str) -> None:

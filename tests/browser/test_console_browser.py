@@ -39,8 +39,10 @@ def stack(tmp_path_factory):
     print(f"\nlocal stack start-up: {time.monotonic() - started:.2f} s")
     # The hourly schedule, paused: a tick at the top of the hour must not sweep mid-test.
     httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]}, timeout=30)
-    httpx.patch(f"{info.qstash_url}/v2/schedules/formcall-check-forms/pause",
-                headers={"Authorization": f"Bearer {info.credentials['QSTASH_TOKEN']}"})
+    httpx.patch(
+        f"{info.qstash_url}/v2/schedules/formcall-check-forms/pause",
+        headers={"Authorization": f"Bearer {info.credentials['QSTASH_TOKEN']}"},
+    )
     yield info
     stack.stop()
 
@@ -50,11 +52,16 @@ def browser():
     chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
     assert chromium and chromedriver, (
         "the browser tests need Debian's chromium and chromium-driver: `make test` installs "
-        "them, or `apt-get install -y chromium chromium-driver`")
+        "them, or `apt-get install -y chromium chromium-driver`"
+    )
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                     "--window-size=1440,1000"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1440,1000",
+    ):
         options.add_argument(argument)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     started = time.monotonic()
@@ -81,13 +88,16 @@ def no_console_errors(browser):
 
 def wait(driver, condition, timeout: float = TIMEOUT):
     """Wait for a condition on the page; a live region swapped mid-look is looked at again."""
-    return WebDriverWait(driver, timeout, poll_frequency=0.05,
-                         ignored_exceptions=[StaleElementReferenceException]).until(condition)
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.05, ignored_exceptions=[StaleElementReferenceException]
+    ).until(condition)
 
 
 def timeline(driver) -> list[tuple[str, str]]:
-    return [(row.get_attribute("data-source"), row.get_attribute("data-what"))
-            for row in driver.find_elements(By.CSS_SELECTOR, "#timeline tr[data-source]")]
+    return [
+        (row.get_attribute("data-source"), row.get_attribute("data-what"))
+        for row in driver.find_elements(By.CSS_SELECTOR, "#timeline tr[data-source]")
+    ]
 
 
 def screenshot(driver, name: str) -> None:
@@ -106,10 +116,15 @@ def click(driver, css: str) -> None:
 def test_forms_page_lists_a_new_form_quickly(stack, browser, conn):
     browser.get(f"{stack.console_url}/forms")
     assert browser.find_element(By.TAG_NAME, "h1").text == "Forms"
-    patient = create_patient(conn, full_name="Rosalind Franklin", phone="+15550100501",
-                             timezone="Europe/London")
-    form = create_form(conn, patient_id=patient, title="Allergy questionnaire",
-                       deadline=datetime.now(UTC) + timedelta(hours=2))
+    patient = create_patient(
+        conn, full_name="Rosalind Franklin", phone="+15550100501", timezone="Europe/London"
+    )
+    form = create_form(
+        conn,
+        patient_id=patient,
+        title="Allergy questionnaire",
+        deadline=datetime.now(UTC) + timedelta(hours=2),
+    )
     committed = time.monotonic()
     row = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'tr[data-form-id="{form}"]'))
     print(f"\nforms page listed the new form {time.monotonic() - committed:.2f} s after commit")
@@ -123,9 +138,13 @@ def test_forms_page_lists_a_new_form_quickly(stack, browser, conn):
 def test_a_forms_journey_shows_a_deadline_call_end_to_end(stack, browser, conn):
     browser.get(f"{stack.console_url}/act")
     create = browser.find_element(By.ID, "create-form")
-    for name, value in (("full_name", "Ada Lovelace"), ("phone", "+15550100502"),
-                        ("timezone", "America/New_York"), ("title", "Pre-visit questionnaire"),
-                        ("due_in_seconds", "3")):
+    for name, value in (
+        ("full_name", "Ada Lovelace"),
+        ("phone", "+15550100502"),
+        ("timezone", "America/New_York"),
+        ("title", "Pre-visit questionnaire"),
+        ("due_in_seconds", "3"),
+    ):
         field = create.find_element(By.NAME, name)
         field.clear()
         field.send_keys(value)
@@ -136,8 +155,10 @@ def test_a_forms_journey_shows_a_deadline_call_end_to_end(stack, browser, conn):
     # The deadline call, placed by the one-time QStash message; the fake Vapi's call ends and
     # its end-of-call report reaches call-events.
     wait(browser, lambda d: ("formcall", "call ended") in timeline(d))
-    print(f"\njourney showed the call placed, ended and recorded "
-          f"{time.monotonic() - clicked:.2f} s after Create (deadline 3 s, call 2 s)")
+    print(
+        f"\njourney showed the call placed, ended and recorded "
+        f"{time.monotonic() - clicked:.2f} s after Create (deadline 3 s, call 2 s)"
+    )
     entries = timeline(browser)
     audit = [what for source, what in entries if source == "formcall"]
     assert audit == ["scheduled", "delivered", "claimed", "called", "call ended"]
@@ -152,12 +173,18 @@ def test_a_forms_journey_shows_a_deadline_call_end_to_end(stack, browser, conn):
 
 def test_dlq_retry_redelivers(stack, browser, conn):
     key = stack.credentials["VAPI_PRIVATE_KEY"]
-    httpx.post(f"{stack.vapi_url}/_fake/rules", headers={"Authorization": f"Bearer {key}"},
-               json={"customer_number": "+15550100503", "status": 400, "times": 1}
-               ).raise_for_status()
+    httpx.post(
+        f"{stack.vapi_url}/_fake/rules",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"customer_number": "+15550100503", "status": 400, "times": 1},
+    ).raise_for_status()
     patient = create_patient(conn, full_name="Alan Turing", phone="+15550100503")
-    form = create_form(conn, patient_id=patient, title="Medication list",
-                       deadline=datetime.now(UTC) - timedelta(seconds=1))
+    form = create_form(
+        conn,
+        patient_id=patient,
+        title="Medication list",
+        deadline=datetime.now(UTC) - timedelta(seconds=1),
+    )
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed", timeout=TIMEOUT)
     browser.get(f"{stack.console_url}/qstash")
     rows = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-dlq-id]"))
@@ -167,8 +194,7 @@ def test_dlq_retry_redelivers(stack, browser, conn):
     delivered = form_events(conn, form).count("delivered")
     click(browser, "tr[data-dlq-id] button.retry")
     wait(browser, lambda d: "published again" in d.find_element(By.ID, "notice").text)
-    wait_until(lambda: form_events(conn, form).count("delivered") == delivered + 1,
-               timeout=TIMEOUT)
+    wait_until(lambda: form_events(conn, form).count("delivered") == delivered + 1, timeout=TIMEOUT)
     # Re-delivered to call-form, which answers for a form already marked failed.
     assert form_events(conn, form)[-1] == "skipped"
     wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, "tr[data-dlq-id]"))
@@ -182,45 +208,67 @@ def test_dont_answer_leads_to_a_scheduled_follow_up(stack, browser, conn):
     wait(browser, lambda d: "ring until" in d.find_element(By.ID, "holding").text)
     try:
         patient = create_patient(conn, full_name="Marie Curie", phone="+15550100505")
-        form = create_form(conn, patient_id=patient, title="Family history",
-                           deadline=datetime.now(UTC) - timedelta(seconds=1))
+        form = create_form(
+            conn,
+            patient_id=patient,
+            title="Family history",
+            deadline=datetime.now(UTC) - timedelta(seconds=1),
+        )
         browser.get(f"{stack.console_url}/forms/{form}")
-        call = wait(browser, lambda d: d.find_elements(
-            By.CSS_SELECTOR, 'tr[data-call-id][data-status="ringing"]'))[0]
+        call = wait(
+            browser,
+            lambda d: d.find_elements(By.CSS_SELECTOR, 'tr[data-call-id][data-status="ringing"]'),
+        )[0]
         call_id = call.get_attribute("data-call-id")
         clicked = time.monotonic()
         click(browser, f'tr[data-call-id="{call_id}"] button.play-no_answer')
         wait(browser, lambda d: "ended: no answer" in d.find_element(By.ID, "notice").text)
         # The fake Vapi reports the end to call-events; formcall schedules the next call.
         wait(browser, lambda d: ("formcall", "follow up scheduled") in timeline(d))
-        print(f"\njourney showed the follow-up {time.monotonic() - clicked:.2f} s after "
-              "don't answer")
+        print(
+            f"\njourney showed the follow-up {time.monotonic() - clicked:.2f} s after don't answer"
+        )
         [scheduled] = conn.execute(
             "select detail->>'next_call_at' from form_call_events"
-            " where form_id = %s and event = 'follow_up_scheduled'", (form,)).fetchone()
+            " where form_id = %s and event = 'follow_up_scheduled'",
+            (form,),
+        ).fetchone()
         next_call = datetime.fromisoformat(scheduled).astimezone(UTC)
         rows = browser.find_elements(By.CSS_SELECTOR, '#timeline tr[data-what="call ended"]')
         assert any("no_answer (customer-did-not-answer)" in row.text for row in rows)
-        follow_up = browser.find_element(By.CSS_SELECTOR,
-                                         '#timeline tr[data-what="follow up scheduled"]')
+        follow_up = browser.find_element(
+            By.CSS_SELECTOR, '#timeline tr[data-what="follow up scheduled"]'
+        )
         assert f"next_call_at {scheduled}" in follow_up.text
         ended = browser.find_element(By.CSS_SELECTOR, f'tr[data-call-id="{call_id}"]')
         assert "customer-did-not-answer" in ended.text
         if next_call - datetime.now(UTC) < timedelta(seconds=TIMEOUT):
             # The dev stack's follow-up delay is seconds: the follow-up call rings; answer it.
-            again = wait(browser, lambda d: [
-                row for row in d.find_elements(By.CSS_SELECTOR,
-                                               'tr[data-call-id][data-status="ringing"]')
-                if row.get_attribute("data-call-id") != call_id])
+            again = wait(
+                browser,
+                lambda d: [
+                    row
+                    for row in d.find_elements(
+                        By.CSS_SELECTOR, 'tr[data-call-id][data-status="ringing"]'
+                    )
+                    if row.get_attribute("data-call-id") != call_id
+                ],
+            )
             second = again[0].get_attribute("data-call-id")
             click(browser, f'tr[data-call-id="{second}"] button.play-reached')
-            wait(browser, lambda d: d.find_elements(By.ID, "call-outcome")
-                 and d.find_element(By.ID, "call-outcome").text == "reached")
+            wait(
+                browser,
+                lambda d: (
+                    d.find_elements(By.ID, "call-outcome")
+                    and d.find_element(By.ID, "call-outcome").text == "reached"
+                ),
+            )
         else:
             # A follow-up a day away: the form waits for it, pending, its next call shown.
             wait(browser, lambda d: d.find_element(By.ID, "call-status").text == "pending")
-            assert browser.find_element(By.ID, "next-call").text == \
-                next_call.strftime("%Y-%m-%d %H:%M:%S UTC")
+            assert browser.find_element(By.ID, "next-call").text == next_call.strftime(
+                "%Y-%m-%d %H:%M:%S UTC"
+            )
     finally:
         browser.get(f"{stack.console_url}/act")
         click(browser, "#hold-toggle")
@@ -228,23 +276,38 @@ def test_dont_answer_leads_to_a_scheduled_follow_up(stack, browser, conn):
 
 
 def test_every_page_renders_without_a_console_error(stack, browser, conn):
-    patient = create_patient(conn, full_name="Katherine Johnson", phone="+15550100504",
-                             timezone="America/Chicago")
-    create_form(conn, patient_id=patient, title="Insurance details",
-                deadline=datetime.now(UTC) - timedelta(seconds=1))
-    submitted = create_form(conn, patient_id=patient, title="Travel history",
-                            deadline=datetime.now(UTC) + timedelta(minutes=5))
+    patient = create_patient(
+        conn, full_name="Katherine Johnson", phone="+15550100504", timezone="America/Chicago"
+    )
+    create_form(
+        conn,
+        patient_id=patient,
+        title="Insurance details",
+        deadline=datetime.now(UTC) - timedelta(seconds=1),
+    )
+    submitted = create_form(
+        conn,
+        patient_id=patient,
+        title="Travel history",
+        deadline=datetime.now(UTC) + timedelta(minutes=5),
+    )
     conn.execute("update forms set submitted_at = now() where id = %s", (submitted,))
-    for path, heading in (("/forms", "Forms"), ("/qstash", "QStash"), ("/act", "Act"),
-                          (f"/forms/{submitted}", "Travel history")):
+    for path, heading in (
+        ("/forms", "Forms"),
+        ("/qstash", "QStash"),
+        ("/act", "Act"),
+        (f"/forms/{submitted}", "Travel history"),
+    ):
         browser.get(stack.console_url + path)
         assert browser.find_element(By.TAG_NAME, "h1").text.startswith(heading)
         # Let the live parts refresh a few times: their fetches must not fail either.
         region = browser.find_element(By.CSS_SELECTOR, "[data-refresh]")
         wait(browser, lambda d, region=region: region.get_attribute("data-updated"))
         first = region.get_attribute("data-updated")
-        wait(browser, lambda d, region=region, first=first:
-             region.get_attribute("data-updated") != first)
+        wait(
+            browser,
+            lambda d, region=region, first=first: region.get_attribute("data-updated") != first,
+        )
         assert "stale" not in region.get_attribute("class")
     browser.get(f"{stack.console_url}/forms")
     wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-form-id="{submitted}"]'))

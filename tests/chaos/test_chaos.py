@@ -17,8 +17,9 @@ def test_a_connection_dropped_while_idle_costs_no_request(pg_dsn):
     assert rpc("find_overdue_forms", {"p_limit": 1}) is not None
     first = rpc._local.conn
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
-        assert admin.execute("select pg_terminate_backend(%s)",
-                             (first.info.backend_pid,)).fetchone() == (True,)
+        assert admin.execute(
+            "select pg_terminate_backend(%s)", (first.info.backend_pid,)
+        ).fetchone() == (True,)
 
     assert rpc("find_overdue_forms", {"p_limit": 1}) is not None
     assert rpc._local.conn is not first
@@ -49,8 +50,11 @@ def test_bounded_chaos_run(tmp_path):
     assert patients["opted out"] >= 1
     checks = result.figures["checks"]
     assert all(n == 0 for n in checks.values()), checks
-    for name in ("forms called twice for one due moment", "patients over a cap",
-                 "opted-out patients called after their opt-out",
-                 "placed calls without an outcome after the final sweep"):
+    for name in (
+        "forms called twice for one due moment",
+        "patients over a cap",
+        "opted-out patients called after their opt-out",
+        "placed calls without an outcome after the final sweep",
+    ):
         assert name in checks
     # Its duration is printed above, not asserted: a wall-clock bound flakes on a loaded machine.

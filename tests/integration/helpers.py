@@ -44,34 +44,56 @@ def invoke(function: str, event: dict) -> Answer:
     return Answer(result["statusCode"], json.loads(body) if body else {}, headers)
 
 
-def call_form_event(form_id, *, key: str, path: str = "/", body: str | None = None,
-                    **kwargs) -> dict:
+def call_form_event(
+    form_id, *, key: str, path: str = "/", body: str | None = None, **kwargs
+) -> dict:
     body = json.dumps({"formId": str(form_id)}) if body is None else body
-    event = http_event(method="POST", path=path, body=body, domain=DOMAIN,
-                       headers={"content-type": "application/json",
-                                "upstash-message-id": "msg_" + secrets.token_hex(8),
-                                "upstash-retried": "0"}, **kwargs)
+    event = http_event(
+        method="POST",
+        path=path,
+        body=body,
+        domain=DOMAIN,
+        headers={
+            "content-type": "application/json",
+            "upstash-message-id": "msg_" + secrets.token_hex(8),
+            "upstash-retried": "0",
+        },
+        **kwargs,
+    )
     return sign_event(event, key=key)
 
 
 def failure_event(keys, form_id, *, status=503, retried=5, source="msg_src_1", body=None):
     """QStash's failure callback for a call-form message it gave up on, signed."""
     payload = {
-        "status": status, "header": {"Content-Type": ["application/json"]},
-        "body": base64.b64encode(json.dumps(body or {"error": "Vapi answered HTTP 503"}).encode()
-                                 ).decode(),
-        "retried": retried, "maxRetries": 5, "sourceMessageId": source,
-        "url": f"https://{DOMAIN}/", "method": "POST",
+        "status": status,
+        "header": {"Content-Type": ["application/json"]},
+        "body": base64.b64encode(
+            json.dumps(body or {"error": "Vapi answered HTTP 503"}).encode()
+        ).decode(),
+        "retried": retried,
+        "maxRetries": 5,
+        "sourceMessageId": source,
+        "url": f"https://{DOMAIN}/",
+        "method": "POST",
         "sourceHeader": {"Content-Type": ["application/json"]},
         "sourceBody": base64.b64encode(json.dumps({"formId": form_id}).encode()).decode(),
-        "notBefore": 0, "createdAt": 0, "dlqId": "1725323658779-0",
+        "notBefore": 0,
+        "createdAt": 0,
+        "dlqId": "1725323658779-0",
     }
     body = json.dumps(payload)
     url = f"https://{DOMAIN}/api/jobs/failed"
-    return http_event(method="POST", path="/api/jobs/failed", body=body, domain=DOMAIN,
-                      headers={"content-type": "application/json",
-                               "upstash-signature": sign(key=keys.current_key, url=url,
-                                                         body=body.encode())})
+    return http_event(
+        method="POST",
+        path="/api/jobs/failed",
+        body=body,
+        domain=DOMAIN,
+        headers={
+            "content-type": "application/json",
+            "upstash-signature": sign(key=keys.current_key, url=url, body=body.encode()),
+        },
+    )
 
 
 def hashed_requirements(text: str) -> dict[str, tuple[str, list[str]]]:

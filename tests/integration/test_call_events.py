@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from conftest import qstash_message
@@ -22,45 +22,74 @@ from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 from formcall_dev.vapi_spec import validate
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def vapi_time(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def call_object(vapi_call_id: str, form_ids: list[str], **fields) -> dict:
-    return {"id": vapi_call_id, "orgId": "org-1", "type": "outboundPhoneCall",
-            "createdAt": vapi_time(NOW), "updatedAt": vapi_time(NOW),
-            "assistantOverrides": {"metadata": {"formId": form_ids[0], "formIds": form_ids}},
-            **fields}
+    return {
+        "id": vapi_call_id,
+        "orgId": "org-1",
+        "type": "outboundPhoneCall",
+        "createdAt": vapi_time(NOW),
+        "updatedAt": vapi_time(NOW),
+        "assistantOverrides": {"metadata": {"formId": form_ids[0], "formIds": form_ids}},
+        **fields,
+    }
 
 
-def end_of_call_report(vapi_call_id: str, form_ids: list[str], ended_reason: str, *,
-                       opt_out: bool = False, started: datetime | None = None) -> dict:
-    started = started or datetime.now(timezone.utc) - timedelta(seconds=40)
+def end_of_call_report(
+    vapi_call_id: str,
+    form_ids: list[str],
+    ended_reason: str,
+    *,
+    opt_out: bool = False,
+    started: datetime | None = None,
+) -> dict:
+    started = started or datetime.now(UTC) - timedelta(seconds=40)
     ended = started + timedelta(seconds=35)
-    return {"message": {
-        "type": "end-of-call-report", "endedReason": ended_reason,
-        "startedAt": vapi_time(started), "endedAt": vapi_time(ended), "cost": 0.12,
-        "timestamp": int(ended.timestamp() * 1000),
-        "artifact": {"transcript": "AI: Hello, this is the clinic. User: not now, thanks."},
-        "analysis": {"summary": "The patient was reminded.",
-                     "structuredData": {"optOut": opt_out}},
-        "call": call_object(vapi_call_id, form_ids, status="ended", endedReason=ended_reason)}}
+    return {
+        "message": {
+            "type": "end-of-call-report",
+            "endedReason": ended_reason,
+            "startedAt": vapi_time(started),
+            "endedAt": vapi_time(ended),
+            "cost": 0.12,
+            "timestamp": int(ended.timestamp() * 1000),
+            "artifact": {"transcript": "AI: Hello, this is the clinic. User: not now, thanks."},
+            "analysis": {
+                "summary": "The patient was reminded.",
+                "structuredData": {"optOut": opt_out},
+            },
+            "call": call_object(vapi_call_id, form_ids, status="ended", endedReason=ended_reason),
+        }
+    }
 
 
-def status_update(vapi_call_id: str, form_ids: list[str], status: str,
-                  ended_reason: str | None = None) -> dict:
-    message = {"type": "status-update", "status": status,
-               "call": call_object(vapi_call_id, form_ids, status=status)}
+def status_update(
+    vapi_call_id: str, form_ids: list[str], status: str, ended_reason: str | None = None
+) -> dict:
+    message = {
+        "type": "status-update",
+        "status": status,
+        "call": call_object(vapi_call_id, form_ids, status=status),
+    }
     if ended_reason:
         message["endedReason"] = ended_reason
     return {"message": message}
 
 
-def event(body: dict | str, *, secret: str | None = None, hmac_secret: str | None = None,
-          stamp: str | None = None, headers: dict | None = None) -> dict:
+def event(
+    body: dict | str,
+    *,
+    secret: str | None = None,
+    hmac_secret: str | None = None,
+    stamp: str | None = None,
+    headers: dict | None = None,
+) -> dict:
     raw = body if isinstance(body, str) else json.dumps(body)
     sent = {"content-type": "application/json", **(headers or {})}
     if secret is not None:
@@ -68,10 +97,12 @@ def event(body: dict | str, *, secret: str | None = None, hmac_secret: str | Non
     if hmac_secret is not None:
         stamp = stamp or str(int(time.time() * 1000))
         sent["x-timestamp"] = stamp
-        sent["x-signature"] = hmac.new(hmac_secret.encode(), f"{stamp}.{raw}".encode(),
-                                       hashlib.sha256).hexdigest()
-    return http_event(method="POST", path="/api/webhooks/vapi", body=raw, headers=sent,
-                      domain=EVENTS_DOMAIN)
+        sent["x-signature"] = hmac.new(
+            hmac_secret.encode(), f"{stamp}.{raw}".encode(), hashlib.sha256
+        ).hexdigest()
+    return http_event(
+        method="POST", path="/api/webhooks/vapi", body=raw, headers=sent, domain=EVENTS_DOMAIN
+    )
 
 
 @pytest.fixture
@@ -81,8 +112,12 @@ def rules(stack_env, vapi, monkeypatch):
     The fake Vapi's calls ring until a test ends them: the reports here are the test's own.
     """
     vapi.configure(hold=True)
-    values = {"FOLLOW_UP_DELAY_SECONDS": "1", "PATIENT_MAX_CALLS_PER_DAY": "5",
-              "PATIENT_MAX_CALLS_PER_WEEK": "20", "WEBHOOK_SECRET": "w" * 32}
+    values = {
+        "FOLLOW_UP_DELAY_SECONDS": "1",
+        "PATIENT_MAX_CALLS_PER_DAY": "5",
+        "PATIENT_MAX_CALLS_PER_WEEK": "20",
+        "WEBHOOK_SECRET": "w" * 32,
+    }
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     clients.reset()
@@ -97,9 +132,15 @@ def place_call(conn, keys, vapi, form_id: str) -> str:
 
 
 def report(keys, body: dict):
-    assert validate("ServerMessageEndOfCallReport" if body["message"]["type"] ==
-                    "end-of-call-report" else "ServerMessageStatusUpdate",
-                    body["message"]) == []
+    assert (
+        validate(
+            "ServerMessageEndOfCallReport"
+            if body["message"]["type"] == "end-of-call-report"
+            else "ServerMessageStatusUpdate",
+            body["message"],
+        )
+        == []
+    )
     return invoke("call_events", event(body, secret=keys.vapi_webhook_secret))
 
 
@@ -110,35 +151,52 @@ def test_messages_here_are_vapis_own_shapes():
     assert validate("ServerMessageEndOfCallReport", bad["message"]) != []
 
 
-@pytest.mark.parametrize("ended_reason, outcome, status, follow_up", [
-    ("customer-ended-call", "reached", "called", False),
-    ("assistant-ended-call", "reached", "called", False),
-    ("voicemail", "voicemail", "pending", True),
-    ("customer-did-not-answer", "no_answer", "pending", True),
-    ("customer-busy", "busy", "pending", True),
-    ("twilio-failed-to-connect-call", "not_connected", "pending", True),
-    ("pipeline-error-openai-llm-failed", "not_connected", "pending", True),
-    ("twilio-reported-customer-misdialed", "bad_number", "failed", False),
-])
-def test_every_ending_class_and_its_decision(rules, vapi, conn, keys, ended_reason, outcome,
-                                             status, follow_up):
+@pytest.mark.parametrize(
+    "ended_reason, outcome, status, follow_up",
+    [
+        ("customer-ended-call", "reached", "called", False),
+        ("assistant-ended-call", "reached", "called", False),
+        ("voicemail", "voicemail", "pending", True),
+        ("customer-did-not-answer", "no_answer", "pending", True),
+        ("customer-busy", "busy", "pending", True),
+        ("twilio-failed-to-connect-call", "not_connected", "pending", True),
+        ("pipeline-error-openai-llm-failed", "not_connected", "pending", True),
+        ("twilio-reported-customer-misdialed", "bad_number", "failed", False),
+    ],
+)
+def test_every_ending_class_and_its_decision(
+    rules, vapi, conn, keys, ended_reason, outcome, status, follow_up
+):
     patient = create_patient(conn)
     form = create_form(conn, patient_id=patient, deadline=NOW - timedelta(minutes=5))
     vapi_call = place_call(conn, keys, vapi, form)
     answer = report(keys, end_of_call_report(vapi_call, [form], ended_reason))
     assert answer.status == 200
-    assert answer.body == {"status": "recorded", "type": "end-of-call-report",
-                           "callId": vapi_call, "ended": True, "outcome": outcome,
-                           "followUps": int(follow_up)}
+    assert answer.body == {
+        "status": "recorded",
+        "type": "end-of-call-report",
+        "callId": vapi_call,
+        "ended": True,
+        "outcome": outcome,
+        "followUps": int(follow_up),
+    }
     row = form_row(conn, form)
     assert (row["call_status"], row["call_outcome"]) == (status, outcome)
-    call = conn.execute("select status, outcome, ended_reason, started_at, ended_at, cost"
-                        " from calls where vapi_call_id = %s", (vapi_call,)).fetchone()
+    call = conn.execute(
+        "select status, outcome, ended_reason, started_at, ended_at, cost"
+        " from calls where vapi_call_id = %s",
+        (vapi_call,),
+    ).fetchone()
     assert call[:3] == ("ended", outcome, ended_reason)
     assert call[3] is not None and call[4] > call[3] and float(call[5]) == 0.12
-    expected = (["call_ended", "follow_up_scheduled", "scheduled"] if follow_up
-                else ["call_ended", "failed"] if status == "failed" else ["call_ended"])
-    assert form_events(conn, form)[-len(expected):] == expected
+    expected = (
+        ["call_ended", "follow_up_scheduled", "scheduled"]
+        if follow_up
+        else ["call_ended", "failed"]
+        if status == "failed"
+        else ["call_ended"]
+    )
+    assert form_events(conn, form)[-len(expected) :] == expected
     if follow_up:
         assert row["next_call_at"] == call[4] + timedelta(seconds=1)
         queued = qstash_message(rules["QSTASH_URL"], keys.qstash_token, row["qstash_message_id"])
@@ -163,12 +221,14 @@ def test_no_answer_is_followed_up_until_reached(rules, vapi, conn, keys):
     report(keys, end_of_call_report(second, [form], "customer-ended-call"))
     row = form_row(conn, form)
     assert (row["call_status"], row["call_outcome"], row["next_call_at"]) == (
-        "called", "reached", None)
+        "called",
+        "reached",
+        None,
+    )
     assert conn.execute("select count(*) from calls where outcome is not null").fetchone()[0] == 2
 
 
-def test_the_last_allowed_call_ends_the_form_with_its_outcome(rules, vapi, conn, keys,
-                                                              monkeypatch):
+def test_the_last_allowed_call_ends_the_form_with_its_outcome(rules, vapi, conn, keys, monkeypatch):
     monkeypatch.setenv("MAX_CALLS_PER_FORM", "1")
     clients.reset()
     form = create_form(conn, patient_id=create_patient(conn), deadline=NOW - timedelta(minutes=5))
@@ -177,7 +237,10 @@ def test_the_last_allowed_call_ends_the_form_with_its_outcome(rules, vapi, conn,
     assert answer.body["followUps"] == 0
     row = form_row(conn, form)
     assert (row["call_status"], row["call_outcome"], row["next_call_at"]) == (
-        "called", "no_answer", None)
+        "called",
+        "no_answer",
+        None,
+    )
     # Done: recorded, not failed; a later delivery does not call.
     again = invoke("call_form", call_form_event(form, key=keys.current_key))
     assert again.body["reason"] == "already_called"
@@ -194,8 +257,9 @@ def test_a_form_submitted_during_the_call_is_never_called_again(rules, vapi, con
     assert (row["call_status"], row["call_outcome"]) == ("called", "no_answer")
 
 
-def test_duplicated_and_reordered_reports_end_in_one_record_and_one_follow_up(rules, vapi, conn,
-                                                                              keys):
+def test_duplicated_and_reordered_reports_end_in_one_record_and_one_follow_up(
+    rules, vapi, conn, keys
+):
     form = create_form(conn, patient_id=create_patient(conn), deadline=NOW - timedelta(minutes=5))
     vapi_call = place_call(conn, keys, vapi, form)
     end = end_of_call_report(vapi_call, [form], "customer-busy")
@@ -234,30 +298,51 @@ def test_a_report_before_the_call_was_recorded_as_placed_resolves_it(rules, vapi
     assert answer.body["status"] == "recorded" and answer.body["ended"] is True
     row = form_row(conn, form)
     assert (row["call_status"], row["vapi_call_id"], row["call_outcome"]) == (
-        "called", "vapi-call-77", "reached")
+        "called",
+        "vapi-call-77",
+        "reached",
+    )
     assert form_events(conn, form) == ["claimed", "called", "call_ended"]
 
 
-@pytest.mark.parametrize("body, reason", [
-    (lambda form: end_of_call_report("not-ours", ["00000000-0000-0000-0000-000000000000"],
-                                     "customer-ended-call"), "unknown call"),
-    (lambda form: {"message": {"type": "conversation-update", "messages": []}},
-     "not a call event formcall follows"),
-    (lambda form: {"message": {"type": "status-update", "status": "ringing"}},
-     "not a call event formcall follows"),
-])
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (
+            lambda form: end_of_call_report(
+                "not-ours", ["00000000-0000-0000-0000-000000000000"], "customer-ended-call"
+            ),
+            "unknown call",
+        ),
+        (
+            lambda form: {"message": {"type": "conversation-update", "messages": []}},
+            "not a call event formcall follows",
+        ),
+        (
+            lambda form: {"message": {"type": "status-update", "status": "ringing"}},
+            "not a call event formcall follows",
+        ),
+    ],
+)
 def test_messages_formcall_does_not_use_are_ignored(rules, vapi, conn, keys, body, reason):
     form = create_form(conn, patient_id=create_patient(conn), deadline=NOW - timedelta(minutes=5))
     answer = invoke("call_events", event(body(form), secret=keys.vapi_webhook_secret))
-    assert (answer.status, answer.body["status"], answer.body["reason"]) == (200, "ignored",
-                                                                             reason)
+    assert (answer.status, answer.body["status"], answer.body["reason"]) == (200, "ignored", reason)
     assert form_events(conn, form) == []
 
 
-@pytest.mark.parametrize("raw", ["", "not json", "[]", '{"message": "x"}', '{"message": {}}',
-                                 '{"message": {"type": 7}}',
-                                 '{"message": {"type": "status-update", "call": {"id": "c",'
-                                 ' "startedAt": "yesterday"}}}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "not json",
+        "[]",
+        '{"message": "x"}',
+        '{"message": {}}',
+        '{"message": {"type": 7}}',
+        '{"message": {"type": "status-update", "call": {"id": "c", "startedAt": "yesterday"}}}',
+    ],
+)
 def test_a_body_that_is_not_a_vapi_server_message_is_400(rules, conn, keys, raw):
     answer = invoke("call_events", event(raw, secret=keys.vapi_webhook_secret))
     assert answer.status == 400
@@ -273,14 +358,20 @@ def _attacks(keys):
     }
 
 
-@pytest.mark.parametrize("attack", ["unsigned", "wrong secret", "secret of another setting",
-                                    "hmac instead of the header"])
+@pytest.mark.parametrize(
+    "attack",
+    ["unsigned", "wrong secret", "secret of another setting", "hmac instead of the header"],
+)
 def test_unauthenticated_messages_are_refused_and_change_nothing(rules, vapi, conn, keys, attack):
     form = create_form(conn, patient_id=create_patient(conn), deadline=NOW - timedelta(minutes=5))
     vapi_call = place_call(conn, keys, vapi, form)
-    answer = invoke("call_events", event(
-        end_of_call_report(vapi_call, [form], "customer-ended-call", opt_out=True),
-        **_attacks(keys)[attack]))
+    answer = invoke(
+        "call_events",
+        event(
+            end_of_call_report(vapi_call, [form], "customer-ended-call", opt_out=True),
+            **_attacks(keys)[attack],
+        ),
+    )
     assert (answer.status, answer.body) == (401, {"error": "unauthorized"})
     row = form_row(conn, form)
     assert (row["call_status"], row["call_outcome"]) == ("called", None)
@@ -306,26 +397,44 @@ def test_hmac_signed_messages_are_accepted_in_either_unit(hmac_mode, vapi, conn,
     form = create_form(conn, patient_id=create_patient(conn), deadline=NOW - timedelta(minutes=5))
     vapi_call = place_call(conn, keys, vapi, form)
     stamp = str(int(time.time() * 1000)) if unit == "milliseconds" else str(int(time.time()))
-    answer = invoke("call_events", event(
-        end_of_call_report(vapi_call, [form], "customer-ended-call"),
-        hmac_secret=keys.vapi_webhook_secret, stamp=stamp))
+    answer = invoke(
+        "call_events",
+        event(
+            end_of_call_report(vapi_call, [form], "customer-ended-call"),
+            hmac_secret=keys.vapi_webhook_secret,
+            stamp=stamp,
+        ),
+    )
     assert (answer.status, answer.body["outcome"]) == (200, "reached")
 
 
-@pytest.mark.parametrize("attack", ["expired", "from the future", "wrong key", "tampered body",
-                                    "no timestamp", "header secret instead"])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        "expired",
+        "from the future",
+        "wrong key",
+        "tampered body",
+        "no timestamp",
+        "header secret instead",
+    ],
+)
 def test_bad_hmac_signatures_are_refused(hmac_mode, vapi, conn, keys, attack):
     form = create_form(conn, patient_id=create_patient(conn), deadline=NOW - timedelta(minutes=5))
     vapi_call = place_call(conn, keys, vapi, form)
     body = end_of_call_report(vapi_call, [form], "customer-ended-call", opt_out=True)
     now_ms = int(time.time() * 1000)
-    kwargs = {"expired": {"hmac_secret": keys.vapi_webhook_secret, "stamp": str(now_ms - 301_000)},
-              "from the future": {"hmac_secret": keys.vapi_webhook_secret,
-                                  "stamp": str(now_ms + 301_000)},
-              "wrong key": {"hmac_secret": "y" * 32},
-              "tampered body": {"hmac_secret": keys.vapi_webhook_secret},
-              "no timestamp": {"hmac_secret": keys.vapi_webhook_secret},
-              "header secret instead": {"secret": keys.vapi_webhook_secret}}[attack]
+    kwargs = {
+        "expired": {"hmac_secret": keys.vapi_webhook_secret, "stamp": str(now_ms - 301_000)},
+        "from the future": {
+            "hmac_secret": keys.vapi_webhook_secret,
+            "stamp": str(now_ms + 301_000),
+        },
+        "wrong key": {"hmac_secret": "y" * 32},
+        "tampered body": {"hmac_secret": keys.vapi_webhook_secret},
+        "no timestamp": {"hmac_secret": keys.vapi_webhook_secret},
+        "header secret instead": {"secret": keys.vapi_webhook_secret},
+    }[attack]
     sent = event(body, **kwargs)
     if attack == "tampered body":
         sent["body"] = sent["body"].replace("customer-ended-call", "customer-did-not-answer")
@@ -340,8 +449,10 @@ def test_bad_hmac_signatures_are_refused(hmac_mode, vapi, conn, keys, attack):
 def test_database_unreachable_is_503_so_vapi_retries(rules, monkeypatch, keys):
     monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:1/postgres")
     clients.reset()
-    answer = report(keys, end_of_call_report("c-1", ["00000000-0000-0000-0000-000000000001"],
-                                             "customer-ended-call"))
+    answer = report(
+        keys,
+        end_of_call_report("c-1", ["00000000-0000-0000-0000-000000000001"], "customer-ended-call"),
+    )
     assert (answer.status, answer.body) == (503, {"error": "database unavailable"})
 
 
@@ -353,11 +464,11 @@ def test_opt_out_in_the_report_stops_every_call_to_the_patient(rules, vapi, conn
     later_message = form_row(conn, later)["qstash_message_id"]
     assert hook.body["status"] == "scheduled" and later_message
     vapi_call = place_call(conn, keys, vapi, due)
-    answer = report(keys, end_of_call_report(vapi_call, [due], "customer-ended-call",
-                                             opt_out=True))
+    answer = report(keys, end_of_call_report(vapi_call, [due], "customer-ended-call", opt_out=True))
     assert answer.body["outcome"] == "reached" and answer.body["followUps"] == 0
-    assert conn.execute("select opted_out_at is not null from patients where id = %s",
-                        (patient,)).fetchone()[0]
+    assert conn.execute(
+        "select opted_out_at is not null from patients where id = %s", (patient,)
+    ).fetchone()[0]
     for form in (due, later):
         row = form_row(conn, form)
         assert (row["call_status"], row["qstash_message_id"]) == ("opted_out", None)
@@ -387,27 +498,51 @@ def test_an_opt_out_recorded_by_the_clinic_is_honoured_by_the_claim(rules, vapi,
 def _insert_webhook(conn, form_id):
     from formcall_dev.seed import form_row as read
 
-    record = {k: (v.isoformat() if isinstance(v, datetime) else v)
-              for k, v in read(conn, form_id).items()}
-    body = json.dumps({"type": "INSERT", "table": "forms", "schema": "public", "record": record,
-                       "old_record": None}, default=str)
-    return http_event(method="POST", path="/api/webhooks/forms", body=body,
-                      headers=webhook_headers(body, secret="w" * 32), domain=EVENTS_DOMAIN)
+    record = {
+        k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in read(conn, form_id).items()
+    }
+    body = json.dumps(
+        {
+            "type": "INSERT",
+            "table": "forms",
+            "schema": "public",
+            "record": record,
+            "old_record": None,
+        },
+        default=str,
+    )
+    return http_event(
+        method="POST",
+        path="/api/webhooks/forms",
+        body=body,
+        headers=webhook_headers(body, secret="w" * 32),
+        domain=EVENTS_DOMAIN,
+    )
 
 
-def test_a_lost_report_is_recorded_by_the_sweep_from_vapis_record(rules, vapi, conn, keys,
-                                                                  monkeypatch):
+def test_a_lost_report_is_recorded_by_the_sweep_from_vapis_record(
+    rules, vapi, conn, keys, monkeypatch
+):
     # Every report of the fake's is lost (dropped).
     monkeypatch.setenv("CALL_OUTCOME_TIMEOUT_SECONDS", "0")
     clients.reset()
     vapi.configure(scripts={"+15550100044": ["no_answer"]}, report_drop_rate=1.0)
-    form = create_form(conn, patient_id=create_patient(conn, phone="+15550100044"),
-                       deadline=NOW - timedelta(minutes=5))
+    form = create_form(
+        conn,
+        patient_id=create_patient(conn, phone="+15550100044"),
+        deadline=NOW - timedelta(minutes=5),
+    )
     vapi_call = place_call(conn, keys, vapi, form)
     wait_until(lambda: (vapi.get_call(vapi_call) or {}).get("status") == "ended")
-    sweep = invoke("check_forms", http_event(
-        method="GET", path="/api/cron/check-forms", domain=EVENTS_DOMAIN,
-        headers={"authorization": f"Bearer {keys.cron_secret}"}))
+    sweep = invoke(
+        "check_forms",
+        http_event(
+            method="GET",
+            path="/api/cron/check-forms",
+            domain=EVENTS_DOMAIN,
+            headers={"authorization": f"Bearer {keys.cron_secret}"},
+        ),
+    )
     assert sweep.body["outcomes"] == {"ended": 1, "open": 0, "unresolved": 0}
     call = conn.execute("select outcome, ended_reason, outcome_source from calls").fetchone()
     assert call == ("no_answer", "customer-did-not-answer", "lookup")

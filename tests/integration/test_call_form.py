@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import jwt
 import pytest
 from helpers import DOMAIN, call_form_event, invoke
 
-from formcall_dev.polling import wait_until
-
 from formcall import clients
-from formcall.sweep import reconcile_stale_calls
 from formcall.signatures import body_hash, sign
+from formcall.sweep import reconcile_stale_calls
 from formcall_dev.events import http_event
+from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 
 
@@ -45,9 +44,11 @@ def test_due_form_is_called_once_and_recorded(env, vapi, conn, due_form, keys):
     assert overrides["variableValues"]["deadline"]
     # Vapi reports the call's progress and end to call-events, proving itself with the secret.
     assert overrides["server"] == {
-        "url": env["CALL_EVENTS_URL"], "timeoutSeconds": 20,
+        "url": env["CALL_EVENTS_URL"],
+        "timeoutSeconds": 20,
         "backoffPlan": {"type": "exponential", "maxRetries": 5, "baseDelaySeconds": 2},
-        "headers": {"X-Vapi-Secret": keys.vapi_webhook_secret}}
+        "headers": {"X-Vapi-Secret": keys.vapi_webhook_secret},
+    }
     assert set(overrides["serverMessages"]) == {"status-update", "end-of-call-report"}
     row = form_row(conn, due_form)
     assert row["call_status"] == "called" and row["call_outcome"] is None
@@ -61,25 +62,39 @@ def test_due_form_is_called_once_and_recorded(env, vapi, conn, due_form, keys):
 def test_redelivery_after_call_is_skipped(env, vapi, conn, due_form, keys):
     invoke("call_form", call_form_event(due_form, key=keys.current_key))
     again = invoke("call_form", call_form_event(due_form, key=keys.current_key))
-    assert (again.status, again.body["status"], again.body["reason"]) == (200, "skipped",
-                                                                          "already_called")
+    assert (again.status, again.body["status"], again.body["reason"]) == (
+        200,
+        "skipped",
+        "already_called",
+    )
     assert len(vapi.requests) == 1
 
 
-@pytest.mark.parametrize("case, reason", [
-    ("submitted", "submitted"), ("not_due", "not_due"), ("no_deadline", "no_deadline"),
-    ("in_progress", "in_progress"),
-])
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("submitted", "submitted"),
+        ("not_due", "not_due"),
+        ("no_deadline", "no_deadline"),
+        ("in_progress", "in_progress"),
+    ],
+)
 def test_forms_that_must_not_be_called_are_skipped(env, vapi, conn, keys, case, reason):
     patient = create_patient(conn)
-    now = datetime.now(timezone.utc)
-    deadline = {"not_due": now + timedelta(hours=1), "no_deadline": None}.get(case,
-                                                                             now - timedelta(1))
-    form = create_form(conn, patient_id=patient, deadline=deadline,
-                       submitted_at=now - timedelta(hours=2) if case == "submitted" else None)
+    now = datetime.now(UTC)
+    deadline = {"not_due": now + timedelta(hours=1), "no_deadline": None}.get(
+        case, now - timedelta(1)
+    )
+    form = create_form(
+        conn,
+        patient_id=patient,
+        deadline=deadline,
+        submitted_at=now - timedelta(hours=2) if case == "submitted" else None,
+    )
     if case == "in_progress":
-        conn.execute("update forms set call_status = 'calling', claimed_at = now() where id = %s",
-                     (form,))
+        conn.execute(
+            "update forms set call_status = 'calling', claimed_at = now() where id = %s", (form,)
+        )
     answer = invoke("call_form", call_form_event(form, key=keys.current_key))
     assert answer.status == 200
     assert answer.body == {"status": "skipped", "formId": form, "reason": reason}
@@ -90,8 +105,7 @@ def test_forms_that_must_not_be_called_are_skipped(env, vapi, conn, keys, case, 
 def test_delivery_just_before_the_deadline_comes_back_at_the_deadline(env, vapi, conn, keys):
     # QStash's not-before is whole seconds and clocks differ: early by a little is not "not due".
     patient = create_patient(conn)
-    form = create_form(conn, patient_id=patient,
-                       deadline=datetime.now(timezone.utc) + timedelta(seconds=3))
+    form = create_form(conn, patient_id=patient, deadline=datetime.now(UTC) + timedelta(seconds=3))
     answer = invoke("call_form", call_form_event(form, key=keys.current_key))
     assert answer.status == 503
     assert 3 <= int(answer.headers["retry-after"]) <= 5
@@ -123,26 +137,32 @@ def _tampered(event, keys, due_form):
 
 def _expired(event, keys, due_form):
     body = event["body"].encode()
-    event["headers"]["upstash-signature"] = sign(key=keys.current_key, url=f"https://{DOMAIN}/",
-                                                 body=body, now=time.time() - 600)
+    event["headers"]["upstash-signature"] = sign(
+        key=keys.current_key, url=f"https://{DOMAIN}/", body=body, now=time.time() - 600
+    )
     return event
 
 
 def _wrong_subject(event, keys, due_form):
     event["headers"]["upstash-signature"] = sign(
-        key=keys.current_key, url=f"https://{DOMAIN}/api/cron/check-forms", body=event["body"].encode())
+        key=keys.current_key,
+        url=f"https://{DOMAIN}/api/cron/check-forms",
+        body=event["body"].encode(),
+    )
     return event
 
 
 def _wrong_issuer(event, keys, due_form):
-    event["headers"]["upstash-signature"] = sign(key=keys.current_key, url=f"https://{DOMAIN}/",
-                                                 body=event["body"].encode(), iss="Someone")
+    event["headers"]["upstash-signature"] = sign(
+        key=keys.current_key, url=f"https://{DOMAIN}/", body=event["body"].encode(), iss="Someone"
+    )
     return event
 
 
 def _wrong_key(event, keys, due_form):
-    event["headers"]["upstash-signature"] = sign(key="sig_" + "x" * 28, url=f"https://{DOMAIN}/",
-                                                 body=event["body"].encode())
+    event["headers"]["upstash-signature"] = sign(
+        key="sig_" + "x" * 28, url=f"https://{DOMAIN}/", body=event["body"].encode()
+    )
     return event
 
 
@@ -152,24 +172,40 @@ def _missing(event, keys, due_form):
 
 
 def _alg_none(event, keys, due_form):
-    claims = {"iss": "Upstash", "sub": f"https://{DOMAIN}/", "exp": int(time.time()) + 300,
-              "nbf": 0, "iat": int(time.time()), "body": body_hash(event["body"].encode())}
+    claims = {
+        "iss": "Upstash",
+        "sub": f"https://{DOMAIN}/",
+        "exp": int(time.time()) + 300,
+        "nbf": 0,
+        "iat": int(time.time()),
+        "body": body_hash(event["body"].encode()),
+    }
     event["headers"]["upstash-signature"] = jwt.encode(claims, None, algorithm="none")
     return event
 
 
 def _hs512(event, keys, due_form):
-    claims = {"iss": "Upstash", "sub": f"https://{DOMAIN}/", "exp": int(time.time()) + 300,
-              "nbf": 0, "iat": int(time.time()), "body": body_hash(event["body"].encode())}
-    event["headers"]["upstash-signature"] = jwt.encode(claims, keys.current_key.encode() * 2,
-                                                       algorithm="HS512")
+    claims = {
+        "iss": "Upstash",
+        "sub": f"https://{DOMAIN}/",
+        "exp": int(time.time()) + 300,
+        "nbf": 0,
+        "iat": int(time.time()),
+        "body": body_hash(event["body"].encode()),
+    }
+    event["headers"]["upstash-signature"] = jwt.encode(
+        claims, keys.current_key.encode() * 2, algorithm="HS512"
+    )
     return event
 
 
 def _not_yet_valid(event, keys, due_form):
-    event["headers"]["upstash-signature"] = sign(key=keys.current_key, url=f"https://{DOMAIN}/",
-                                                 body=event["body"].encode(),
-                                                 nbf=int(time.time()) + 600)
+    event["headers"]["upstash-signature"] = sign(
+        key=keys.current_key,
+        url=f"https://{DOMAIN}/",
+        body=event["body"].encode(),
+        nbf=int(time.time()) + 600,
+    )
     return event
 
 
@@ -180,8 +216,21 @@ def _two_headers(event, keys, due_form):
     return event
 
 
-@pytest.mark.parametrize("attack", [_tampered, _expired, _wrong_subject, _wrong_issuer, _wrong_key,
-                                    _missing, _alg_none, _hs512, _not_yet_valid, _two_headers])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        _tampered,
+        _expired,
+        _wrong_subject,
+        _wrong_issuer,
+        _wrong_key,
+        _missing,
+        _alg_none,
+        _hs512,
+        _not_yet_valid,
+        _two_headers,
+    ],
+)
 def test_bad_signatures_are_refused_and_change_nothing(env, vapi, conn, due_form, keys, attack):
     event = attack(call_form_event(due_form, key=keys.current_key), keys, due_form)
     answer = invoke("call_form", event)
@@ -192,14 +241,17 @@ def test_bad_signatures_are_refused_and_change_nothing(env, vapi, conn, due_form
     assert form_events(conn, due_form) == []
 
 
-@pytest.mark.parametrize("body, message", [
-    ("not json", 'body must be JSON like {"formId": "<uuid>"}'),
-    ('{"formId": "not-a-uuid"}', "formId must be a UUID"),
-    ('{"formId": 42}', "formId must be a UUID"),
-    ("{}", "formId is required"),
-    ("[1]", "body must be a JSON object"),
-    ("", 'body must be JSON like {"formId": "<uuid>"}'),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("not json", 'body must be JSON like {"formId": "<uuid>"}'),
+        ('{"formId": "not-a-uuid"}', "formId must be a UUID"),
+        ('{"formId": 42}', "formId must be a UUID"),
+        ("{}", "formId is required"),
+        ("[1]", "body must be a JSON object"),
+        ("", 'body must be JSON like {"formId": "<uuid>"}'),
+    ],
+)
 def test_bad_bodies_get_400(env, vapi, conn, due_form, keys, body, message):
     answer = invoke("call_form", call_form_event(due_form, key=keys.current_key, body=body))
     assert (answer.status, answer.body) == (400, {"error": message})
@@ -220,8 +272,9 @@ def test_oversized_body_is_refused(env, vapi, due_form, keys):
 
 
 def test_unknown_form_is_permanent(env, vapi, keys):
-    answer = invoke("call_form", call_form_event("6f1c1b9e-2a53-4c1e-9d55-0a5b3f7f2c11",
-                                                 key=keys.current_key))
+    answer = invoke(
+        "call_form", call_form_event("6f1c1b9e-2a53-4c1e-9d55-0a5b3f7f2c11", key=keys.current_key)
+    )
     assert answer.status == 489
     assert answer.headers["upstash-nonretryable-error"] == "true"
     assert answer.body["error"] == "unknown form"
@@ -230,17 +283,24 @@ def test_unknown_form_is_permanent(env, vapi, keys):
 
 def test_vapi_rejection_is_recorded_and_permanent(env, vapi, conn, due_form, keys, capsys):
     # A provider's error can quote the number dialled and the patient's name.
-    vapi.add_rule(form_id=due_form, status=400, body={
-        "message": ["customer.number +15550100001 (Ada Lovelace) is not reachable"],
-        "error": "Bad Request", "statusCode": 400})
+    vapi.add_rule(
+        form_id=due_form,
+        status=400,
+        body={
+            "message": ["customer.number +15550100001 (Ada Lovelace) is not reachable"],
+            "error": "Bad Request",
+            "statusCode": 400,
+        },
+    )
     answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
     assert answer.status == 489
     assert answer.headers["upstash-nonretryable-error"] == "true"
     assert answer.body == {"error": "Vapi rejected the call: HTTP 400", "formId": due_form}
     row = form_row(conn, due_form)
     assert row["call_status"] == "failed"
-    assert row["last_call_error"] == ("HTTP 400: customer.number [number] ([name]) "
-                                      "is not reachable")
+    assert row["last_call_error"] == (
+        "HTTP 400: customer.number [number] ([name]) is not reachable"
+    )
     assert form_events(conn, due_form) == ["delivered", "claimed", "failed"]
     again = invoke("call_form", call_form_event(due_form, key=keys.current_key))
     assert again.body["reason"] == "already_failed"
@@ -264,20 +324,28 @@ def test_rate_limited_vapi_then_retry_calls_once(env, vapi, conn, due_form, keys
     assert retry.status == 200 and retry.body["status"] == "called"
     assert len(vapi.calls_for_form(due_form)) == 1
     assert form_row(conn, due_form)["call_attempts"] == 2
-    assert form_events(conn, due_form) == ["delivered", "claimed", "released",
-                                          "delivered", "claimed", "called"]
+    assert form_events(conn, due_form) == [
+        "delivered",
+        "claimed",
+        "released",
+        "delivered",
+        "claimed",
+        "called",
+    ]
 
 
 def _lease_over(conn):
     """As if the claim's lease (CLAIM_LEASE_SECONDS) had passed."""
-    conn.execute("update calls set created_at = created_at - interval '2 minutes'"
-                 " where vapi_call_id is null")
+    conn.execute(
+        "update calls set created_at = created_at - interval '2 minutes' where vapi_call_id is null"
+    )
 
 
 @pytest.mark.parametrize("status", [500, 502, 503])
 @pytest.mark.parametrize("created", [True, False], ids=["call-created", "no-call"])
-def test_a_vapi_5xx_never_places_a_second_call(stack_env, vapi, conn, due_form, keys, status,
-                                               created):
+def test_a_vapi_5xx_never_places_a_second_call(
+    stack_env, vapi, conn, due_form, keys, status, created
+):
     # Vapi's spec: a 5xx is a failure after validation; the call may exist. (Its reports are
     # lost here, so Vapi's call list must settle the claim; a report would settle it at once.)
     vapi.configure(hold=True, report_drop_rate=1.0)
@@ -310,8 +378,9 @@ def test_a_vapi_5xx_never_places_a_second_call(stack_env, vapi, conn, due_form, 
         assert later.body["status"] == "called" and len(vapi.requests) == 2
 
 
-def test_concurrency_blocked_call_comes_back_in_a_fresh_message(stack_env, vapi, conn, due_form,
-                                                                  keys):
+def test_concurrency_blocked_call_comes_back_in_a_fresh_message(
+    stack_env, vapi, conn, due_form, keys
+):
     # Whatever the (unsigned) Upstash-Retried header says, a busy line never uses up QStash's
     # retries: the delivery is answered "deferred" and a new message comes back in seconds.
     vapi.configure(concurrency_limit=0)
@@ -379,13 +448,20 @@ def test_unknown_outcome_is_never_retried_blindly(env, vapi, conn, due_form, key
     assert outcome == {"found": 1, "released": 0, "unresolved": 0}
     row = form_row(conn, due_form)
     assert (row["call_status"], row["vapi_call_id"]) == ("called", placed[0]["id"])
-    assert form_events(conn, due_form) == ["delivered", "claimed", "outcome_unknown",
-                                          "delivered", "skipped", "called"]
+    assert form_events(conn, due_form) == [
+        "delivered",
+        "claimed",
+        "outcome_unknown",
+        "delivered",
+        "skipped",
+        "called",
+    ]
     assert len(vapi.requests) == 1
 
 
-def test_claim_that_never_reached_vapi_is_released_by_reconciliation(env, vapi, conn, due_form,
-                                                                     keys):
+def test_claim_that_never_reached_vapi_is_released_by_reconciliation(
+    env, vapi, conn, due_form, keys
+):
     # The process died between the claim and the call: the row is 'calling', Vapi has nothing.
     conn.execute("select claim_form_call(%s)", (due_form,))
     outcome = reconcile_stale_calls(store=clients.store(), vapi=clients.vapi(), lease_seconds=0)

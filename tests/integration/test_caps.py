@@ -7,7 +7,7 @@ is allowed, nothing earlier is, and a call there keeps both caps.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -16,20 +16,33 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 # Zones with daylight-saving changes at odd hours and offsets, and one without any.
-ZONES = ["America/New_York", "America/Chicago", "America/Los_Angeles", "America/Phoenix",
-         "Pacific/Honolulu", "America/Anchorage", "America/Santiago", "Australia/Lord_Howe",
-         "Asia/Kolkata", "Europe/London", "UTC"]
-START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+ZONES = [
+    "America/New_York",
+    "America/Chicago",
+    "America/Los_Angeles",
+    "America/Phoenix",
+    "Pacific/Honolulu",
+    "America/Anchorage",
+    "America/Santiago",
+    "Australia/Lord_Howe",
+    "Asia/Kolkata",
+    "Europe/London",
+    "UTC",
+]
+START = datetime(2024, 1, 1, tzinfo=UTC)
 SPAN = timedelta(days=3 * 365)
 
 
 @pytest.fixture(scope="module")
 def sql(pg_dsn):
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
+
         def next_call_at(calls, now, zone, per_day, per_week):
             return conn.execute(
                 "select patient_next_call_at(%s::timestamptz[], %s, %s, %s, %s)",
-                (calls, now, zone, per_day, per_week)).fetchone()[0]
+                (calls, now, zone, per_day, per_week),
+            ).fetchone()[0]
+
         yield next_call_at
 
 
@@ -37,29 +50,50 @@ def allowed(calls: list[datetime], at: datetime, zone: str, per_day: int, per_we
     """The rule as the regulation reads: fewer than the cap today (patient's day) and in 7 days."""
     tz = ZoneInfo(zone)
     today = at.astimezone(tz).date()
-    return (sum(c.astimezone(tz).date() == today for c in calls) < per_day
-            and sum(c > at - timedelta(days=7) for c in calls) < per_week)
+    return (
+        sum(c.astimezone(tz).date() == today for c in calls) < per_day
+        and sum(c > at - timedelta(days=7) for c in calls) < per_week
+    )
 
 
 histories = st.builds(
     lambda now, gaps: (now, sorted(now - timedelta(seconds=g) for g in gaps)),
-    st.datetimes(min_value=START.replace(tzinfo=None),
-                 max_value=(START + SPAN).replace(tzinfo=None)).map(
-        lambda d: d.replace(tzinfo=timezone.utc)),
-    st.lists(st.integers(min_value=0, max_value=9 * 86400), max_size=8))
+    st.datetimes(
+        min_value=START.replace(tzinfo=None), max_value=(START + SPAN).replace(tzinfo=None)
+    ).map(lambda d: d.replace(tzinfo=UTC)),
+    st.lists(st.integers(min_value=0, max_value=9 * 86400), max_size=8),
+)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(history=histories, zone=st.sampled_from(ZONES), per_day=st.integers(1, 3),
-       per_week=st.integers(1, 7))
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    history=histories,
+    zone=st.sampled_from(ZONES),
+    per_day=st.integers(1, 3),
+    per_week=st.integers(1, 7),
+)
 # A call just before a midnight that a clock change skips (Santiago springs forward at 00:00).
-@example(history=(datetime(2024, 9, 8, 3, 30, tzinfo=timezone.utc),
-                  [datetime(2024, 9, 8, 3, 0, tzinfo=timezone.utc)]),
-         zone="America/Santiago", per_day=1, per_week=3)
+@example(
+    history=(
+        datetime(2024, 9, 8, 3, 30, tzinfo=UTC),
+        [datetime(2024, 9, 8, 3, 0, tzinfo=UTC)],
+    ),
+    zone="America/Santiago",
+    per_day=1,
+    per_week=3,
+)
 # A day of 25 hours (New York, first Sunday of November).
-@example(history=(datetime(2024, 11, 3, 5, 0, tzinfo=timezone.utc),
-                  [datetime(2024, 11, 3, 4, 30, tzinfo=timezone.utc)]),
-         zone="America/New_York", per_day=1, per_week=3)
+@example(
+    history=(
+        datetime(2024, 11, 3, 5, 0, tzinfo=UTC),
+        [datetime(2024, 11, 3, 4, 30, tzinfo=UTC)],
+    ),
+    zone="America/New_York",
+    per_day=1,
+    per_week=3,
+)
 def test_the_moment_given_is_the_earliest_allowed(sql, history, zone, per_day, per_week):
     now, calls = history
     per_week = max(per_week, per_day)
@@ -72,7 +106,9 @@ def test_the_moment_given_is_the_earliest_allowed(sql, history, zone, per_day, p
         assert allowed(calls, now, zone, per_day, per_week)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(history=histories, zone=st.sampled_from(ZONES))
 def test_calling_whenever_allowed_never_breaks_a_cap(sql, history, zone):
     """Place a call at each moment the function gives: every local day and 7 days stay within."""
@@ -87,12 +123,12 @@ def test_calling_whenever_allowed_never_breaks_a_cap(sql, history, zone):
     tz = ZoneInfo(zone)
     days = [p.astimezone(tz).date() for p in placed]
     assert len(set(days)) == len(days)  # at most one a local day
-    for i, p in enumerate(placed):
+    for p in placed:
         assert sum(p - timedelta(days=7) < q <= p for q in placed) <= 3
 
 
 def test_an_invalid_zone_counts_days_in_utc(sql):
-    now = datetime(2025, 3, 1, 23, 30, tzinfo=timezone.utc)
+    now = datetime(2025, 3, 1, 23, 30, tzinfo=UTC)
     moment = sql([now - timedelta(minutes=10)], now, "Not/AZone", 1, 3)
-    assert moment == datetime(2025, 3, 2, tzinfo=timezone.utc)
+    assert moment == datetime(2025, 3, 2, tzinfo=UTC)
     assert sql([now - timedelta(minutes=10)], now, "'; drop table calls; --", 1, 3) == moment

@@ -19,10 +19,15 @@ from formcall_dev.servers import free_port, serve_in_thread
 @pytest.fixture(scope="module")
 def console(pg_dsn, keys, local_qstash, function_server, vapi_server):
     """The console on loopback, pointed at this session's database and servers."""
-    config = ConsoleConfig(dsn=pg_dsn, qstash_url=local_qstash, qstash_token=keys.qstash_token,
-                           check_forms_url=f"{function_server}/api/cron/check-forms",
-                           cron_secret=keys.cron_secret, vapi_url=vapi_server[1],
-                           vapi_key=keys.vapi_key)
+    config = ConsoleConfig(
+        dsn=pg_dsn,
+        qstash_url=local_qstash,
+        qstash_token=keys.qstash_token,
+        check_forms_url=f"{function_server}/api/cron/check-forms",
+        cron_secret=keys.cron_secret,
+        vapi_url=vapi_server[1],
+        vapi_key=keys.vapi_key,
+    )
     handle = serve_in_thread(create_app(config))
     yield handle.url
     handle.stop()
@@ -48,16 +53,24 @@ def text(answer: httpx.Response) -> str:
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", answer.text))
 
 
-def overdue_form(conn, *, phone: str = "+15550100201", name: str = "Grace Hopper",
-                 zone: str = "America/New_York", title: str = "Consent form") -> str:
+def overdue_form(
+    conn,
+    *,
+    phone: str = "+15550100201",
+    name: str = "Grace Hopper",
+    zone: str = "America/New_York",
+    title: str = "Consent form",
+) -> str:
     patient = create_patient(conn, full_name=name, phone=phone, timezone=zone)
-    return create_form(conn, patient_id=patient, title=title,
-                       deadline=datetime.now(UTC) - timedelta(minutes=1))
+    return create_form(
+        conn, patient_id=patient, title=title, deadline=datetime.now(UTC) - timedelta(minutes=1)
+    )
 
 
 def counts(conn) -> tuple[int, int]:
-    return conn.execute("select (select count(*) from patients), (select count(*) from forms)"
-                        ).fetchone()
+    return conn.execute(
+        "select (select count(*) from patients), (select count(*) from forms)"
+    ).fetchone()
 
 
 def sweep(web: httpx.Client) -> httpx.Response:
@@ -86,8 +99,9 @@ def test_forms_page_lists_each_form_with_patient_zone_deadline_and_status(web, c
 def test_forms_filters_by_status(web, conn):
     pending = overdue_form(conn)
     called = overdue_form(conn, phone="+15550100202", title="Called one")
-    conn.execute("update forms set call_status = 'called', vapi_call_id = 'v1' where id = %s",
-                 (called,))
+    conn.execute(
+        "update forms set call_status = 'called', vapi_call_id = 'v1' where id = %s", (called,)
+    )
     only_called = web.get("/forms/rows", params={"status": "called"}).text
     assert f'data-form-id="{called}"' in only_called
     assert f'data-form-id="{pending}"' not in only_called
@@ -106,18 +120,23 @@ def test_forms_refuses_unknown_filters(web, conn):
 def test_outcome_filter_when_the_schema_has_outcomes(web, conn):
     has_outcome = conn.execute(
         "select 1 from information_schema.columns where table_name = 'forms'"
-        " and column_name = 'call_outcome'").fetchone()
+        " and column_name = 'call_outcome'"
+    ).fetchone()
     form = overdue_form(conn)
     page = web.get("/forms").text
     if not has_outcome:
         # Until the call-outcome schema lands the filter is shown but disabled.
         assert re.search(r'id="filter-outcome"[^>]*disabled', page)
         return
-    conn.execute("update forms set call_status = 'called', vapi_call_id = 'v2',"
-                 " call_outcome = 'voicemail' where id = %s", (form,))
+    conn.execute(
+        "update forms set call_status = 'called', vapi_call_id = 'v2',"
+        " call_outcome = 'voicemail' where id = %s",
+        (form,),
+    )
     assert f'data-form-id="{form}"' in web.get("/forms/rows", params={"outcome": "voicemail"}).text
-    assert f'data-form-id="{form}"' not in web.get("/forms/rows",
-                                                    params={"outcome": "reached"}).text
+    assert (
+        f'data-form-id="{form}"' not in web.get("/forms/rows", params={"outcome": "reached"}).text
+    )
 
 
 def test_sweep_from_the_console_and_the_journey_of_the_call(web, conn):
@@ -129,8 +148,10 @@ def test_sweep_from_the_console_and_the_journey_of_the_call(web, conn):
     call_id = form_row(conn, form)["vapi_call_id"]
 
     def timeline() -> list[tuple[str, str]]:
-        return re.findall(r'<tr class="tone-\w+" data-source="(\w+)" data-what="([^"]+)"',
-                          web.get(f"/forms/{form}").text)
+        return re.findall(
+            r'<tr class="tone-\w+" data-source="(\w+)" data-what="([^"]+)"',
+            web.get(f"/forms/{form}").text,
+        )
 
     def qstash_states() -> list[str]:
         return [what.split(" · ")[0] for source, what in timeline() if source == "QStash"]
@@ -138,6 +159,7 @@ def test_sweep_from_the_console_and_the_journey_of_the_call(web, conn):
     # QStash records the delivery once call-form's answer is in, a moment after the call.
     wait_until(lambda: "delivered" in qstash_states())
     assert qstash_states() == ["published", "delivering", "delivered"]
+
     def audit_matches() -> list[str]:
         """The page's audit entries, once they are the database's (a call's end may be coming)."""
         recorded = [event.replace("_", " ") for event in form_events(conn, form)]
@@ -162,8 +184,11 @@ def test_journey_shows_the_reason_of_a_failure(web, conn, vapi):
     assert "failed" in page and "call refused" in page
     assert form_row(conn, form)["last_call_error"] in page
     # QStash's side: the attempt failed with call-form's own answer as the reason.
-    assert re.search(r"attempt failed · msg_\S+ endpoint replied 489: "
-                     r"\{&#34;error&#34;:&#34;Vapi rejected the call", page)
+    assert re.search(
+        r"attempt failed · msg_\S+ endpoint replied 489: "
+        r"\{&#34;error&#34;:&#34;Vapi rejected the call",
+        page,
+    )
 
 
 def test_journey_refuses_bad_and_unknown_ids(web):
@@ -199,35 +224,55 @@ def test_move_a_deadline(web, conn):
 
 def test_a_redirect_after_a_button_stays_on_this_site(web, conn):
     form = overdue_form(conn)
-    answer = web.post(f"/forms/{form}/deadline",
-                      data={"due_in_seconds": "60", "next": "//evil.example/x"})
+    answer = web.post(
+        f"/forms/{form}/deadline", data={"due_in_seconds": "60", "next": "//evil.example/x"}
+    )
     assert answer.headers["location"].startswith(f"/forms/{form}?notice=")
 
 
 def test_create_a_test_patient_and_form(web, conn):
     page = web.get("/act")
     assert page.status_code == 200 and 'id="create-form"' in page.text
-    answer = web.post("/act/forms", data={"full_name": "Ada Lovelace", "phone": "+15550100301",
-                                          "timezone": "Europe/London", "title": "Intake",
-                                          "due_in_seconds": "30"})
+    answer = web.post(
+        "/act/forms",
+        data={
+            "full_name": "Ada Lovelace",
+            "phone": "+15550100301",
+            "timezone": "Europe/London",
+            "title": "Intake",
+            "due_in_seconds": "30",
+        },
+    )
     assert answer.status_code == 303
     form = re.match(r"/forms/([0-9a-f-]{36})\?", answer.headers["location"]).group(1)
     row = form_row(conn, form)
     assert row["title"] == "Intake" and row["call_status"] == "pending"
-    assert timedelta(seconds=25) < row["deadline"] - datetime.now(UTC) \
-        < timedelta(seconds=31)
-    patient = conn.execute("select full_name, phone, timezone from patients where id = %s",
-                           (row["patient_id"],)).fetchone()
+    assert timedelta(seconds=25) < row["deadline"] - datetime.now(UTC) < timedelta(seconds=31)
+    patient = conn.execute(
+        "select full_name, phone, timezone from patients where id = %s", (row["patient_id"],)
+    ).fetchone()
     assert patient == ("Ada Lovelace", "+15550100301", "Europe/London")
     assert f'value="{form}"' in web.get("/act").text  # now among the forms to change
 
 
-@pytest.mark.parametrize("field, value", [("phone", "555-0100"), ("timezone", "Mars/Olympus"),
-                                          ("due_in_seconds", "tomorrow"),
-                                          ("full_name", "x" * 101)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("phone", "555-0100"),
+        ("timezone", "Mars/Olympus"),
+        ("due_in_seconds", "tomorrow"),
+        ("full_name", "x" * 101),
+    ],
+)
 def test_create_refuses_bad_input_and_writes_nothing(web, conn, field, value):
-    fields = {"full_name": "Ada", "phone": "+15550100302", "timezone": "UTC", "title": "T",
-              "due_in_seconds": "10", field: value}
+    fields = {
+        "full_name": "Ada",
+        "phone": "+15550100302",
+        "timezone": "UTC",
+        "title": "T",
+        "due_in_seconds": "10",
+        field: value,
+    }
     answer = web.post("/act/forms", data=fields)
     assert answer.status_code == 400
     assert counts(conn) == (0, 0)
@@ -239,11 +284,15 @@ def test_posts_must_be_html_forms(web, conn):
 
 
 def test_qstash_page_shows_schedule_queued_messages_and_dlq(web, qstash, function_server):
-    qstash.schedule.create(destination=f"{function_server}/api/cron/check-forms",
-                           cron="0 * * * *", schedule_id="formcall-check-forms")
+    qstash.schedule.create(
+        destination=f"{function_server}/api/cron/check-forms",
+        cron="0 * * * *",
+        schedule_id="formcall-check-forms",
+    )
     qstash.schedule.pause("formcall-check-forms")
-    queued = qstash.message.publish_json(url=f"{function_server}/api/jobs/call-form",
-                                         body={"formId": str(uuid.uuid4())}, delay="1h")
+    queued = qstash.message.publish_json(
+        url=f"{function_server}/api/jobs/call-form", body={"formId": str(uuid.uuid4())}, delay="1h"
+    )
     page = web.get("/qstash")
     assert page.status_code == 200
     assert "formcall-check-forms" in page.text and "0 * * * *" in page.text
@@ -311,8 +360,9 @@ def test_play_the_patient_ends_a_ringing_call_that_way(web, conn, vapi):
         assert f">{label}</button>" in fragment
     assert f"/act/calls/{call_id}/end" in web.get("/act").text
     assert f"/act/calls/{call_id}/end" in web.get(f"/forms/{form}").text  # on its journey too
-    answer = web.post(f"/act/calls/{call_id}/end", data={"outcome": "no_answer",
-                                                         "next": f"/forms/{form}"})
+    answer = web.post(
+        f"/act/calls/{call_id}/end", data={"outcome": "no_answer", "next": f"/forms/{form}"}
+    )
     assert answer.status_code == 303
     assert answer.headers["location"].startswith(f"/forms/{form}?notice=")
     call = vapi.get_call(call_id)
@@ -324,8 +374,9 @@ def test_play_the_patient_ends_a_ringing_call_that_way(web, conn, vapi):
     assert web.post(f"/act/calls/{call_id}/end", data={"outcome": "busy"}).status_code == 409
 
 
-def test_dont_answer_shows_the_outcome_and_the_follow_up(web, conn, vapi, monkeypatch,
-                                                         function_server):
+def test_dont_answer_shows_the_outcome_and_the_follow_up(
+    web, conn, vapi, monkeypatch, function_server
+):
     from formcall import clients
 
     # The fake Vapi reports to call-events on the function server, as Vapi would.
@@ -347,8 +398,9 @@ def test_dont_answer_shows_the_outcome_and_the_follow_up(web, conn, vapi, monkey
     journey = web.get(f"/forms/{form}").text
     assert 'data-what="call ended"' in journey and "no_answer (customer-did-not-answer)" in journey
     assert 'data-what="follow up scheduled"' in journey
-    assert re.search(r'id="recorded-calls".*?<td class="outcome">no_answer</td>', journey,
-                     re.DOTALL)
+    assert re.search(
+        r'id="recorded-calls".*?<td class="outcome">no_answer</td>', journey, re.DOTALL
+    )
     assert next_call in text(web.get(f"/forms/{form}/timeline"))
 
 
@@ -367,8 +419,10 @@ def test_other_host_names_and_cross_site_posts_are_refused(web, conn):
     answer = web.post(f"/forms/{form}/submit", headers={"sec-fetch-site": "cross-site"})
     assert answer.status_code == 403
     assert form_row(conn, form)["submitted_at"] is None
-    same_site = web.post(f"/forms/{form}/submit", headers={"origin": web.base_url.scheme + "://"
-                                                           + web.base_url.netloc.decode()})
+    same_site = web.post(
+        f"/forms/{form}/submit",
+        headers={"origin": web.base_url.scheme + "://" + web.base_url.netloc.decode()},
+    )
     assert same_site.status_code == 303
 
 
@@ -383,9 +437,15 @@ def test_unknown_routes_and_methods(web):
 def cut_off_console(pg_dsn, keys, db):
     """A console whose QStash, Vapi and check-forms are not there (ports nobody listens on)."""
     dead = f"http://127.0.0.1:{free_port()}"
-    config = ConsoleConfig(dsn=pg_dsn, qstash_url=dead, qstash_token="t",
-                           check_forms_url=dead, cron_secret="s" * 20, vapi_url=dead,
-                           vapi_key="k")
+    config = ConsoleConfig(
+        dsn=pg_dsn,
+        qstash_url=dead,
+        qstash_token="t",
+        check_forms_url=dead,
+        cron_secret="s" * 20,
+        vapi_url=dead,
+        vapi_key="k",
+    )
     handle = serve_in_thread(create_app(config))
     with httpx.Client(base_url=handle.url, timeout=30) as client:
         yield client
@@ -408,9 +468,15 @@ def test_pages_still_show_the_database_when_qstash_and_vapi_are_down(cut_off_con
 
 def test_a_database_that_is_down_is_a_503(keys):
     dead = f"http://127.0.0.1:{free_port()}"
-    config = ConsoleConfig(dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
-                           qstash_url=dead, qstash_token="t", check_forms_url=dead,
-                           cron_secret="s" * 20, vapi_url=None, vapi_key="")
+    config = ConsoleConfig(
+        dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/postgres",
+        qstash_url=dead,
+        qstash_token="t",
+        check_forms_url=dead,
+        cron_secret="s" * 20,
+        vapi_url=None,
+        vapi_key="",
+    )
     handle = serve_in_thread(create_app(config))
     try:
         answer = httpx.get(f"{handle.url}/forms", timeout=30)
@@ -421,8 +487,14 @@ def test_a_database_that_is_down_is_a_503(keys):
 
 
 def test_config_from_the_stack_environment():
-    env = {"FORMCALL_DEV_DSN": "postgresql://x", "QSTASH_URL": "http://q", "QSTASH_TOKEN": "t",
-           "CHECK_FORMS_URL": "http://f/api/cron/check-forms", "CRON_SECRET": "c",
-           "VAPI_BASE_URL": "http://v", "VAPI_PRIVATE_KEY": "k"}
+    env = {
+        "FORMCALL_DEV_DSN": "postgresql://x",
+        "QSTASH_URL": "http://q",
+        "QSTASH_TOKEN": "t",
+        "CHECK_FORMS_URL": "http://f/api/cron/check-forms",
+        "CRON_SECRET": "c",
+        "VAPI_BASE_URL": "http://v",
+        "VAPI_PRIVATE_KEY": "k",
+    }
     assert ConsoleConfig.from_env(env).vapi_url == "http://v"
     assert ConsoleConfig.from_env({**env, "FORMCALL_DEV_REAL_VAPI": "1"}).vapi_url is None

@@ -20,7 +20,8 @@ from formcall_dev.stack import Stack
 
 MISSING_SECRET = "arn:aws:secretsmanager:us-east-1:123456789012:secret:formcall-gone-AbCdEf"
 SETTING_NAMES = {name for model in doctor.MODELS for name in model.model_fields} | set(
-    doctor.EXTRA_NAMES)
+    doctor.EXTRA_NAMES
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +57,24 @@ def run_doctor(*args: str, input: str | None = None):
 
 def outputs_of(info, **changes: str) -> str:
     """describe-stacks JSON pointing at the local stack, as the pipeline reads it from AWS."""
-    urls = {"SetupUrl": info.setup_url, "CallFormUrl": info.call_form_url,
-            "CheckFormsUrl": info.check_forms_url,
-            "ScheduleFormUrl": info.schedule_form_url,
-            "FailureCallbackUrl": info.failure_callback_url,
-            **changes}
-    return json.dumps({"Stacks": [{"StackName": "formcall-local", "Outputs": [
-        {"OutputKey": k, "OutputValue": v} for k, v in urls.items()]}]})
+    urls = {
+        "SetupUrl": info.setup_url,
+        "CallFormUrl": info.call_form_url,
+        "CheckFormsUrl": info.check_forms_url,
+        "ScheduleFormUrl": info.schedule_form_url,
+        "FailureCallbackUrl": info.failure_callback_url,
+        **changes,
+    }
+    return json.dumps(
+        {
+            "Stacks": [
+                {
+                    "StackName": "formcall-local",
+                    "Outputs": [{"OutputKey": k, "OutputValue": v} for k, v in urls.items()],
+                }
+            ]
+        }
+    )
 
 
 def test_a_healthy_stack_is_all_green(healthy):
@@ -72,9 +84,20 @@ def test_a_healthy_stack_is_all_green(healthy):
 
     assert code == 0, output
     assert "✗" not in output and "all good" in output
-    for check in ("settings", "schedule", "setup", "call-form", "check-forms", "schedule-form",
-                  "failure-callback", "call-events", "call-events URL", "signing keys",
-                  "call-form signature", "migrations"):
+    for check in (
+        "settings",
+        "schedule",
+        "setup",
+        "call-form",
+        "check-forms",
+        "schedule-form",
+        "failure-callback",
+        "call-events",
+        "call-events URL",
+        "signing keys",
+        "call-form signature",
+        "migrations",
+    ):
         assert f"✓ {check}:" in output, check
     assert "✓ call-events: POST without Vapi's signature or X-Vapi-Secret answers 401" in output
 
@@ -107,30 +130,36 @@ def test_a_call_events_url_vapi_cannot_report_to_is_reported(healthy, clean_env)
     code, output = run_doctor("--data-dir", str(data_dir))
 
     assert code == 1
-    assert (f"✗ call-events URL: CALL_EVENTS_URL is {info.functions_url}/api/webhooks/elsewhere,"
-            f" but call-events is at {info.call_events_url}") in output
+    assert (
+        f"✗ call-events URL: CALL_EVENTS_URL is {info.functions_url}/api/webhooks/elsewhere,"
+        f" but call-events is at {info.call_events_url}"
+    ) in output
     assert "✓ call-events: POST" in output  # the function itself is fine
 
 
 def test_a_deleted_schedule_is_reported_with_the_fix(healthy):
     data_dir, info = healthy
     QStash(info.credentials["QSTASH_TOKEN"], base_url=info.qstash_url).schedule.delete(
-        doctor.SCHEDULE_ID)
+        doctor.SCHEDULE_ID
+    )
 
     code, output = run_doctor("--data-dir", str(data_dir))
 
     assert code == 1
     assert "✗ schedule: no QStash schedule formcall-check-forms" in output
-    assert f'fix: run setup once (it creates or overwrites the schedule): curl "{info.setup_url}' \
+    assert (
+        f'fix: run setup once (it creates or overwrites the schedule): curl "{info.setup_url}'
         in output
+    )
     assert "1 problem(s)" in output
 
 
 def test_a_second_schedule_to_check_forms_is_reported(healthy):
     data_dir, info = healthy
     client = QStash(info.credentials["QSTASH_TOKEN"], base_url=info.qstash_url)
-    client.schedule.create(destination=info.check_forms_url, cron="*/5 * * * *",
-                           schedule_id="by-hand")
+    client.schedule.create(
+        destination=info.check_forms_url, cron="*/5 * * * *", schedule_id="by-hand"
+    )
     try:
         code, output = run_doctor("--data-dir", str(data_dir))
     finally:
@@ -145,14 +174,18 @@ def test_a_wrong_signing_key_is_reported_with_the_fix(healthy):
     data_dir, _ = healthy
     wrong = "sig_" + "w" * 40
 
-    result = CliRunner().invoke(cli, ["doctor", "--data-dir", str(data_dir)],
-                                env={"COLUMNS": "400", "QSTASH_CURRENT_SIGNING_KEY": wrong})
+    result = CliRunner().invoke(
+        cli,
+        ["doctor", "--data-dir", str(data_dir)],
+        env={"COLUMNS": "400", "QSTASH_CURRENT_SIGNING_KEY": wrong},
+    )
 
     assert result.exit_code == 1
     output = result.output
     assert "✗ QSTASH_CURRENT_SIGNING_KEY: is not QStash's current signing key" in output
-    assert "fix: export QSTASH_CURRENT_SIGNING_KEY=… (Upstash console, QStash, Signing keys" \
-        in output
+    assert (
+        "fix: export QSTASH_CURRENT_SIGNING_KEY=… (Upstash console, QStash, Signing keys" in output
+    )
     assert "✗ call-form signature: refuses a token signed with QSTASH_CURRENT_SIGNING_KEY" in output
     assert wrong not in output
 
@@ -199,8 +232,10 @@ def test_settings_from_the_formcall_secret(healthy, tmp_path, clean_env):
         arn = boto3.client("secretsmanager", region_name="us-east-1").create_secret(
             Name="formcall-local/secret",
             # VAPI_WEBHOOK_SECRET is a secret too (formcall.secrets.SECRET_SETTINGS lacks it).
-            SecretString=json.dumps({n: env[n] for n in (*SECRET_SETTINGS, "VAPI_WEBHOOK_SECRET")
-                                     if n in env}))["ARN"]
+            SecretString=json.dumps(
+                {n: env[n] for n in (*SECRET_SETTINGS, "VAPI_WEBHOOK_SECRET") if n in env}
+            ),
+        )["ARN"]
         stack = json.loads(outputs_of(info, SecretArn=arn, CallEventsUrl=info.call_events_url))
         stack["Stacks"][0]["Parameters"] = [
             {"ParameterKey": "QStashUrl", "ParameterValue": info.qstash_url},
@@ -209,24 +244,33 @@ def test_settings_from_the_formcall_secret(healthy, tmp_path, clean_env):
             {"ParameterKey": "VapiBaseUrl", "ParameterValue": info.vapi_url},
             {"ParameterKey": "CallWindow", "ParameterValue": env["CALL_WINDOW"]},
         ]
-        code, output = run_doctor("--data-dir", str(tmp_path), "--stack-json", "-",
-                                  input=json.dumps(stack))
+        code, output = run_doctor(
+            "--data-dir", str(tmp_path), "--stack-json", "-", input=json.dumps(stack)
+        )
 
     assert code == 0, output
     assert "formcall doctor: stack formcall-local" in output
-    assert "✓ settings: every setting present and valid (secrets from the formcall secret)" \
-        in output
+    assert (
+        "✓ settings: every setting present and valid (secrets from the formcall secret)" in output
+    )
 
 
 def test_an_unreadable_secret_is_reported_with_the_fix(healthy, tmp_path, clean_env):
     _, info = healthy
     with mock_aws():
-        code, output = run_doctor("--data-dir", str(tmp_path), "--stack-json", "-",
-                                  input=outputs_of(info, SecretArn=MISSING_SECRET))
+        code, output = run_doctor(
+            "--data-dir",
+            str(tmp_path),
+            "--stack-json",
+            "-",
+            input=outputs_of(info, SecretArn=MISSING_SECRET),
+        )
 
     assert code == 1
-    assert "✗ FORMCALL_SECRET_ARN: the formcall secret cannot be read (ResourceNotFoundException)" \
+    assert (
+        "✗ FORMCALL_SECRET_ARN: the formcall secret cannot be read (ResourceNotFoundException)"
         in output
+    )
     assert "secretsmanager:GetSecretValue" in output
 
 
@@ -236,13 +280,21 @@ def test_an_unreadable_secret_is_reported_with_the_fix(healthy, tmp_path, clean_
 def test_smoke_check_passes_on_the_local_functions(healthy, tmp_path):
     _, info = healthy
     reads: list[dict] = []
-    hook = ("before-parameter-build.secrets-manager.GetSecretValue",
-            lambda params, **_: reads.append(params))
+    hook = (
+        "before-parameter-build.secrets-manager.GetSecretValue",
+        lambda params, **_: reads.append(params),
+    )
     botocore.handlers.BUILTIN_HANDLERS.append(hook)
     try:
         with mock_aws():  # the deploy role may not read the secret: the smoke check never does
-            code, output = run_doctor("--smoke", "--data-dir", str(tmp_path), "--stack-json", "-",
-                                      input=outputs_of(info, SecretArn=MISSING_SECRET))
+            code, output = run_doctor(
+                "--smoke",
+                "--data-dir",
+                str(tmp_path),
+                "--stack-json",
+                "-",
+                input=outputs_of(info, SecretArn=MISSING_SECRET),
+            )
     finally:
         botocore.handlers.BUILTIN_HANDLERS.remove(hook)
 
@@ -251,15 +303,26 @@ def test_smoke_check_passes_on_the_local_functions(healthy, tmp_path):
     assert "✓ setup: GET without ?secret= or the bearer CRON_SECRET answers 401" in output
     assert "✓ call-form: POST without an Upstash-Signature answers 401" in output
     checked = [line.split(":")[0] for line in output.splitlines() if line.startswith("✓ ")]
-    assert checked == ["✓ setup", "✓ call-form", "✓ check-forms", "✓ schedule-form",
-                       "✓ failure-callback"]  # the URLs only: no settings, schedule or database
+    assert checked == [
+        "✓ setup",
+        "✓ call-form",
+        "✓ check-forms",
+        "✓ schedule-form",
+        "✓ failure-callback",
+    ]  # the URLs only: no settings, schedule or database
 
 
 def test_smoke_check_fails_when_a_url_does_not_refuse(healthy, tmp_path):
     _, info = healthy
     # A URL that is not setup at all (the local QStash's root answers, but not 401).
-    code, output = run_doctor("--smoke", "--data-dir", str(tmp_path), "--stack-json", "-",
-                              input=outputs_of(info, SetupUrl=f"{info.qstash_url}/"))
+    code, output = run_doctor(
+        "--smoke",
+        "--data-dir",
+        str(tmp_path),
+        "--stack-json",
+        "-",
+        input=outputs_of(info, SetupUrl=f"{info.qstash_url}/"),
+    )
 
     assert code == 1
     assert "✗ setup: GET without ?secret= or the bearer CRON_SECRET answers HTTP" in output
@@ -267,20 +330,31 @@ def test_smoke_check_fails_when_a_url_does_not_refuse(healthy, tmp_path):
 
 
 def test_stack_json_maps_parameters_and_outputs_to_settings():
-    stack = {"StackName": "formcall-prod",
-             "Parameters": [{"ParameterKey": "SupabaseUrl", "ParameterValue": "https://x.supabase.co"},
-                            {"ParameterKey": "VapiMaxConcurrency", "ParameterValue": "7"}],
-             "Outputs": [{"OutputKey": "CallFormUrl", "OutputValue": "https://a.lambda-url/"},
-                         {"OutputKey": "CallFormApiUrl", "OutputValue": "https://api/jobs"},
-                         {"OutputKey": "SecretArn", "OutputValue": "arn:secret"}]}
+    stack = {
+        "StackName": "formcall-prod",
+        "Parameters": [
+            {"ParameterKey": "SupabaseUrl", "ParameterValue": "https://x.supabase.co"},
+            {"ParameterKey": "VapiMaxConcurrency", "ParameterValue": "7"},
+        ],
+        "Outputs": [
+            {"OutputKey": "CallFormUrl", "OutputValue": "https://a.lambda-url/"},
+            {"OutputKey": "CallFormApiUrl", "OutputValue": "https://api/jobs"},
+            {"OutputKey": "SecretArn", "OutputValue": "arn:secret"},
+        ],
+    }
 
     target = doctor.target_from_stack(stack)
 
-    assert target.values == {"SUPABASE_URL": "https://x.supabase.co", "VAPI_MAX_CONCURRENCY": "7",
-                             "CALL_FORM_URL": "https://a.lambda-url/",
-                             "FORMCALL_SECRET_ARN": "arn:secret"}
-    assert target.urls == {"call-form": "https://a.lambda-url/",
-                           "call-form (HTTP API)": "https://api/jobs"}
+    assert target.values == {
+        "SUPABASE_URL": "https://x.supabase.co",
+        "VAPI_MAX_CONCURRENCY": "7",
+        "CALL_FORM_URL": "https://a.lambda-url/",
+        "FORMCALL_SECRET_ARN": "arn:secret",
+    }
+    assert target.urls == {
+        "call-form": "https://a.lambda-url/",
+        "call-form (HTTP API)": "https://api/jobs",
+    }
 
 
 def test_nothing_to_check_is_a_usage_error(tmp_path, clean_env):

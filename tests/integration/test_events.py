@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,13 +19,13 @@ FORM_ID = "0b0e5f2c-5d43-4a59-9a33-3c1a6a1d2f10"
 
 
 def function_for(path: Path) -> str:
-    return next(f for f in ("call_form", "check_forms", "setup", "call_events")
-                if path.name.startswith(f))
+    return next(
+        f for f in ("call_form", "check_forms", "setup", "call_events") if path.name.startswith(f)
+    )
 
 
 def test_every_event_file_is_covered():
-    assert {function_for(p) for p in EVENTS} == {"call_form", "check_forms", "setup",
-                                                 "call_events"}
+    assert {function_for(p) for p in EVENTS} == {"call_form", "check_forms", "setup", "call_events"}
     assert len(EVENTS) >= 8
 
 
@@ -35,17 +35,25 @@ def signed_events(tmp_path, keys):
     result = CliRunner().invoke(cli, ["sign-event", *map(str, copies), "--key", keys.current_key])
     assert result.exit_code == 0, result.output
     assert "4 of 8 files carry a QStash signature" in result.output.replace("\n", " ")
-    return {p.name: json.loads(p.read_text().replace("REPLACE_WITH_CRON_SECRET", keys.cron_secret)
-                               .replace("REPLACE_WITH_VAPI_WEBHOOK_SECRET",
-                                        keys.vapi_webhook_secret))
-            for p in copies}
+    return {
+        p.name: json.loads(
+            p.read_text()
+            .replace("REPLACE_WITH_CRON_SECRET", keys.cron_secret)
+            .replace("REPLACE_WITH_VAPI_WEBHOOK_SECRET", keys.vapi_webhook_secret)
+        )
+        for p in copies
+    }
 
 
 @pytest.mark.parametrize("name", [p.name for p in EVENTS])
 def test_event_runs_through_its_handler(name, signed_events, stack_env, vapi, conn):
     patient = create_patient(conn)
-    create_form(conn, patient_id=patient, form_id=FORM_ID,
-                deadline=datetime.now(timezone.utc) - timedelta(minutes=2))
+    create_form(
+        conn,
+        patient_id=patient,
+        form_id=FORM_ID,
+        deadline=datetime.now(UTC) - timedelta(minutes=2),
+    )
     if name.startswith("call_events"):
         # The call was claimed; Vapi's message, naming the form, is the first word of it.
         conn.execute("select claim_form_call(%s)", (FORM_ID,))

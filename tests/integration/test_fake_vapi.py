@@ -38,26 +38,37 @@ def client(served):
         yield client
 
 
-def call_body(*, form_id: str | None = None, number: str = "+15551230001",
-              assistant_id: str = "asst-1", **extra) -> dict:
+def call_body(
+    *,
+    form_id: str | None = None,
+    number: str = "+15551230001",
+    assistant_id: str = "asst-1",
+    **extra,
+) -> dict:
     body = {
         "assistantId": assistant_id,
         "phoneNumberId": "phone-1",
         "customer": {"number": number, "name": "Pat"},
-        "assistantOverrides": {"variableValues": {"deadline": "5pm"},
-                               "metadata": {"formId": form_id or str(uuid.uuid4())}},
+        "assistantOverrides": {
+            "variableValues": {"deadline": "5pm"},
+            "metadata": {"formId": form_id or str(uuid.uuid4())},
+        },
     }
     return body | extra
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
-                                     {"Authorization": f"Basic {KEY}"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"}]
+)
 def test_create_call_without_the_key_is_401(fake, served, headers):
     response = httpx.post(f"{served[1]}/call", json=call_body(), headers=headers)
 
     assert response.status_code == 401
-    assert response.json() == {"message": INVALID_KEY_MESSAGE, "error": "Unauthorized",
-                               "statusCode": 401}
+    assert response.json() == {
+        "message": INVALID_KEY_MESSAGE,
+        "error": "Unauthorized",
+        "statusCode": 401,
+    }
     assert fake.placed_calls() == []
     assert fake.stats()["unauthorized"] == 1
 
@@ -77,26 +88,44 @@ def test_create_call_answers_a_vapi_call(fake, client):
     assert (call["assistantId"], call["phoneNumberId"]) == ("asst-1", "phone-1")
     assert call["customer"] == body["customer"]
     assert call["assistantOverrides"] == body["assistantOverrides"]
-    assert call["subscriptionLimits"] == {"concurrencyBlocked": False, "concurrencyLimit": 10,
-                                          "remainingConcurrentCalls": 9}
+    assert call["subscriptionLimits"] == {
+        "concurrencyBlocked": False,
+        "concurrencyLimit": 10,
+        "remainingConcurrentCalls": 9,
+    }
     [record] = fake.requests
     assert (record.outcome, record.status, record.form_id, record.call_id) == (
-        "placed", 201, "form-1", call["id"])
+        "placed",
+        201,
+        "form-1",
+        call["id"],
+    )
     assert [c["id"] for c in fake.calls_for_form("form-1")] == [call["id"]]
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"metadata": {"formId": "f"}}, "property metadata should not exist"),
-    ({"customer": {"number": "5551230001"}}, "customer.number must be a valid phone number"),
-    ({"customer": {"number": "+05551230001"}}, "customer.number must be a valid phone number"),
-    ({"customer": {"number": "+1555123000199999"}}, "customer.number must be a valid phone number"),
-    ({"customer": {"number": "+15551230001", "name": "x" * 41}},
-     "customer.name must be shorter than or equal to 40 characters"),
-    ({"name": "form:" + str(uuid.uuid4())}, "name must be shorter than or equal to 40 characters"),
-    ({"assistantId": None}, "assistantId or assistant"),
-    ({"phoneNumberId": None}, "phoneNumberId or phoneNumber must be provided"),
-    ({"customer": None}, "customer or customerId must be provided"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"metadata": {"formId": "f"}}, "property metadata should not exist"),
+        ({"customer": {"number": "5551230001"}}, "customer.number must be a valid phone number"),
+        ({"customer": {"number": "+05551230001"}}, "customer.number must be a valid phone number"),
+        (
+            {"customer": {"number": "+1555123000199999"}},
+            "customer.number must be a valid phone number",
+        ),
+        (
+            {"customer": {"number": "+15551230001", "name": "x" * 41}},
+            "customer.name must be shorter than or equal to 40 characters",
+        ),
+        (
+            {"name": "form:" + str(uuid.uuid4())},
+            "name must be shorter than or equal to 40 characters",
+        ),
+        ({"assistantId": None}, "assistantId or assistant"),
+        ({"phoneNumberId": None}, "phoneNumberId or phoneNumber must be provided"),
+        ({"customer": None}, "customer or customerId must be provided"),
+    ],
+)
 def test_invalid_create_call_is_a_nestjs_400(fake, client, change, message):
     body = {k: v for k, v in (call_body() | change).items() if v is not None}
 
@@ -125,8 +154,9 @@ def test_concurrency_limit_blocks_calls_and_frees_lines_after_the_call(fake, cli
     calls = [r.json() for r in responses]
     blocked = [c for c in calls if c["subscriptionLimits"]["concurrencyBlocked"]]
     assert len(blocked) == 3
-    assert all(c["status"] == "ended" and c["endedReason"] == CONCURRENCY_ENDED_REASON
-               for c in blocked)
+    assert all(
+        c["status"] == "ended" and c["endedReason"] == CONCURRENCY_ENDED_REASON for c in blocked
+    )
     assert all(c["subscriptionLimits"]["remainingConcurrentCalls"] == 0 for c in blocked)
     stats = fake.stats()
     assert (stats["placed"], stats["blocked"], stats["max_concurrent"]) == (2, 3, 2)
@@ -150,12 +180,17 @@ def test_status_rule_answers_once_without_placing_then_calls_succeed(fake, clien
     second = client.post("/call", json=call_body(form_id="form-1"))
 
     assert first.status_code == 500
-    assert first.json() == {"message": "Internal Server Error", "error": "Internal Server Error",
-                            "statusCode": 500}
+    assert first.json() == {
+        "message": "Internal Server Error",
+        "error": "Internal Server Error",
+        "statusCode": 500,
+    }
     assert second.status_code == 201
     assert [c["id"] for c in fake.calls_for_form("form-1")] == [second.json()["id"]]
-    assert [(r.outcome, r.reason) for r in fake.requests] == [("rejected", "injected"),
-                                                              ("placed", None)]
+    assert [(r.outcome, r.reason) for r in fake.requests] == [
+        ("rejected", "injected"),
+        ("placed", None),
+    ]
 
 
 def test_rules_match_by_form_id_and_customer_number(fake, client):
@@ -179,8 +214,9 @@ def test_rules_match_by_form_id_and_customer_number(fake, client):
 def test_delay_rule_places_the_call_but_the_client_times_out(fake, served):
     fake.add_rule(form_id="form-slow", delay=0.4, times=1)
 
-    with httpx.Client(base_url=served[1], headers=AUTH,
-                      timeout=httpx.Timeout(5, read=0.1)) as client:
+    with httpx.Client(
+        base_url=served[1], headers=AUTH, timeout=httpx.Timeout(5, read=0.1)
+    ) as client:
         with pytest.raises(httpx.ReadTimeout):
             client.post("/call", json=call_body(form_id="form-slow"))
 
@@ -199,7 +235,9 @@ def test_drop_rule_places_the_call_and_drops_the_connection(fake, client):
     assert after.status_code == 201
     assert len(fake.calls_for_form("form-drop")) == 2
     assert [(r.outcome, r.status, r.dropped) for r in fake.requests] == [
-        ("placed", None, True), ("placed", 201, False)]
+        ("placed", None, True),
+        ("placed", 201, False),
+    ]
     assert fake.stats()["dropped"] == 1
 
 
@@ -221,12 +259,18 @@ def test_list_calls_filters_by_created_at_window_and_assistant(fake, client):
     first, second, third, fourth = ids
 
     everything = client.get("/call").json()
-    window = client.get("/call", params={"createdAtGt": first["createdAt"],
-                                         "createdAtLe": third["createdAt"]}).json()
+    window = client.get(
+        "/call", params={"createdAtGt": first["createdAt"], "createdAtLe": third["createdAt"]}
+    ).json()
     assistant_a = client.get("/call", params={"assistantId": "asst-a", "limit": 2}).json()
-    since = client.get("/call", params={"createdAtGe": second["createdAt"],
-                                        "createdAtLt": fourth["createdAt"],
-                                        "assistantId": "asst-a"}).json()
+    since = client.get(
+        "/call",
+        params={
+            "createdAtGe": second["createdAt"],
+            "createdAtLt": fourth["createdAt"],
+            "assistantId": "asst-a",
+        },
+    ).json()
 
     assert [c["id"] for c in everything] == [c["id"] for c in (fourth, third, second, first)]
     assert [c["id"] for c in window] == [third["id"], second["id"]]
@@ -267,8 +311,9 @@ def test_get_call_by_id(fake, client):
 def test_admin_http_api(fake, client):
     assert httpx.get(f"{client.base_url}/_fake/stats").status_code == 401
 
-    configured = client.post("/_fake/configure", json={"concurrency_limit": 1,
-                                                       "call_duration": 5}).json()
+    configured = client.post(
+        "/_fake/configure", json={"concurrency_limit": 1, "call_duration": 5}
+    ).json()
     rule = client.post("/_fake/rules", json={"form_id": "form-x", "status": 503, "times": 1})
     bad_rule = client.post("/_fake/rules", json={"form_id": "form-x", "action": "explode"})
     bad_config = client.post("/_fake/configure", json={"concurrency_limit": -1})
@@ -283,16 +328,37 @@ def test_admin_http_api(fake, client):
     assert [r["hits"] for r in client.get("/_fake/rules").json()] == [1]
     requests = client.get("/_fake/requests").json()
     assert [(r["outcome"], r["form_id"]) for r in requests] == [
-        ("rejected", "form-x"), ("placed", "form-x"), ("blocked", "form-y")]
-    assert [r["outcome"] for r in client.get("/_fake/requests",
-                                             params={"formId": "form-y"}).json()] == ["blocked"]
+        ("rejected", "form-x"),
+        ("placed", "form-x"),
+        ("blocked", "form-y"),
+    ]
+    assert [
+        r["outcome"] for r in client.get("/_fake/requests", params={"formId": "form-y"}).json()
+    ] == ["blocked"]
     assert [c["id"] for c in client.get("/_fake/calls", params={"formId": "form-x"}).json()] == [
-        placed.json()["id"]]
+        placed.json()["id"]
+    ]
     stats = client.get("/_fake/stats").json()
-    assert {k: stats[k] for k in ("requests", "placed", "blocked", "rejected", "injected",
-                                  "max_concurrent", "lines_in_use")} == {
-        "requests": 3, "placed": 1, "blocked": 1, "rejected": 1, "injected": 1,
-        "max_concurrent": 1, "lines_in_use": 1}
+    assert {
+        k: stats[k]
+        for k in (
+            "requests",
+            "placed",
+            "blocked",
+            "rejected",
+            "injected",
+            "max_concurrent",
+            "lines_in_use",
+        )
+    } == {
+        "requests": 3,
+        "placed": 1,
+        "blocked": 1,
+        "rejected": 1,
+        "injected": 1,
+        "max_concurrent": 1,
+        "lines_in_use": 1,
+    }
 
     assert client.delete("/_fake/rules").json() == []
     reset = client.post("/_fake/reset").json()

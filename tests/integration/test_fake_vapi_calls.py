@@ -24,8 +24,10 @@ KEY = "test-private-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 WEBHOOK_SECRET = "x-vapi-secret-for-tests"
 HMAC_SECRET = "hmac-secret-for-tests-0123456789"
-SCHEMAS = {"status-update": "ServerMessageStatusUpdate",
-           "end-of-call-report": "ServerMessageEndOfCallReport"}
+SCHEMAS = {
+    "status-update": "ServerMessageStatusUpdate",
+    "end-of-call-report": "ServerMessageEndOfCallReport",
+}
 # The fields a GET and the messages must agree on.
 STATE = ("status", "endedReason", "startedAt", "endedAt", "cost", "analysis")
 
@@ -42,15 +44,19 @@ class Receiver:
     async def events(self, request: Request) -> JSONResponse:
         raw = await request.body()
         with self.lock:
-            self.received.append({"raw": raw, "headers": dict(request.headers),
-                                  "body": json.loads(raw)})
+            self.received.append(
+                {"raw": raw, "headers": dict(request.headers), "body": json.loads(raw)}
+            )
             status = self.answers.pop(0) if self.answers else 200
         return JSONResponse({"status": "recorded"}, status_code=status)
 
     def messages(self, call_id: str | None = None) -> list[dict]:
         with self.lock:
-            return [r["body"]["message"] for r in self.received
-                    if call_id is None or r["body"]["message"]["call"]["id"] == call_id]
+            return [
+                r["body"]["message"]
+                for r in self.received
+                if call_id is None or r["body"]["message"]["call"]["id"] == call_id
+            ]
 
     def reset(self) -> None:
         with self.lock:
@@ -90,12 +96,21 @@ def client(served):
         yield client
 
 
-def server(url: str, *, secret: str | None = WEBHOOK_SECRET, credential_id: str | None = None,
-           retries: int | None = 2, base_delay: float = 1) -> dict:
+def server(
+    url: str,
+    *,
+    secret: str | None = WEBHOOK_SECRET,
+    credential_id: str | None = None,
+    retries: int | None = 2,
+    base_delay: float = 1,
+) -> dict:
     config: dict = {"url": url, "timeoutSeconds": 20}
     if retries is not None:
-        config["backoffPlan"] = {"type": "exponential", "maxRetries": retries,
-                                 "baseDelaySeconds": base_delay}
+        config["backoffPlan"] = {
+            "type": "exponential",
+            "maxRetries": retries,
+            "baseDelaySeconds": base_delay,
+        }
     if credential_id:
         config["credentialId"] = credential_id
     elif secret:
@@ -103,9 +118,14 @@ def server(url: str, *, secret: str | None = WEBHOOK_SECRET, credential_id: str 
     return config
 
 
-def call_body(url: str | None, *, number: str = "+15551230001", form_ids: tuple[str, ...] = (),
-              messages: tuple[str, ...] = ("status-update", "end-of-call-report"),
-              **server_options) -> dict:
+def call_body(
+    url: str | None,
+    *,
+    number: str = "+15551230001",
+    form_ids: tuple[str, ...] = (),
+    messages: tuple[str, ...] = ("status-update", "end-of-call-report"),
+    **server_options,
+) -> dict:
     """A create-call body shaped as formcall sends it (issue 10)."""
     form_ids = form_ids or (str(uuid.uuid4()), str(uuid.uuid4()))
     overrides: dict = {
@@ -115,8 +135,12 @@ def call_body(url: str | None, *, number: str = "+15551230001", form_ids: tuple[
     if url is not None:
         overrides["server"] = server(url, **server_options)
         overrides["serverMessages"] = list(messages)
-    return {"assistantId": "asst-1", "phoneNumberId": "phone-1",
-            "customer": {"number": number, "name": "Pat"}, "assistantOverrides": overrides}
+    return {
+        "assistantId": "asst-1",
+        "phoneNumberId": "phone-1",
+        "customer": {"number": number, "name": "Pat"},
+        "assistantOverrides": overrides,
+    }
 
 
 def place(client, body: dict) -> dict:
@@ -133,6 +157,7 @@ def wait_for_report(receiver: Receiver, call_id: str, count: int = 1) -> list[di
     def done():
         messages = receiver.messages(call_id)
         return messages if kinds(messages).count("end-of-call-report") >= count else None
+
     return wait_until(done, timeout=10)
 
 
@@ -146,8 +171,9 @@ def test_the_create_call_body_formcall_sends_is_valid_for_vapi(events_url):
         assert vapi_spec.validate("CreateCallDTO", call_body(events_url, **options)) == []
 
 
-def test_a_reached_call_reports_each_phase_in_order_valid_for_the_spec(fake, client, receiver,
-                                                                      events_url):
+def test_a_reached_call_reports_each_phase_in_order_valid_for_the_spec(
+    fake, client, receiver, events_url
+):
     fake.configure(ring_seconds=0.05, call_duration=0.1)
     body = call_body(events_url)
 
@@ -157,8 +183,10 @@ def test_a_reached_call_reports_each_phase_in_order_valid_for_the_spec(fake, cli
     assert kinds(messages) == ["ringing", "in-progress", "ended", "end-of-call-report"]
     for message in messages:
         assert_valid(message)
-        assert message["call"]["assistantOverrides"]["metadata"] == body["assistantOverrides"][
-            "metadata"]
+        assert (
+            message["call"]["assistantOverrides"]["metadata"]
+            == body["assistantOverrides"]["metadata"]
+        )
         assert message["customer"] == body["customer"]
     ringing, answered, ended, report = messages
     assert "startedAt" not in ringing["call"] and ringing["call"]["status"] == "ringing"
@@ -172,19 +200,28 @@ def test_a_reached_call_reports_each_phase_in_order_valid_for_the_spec(fake, cli
     # A GET now agrees with the last messages, field for field.
     got = client.get(f"/call/{created['id']}").json()
     assert vapi_spec.validate("Call", got) == []
-    assert {k: got.get(k) for k in STATE} == {k: report["call"].get(k) for k in STATE} == {
-        k: ended["call"].get(k) for k in STATE}
+    assert (
+        {k: got.get(k) for k in STATE}
+        == {k: report["call"].get(k) for k in STATE}
+        == {k: ended["call"].get(k) for k in STATE}
+    )
     assert deliveries_without_the_secret(receiver) == []
     assert [(d.type, d.status, d.attempt, d.answer) for d in fake.reports(created["id"])] == [
-        ("status-update", "ringing", 1, 200), ("status-update", "in-progress", 1, 200),
-        ("status-update", "ended", 1, 200), ("end-of-call-report", None, 1, 200)]
+        ("status-update", "ringing", 1, 200),
+        ("status-update", "in-progress", 1, 200),
+        ("status-update", "ended", 1, 200),
+        ("end-of-call-report", None, 1, 200),
+    ]
 
 
 def deliveries_without_the_secret(receiver: Receiver) -> list:
     """Deliveries that lacked the X-Vapi-Secret header or carried a signature (none expected)."""
     with receiver.lock:
-        return [r for r in receiver.received if r["headers"].get("x-vapi-secret") != WEBHOOK_SECRET
-                or "x-signature" in r["headers"]]
+        return [
+            r
+            for r in receiver.received
+            if r["headers"].get("x-vapi-secret") != WEBHOOK_SECRET or "x-signature" in r["headers"]
+        ]
 
 
 def test_the_create_answer_and_every_get_are_valid_calls(fake, client, events_url):
@@ -200,7 +237,10 @@ def test_the_create_answer_and_every_get_are_valid_calls(fake, client, events_ur
     for call in (answer, ringing, ended, *listed):
         assert vapi_spec.validate("Call", call) == []
     assert (ringing["status"], ended["status"], ended["endedReason"]) == (
-        "ringing", "ended", "voicemail")
+        "ringing",
+        "ended",
+        "voicemail",
+    )
 
 
 def test_hmac_credential_signs_every_delivery(fake, client, receiver, events_url):
@@ -214,8 +254,9 @@ def test_hmac_credential_signs_every_delivery(fake, client, receiver, events_url
     assert len(deliveries) == 4
     for delivery in deliveries:
         timestamp = delivery["headers"]["x-timestamp"]
-        expected = hmac.new(HMAC_SECRET.encode(), f"{timestamp}.".encode() + delivery["raw"],
-                            hashlib.sha256).hexdigest()
+        expected = hmac.new(
+            HMAC_SECRET.encode(), f"{timestamp}.".encode() + delivery["raw"], hashlib.sha256
+        ).hexdigest()
         assert hmac.compare_digest(delivery["headers"]["x-signature"], expected)
         assert len(timestamp) == 13 and timestamp.isdigit()  # milliseconds since the epoch
         assert "x-vapi-secret" not in delivery["headers"]
@@ -242,12 +283,17 @@ def test_a_failed_delivery_is_retried_per_the_backoff_plan(fake, client, receive
 
     assert kinds(messages) == ["ringing"] * 3 + ["in-progress", "ended", "end-of-call-report"]
     assert [(d.status, d.attempt, d.answer) for d in fake.reports(created["id"])][:4] == [
-        ("ringing", 1, 500), ("ringing", 2, 500), ("ringing", 3, 200), ("in-progress", 1, 200)]
+        ("ringing", 1, 500),
+        ("ringing", 2, 500),
+        ("ringing", 3, 200),
+        ("in-progress", 1, 200),
+    ]
     assert fake.stats()["reports_failed"] == 2
 
 
-def test_without_a_backoff_plan_a_failed_delivery_is_not_retried(fake, client, receiver,
-                                                                events_url):
+def test_without_a_backoff_plan_a_failed_delivery_is_not_retried(
+    fake, client, receiver, events_url
+):
     receiver.answers[:] = [503]
 
     created = place(client, call_body(events_url, retries=None))
@@ -255,7 +301,11 @@ def test_without_a_backoff_plan_a_failed_delivery_is_not_retried(fake, client, r
 
     assert kinds(messages) == ["ringing", "in-progress", "ended", "end-of-call-report"]
     assert [(d.status, d.attempt, d.answer) for d in fake.reports(created["id"])] == [
-        ("ringing", 1, 503), ("in-progress", 1, 200), ("ended", 1, 200), (None, 1, 200)]
+        ("ringing", 1, 503),
+        ("in-progress", 1, 200),
+        ("ended", 1, 200),
+        (None, 1, 200),
+    ]
 
 
 def test_an_unreachable_server_is_retried_then_given_up(fake, client):
@@ -263,13 +313,21 @@ def test_an_unreachable_server_is_retried_then_given_up(fake, client):
     closed = f"http://127.0.0.1:{free_port()}/events"
 
     created = place(client, call_body(closed, retries=1, base_delay=1))
-    reports = wait_until(lambda: [d for d in fake.reports(created["id"])
-                                  if d.type == "end-of-call-report" and d.attempt == 2] and
-                         fake.reports(created["id"]))
+    reports = wait_until(
+        lambda: (
+            [
+                d
+                for d in fake.reports(created["id"])
+                if d.type == "end-of-call-report" and d.attempt == 2
+            ]
+            and fake.reports(created["id"])
+        )
+    )
 
     assert [(d.type, d.attempt, d.answer, d.error) for d in reports][-2:] == [
         ("end-of-call-report", 1, None, "ConnectError"),
-        ("end-of-call-report", 2, None, "ConnectError")]
+        ("end-of-call-report", 2, None, "ConnectError"),
+    ]
     assert len(reports) == 8  # four messages, two attempts each
 
 
@@ -287,17 +345,21 @@ def test_a_call_without_a_server_url_sends_nothing_and_still_ends(fake, client):
     assert fake.reports() == [] and fake.stats()["calls_playing"] == 0
 
 
-@pytest.mark.parametrize(("outcome", "reason", "answered"), [
-    ("reached", "customer-ended-call", True),
-    ("opt_out", "assistant-ended-call", True),
-    ("voicemail", "voicemail", True),
-    ("no_answer", "customer-did-not-answer", False),
-    ("busy", "customer-busy", False),
-    ("not_connected", "twilio-failed-to-connect-call", False),
-    ("bad_number", "twilio-reported-customer-misdialed", False),
-])
-def test_each_scripted_outcome_ends_as_vapi_reports_it(fake, client, receiver, events_url,
-                                                      outcome, reason, answered):
+@pytest.mark.parametrize(
+    ("outcome", "reason", "answered"),
+    [
+        ("reached", "customer-ended-call", True),
+        ("opt_out", "assistant-ended-call", True),
+        ("voicemail", "voicemail", True),
+        ("no_answer", "customer-did-not-answer", False),
+        ("busy", "customer-busy", False),
+        ("not_connected", "twilio-failed-to-connect-call", False),
+        ("bad_number", "twilio-reported-customer-misdialed", False),
+    ],
+)
+def test_each_scripted_outcome_ends_as_vapi_reports_it(
+    fake, client, receiver, events_url, outcome, reason, answered
+):
     number = "+15557770001"
     fake.configure(scripts={number: [outcome]}, ring_seconds=0.02, call_duration=0.02)
 
@@ -305,8 +367,9 @@ def test_each_scripted_outcome_ends_as_vapi_reports_it(fake, client, receiver, e
     messages = wait_for_report(receiver, created["id"])
 
     expected = ["ringing", "in-progress", "ended", "end-of-call-report"]
-    assert kinds(messages) == (expected if answered else [k for k in expected
-                                                          if k != "in-progress"])
+    assert kinds(messages) == (
+        expected if answered else [k for k in expected if k != "in-progress"]
+    )
     for message in messages:
         assert_valid(message)
     report = messages[-1]
@@ -325,8 +388,12 @@ def test_a_script_is_consumed_one_per_call_then_the_mix_takes_over(fake, client)
     other = place(client, call_body(None, number="+15557770003"))
 
     reasons = [client.get(f"/call/{c['id']}").json()["endedReason"] for c in (*calls, other)]
-    assert reasons == ["customer-did-not-answer", "customer-busy", "customer-ended-call",
-                       "customer-ended-call"]
+    assert reasons == [
+        "customer-did-not-answer",
+        "customer-busy",
+        "customer-ended-call",
+        "customer-ended-call",
+    ]
     assert fake.stats()["scripts"] == {"+15557770002": []}
 
 
@@ -344,8 +411,12 @@ def test_the_outcome_mix_is_deterministic_for_a_seed(fake, client):
     assert first == again
     assert first != other
     assert len(set(first)) > 1
-    assert set(first) <= {"customer-ended-call", "customer-did-not-answer", "customer-busy",
-                          "voicemail"}
+    assert set(first) <= {
+        "customer-ended-call",
+        "customer-did-not-answer",
+        "customer-busy",
+        "voicemail",
+    }
 
 
 def test_a_held_call_rings_until_the_patient_is_played(fake, client, receiver, events_url):
@@ -359,7 +430,8 @@ def test_a_held_call_rings_until_the_patient_is_played(fake, client, receiver, e
     assert got == ringing["call"]  # the same state, field for field, while it rings
     assert got["status"] == "ringing" and "startedAt" not in got
     assert [(c["id"], c["status"], c["customer"]["number"]) for c in listed] == [
-        (created["id"], "ringing", "+15551230001")]
+        (created["id"], "ringing", "+15551230001")
+    ]
     assert fake.lines_in_use() == 1
 
     ended = client.post(f"/_fake/calls/{created['id']}/end", json={"outcome": "reached"})
@@ -380,12 +452,18 @@ def test_end_call_errors(fake, client, events_url):
     created = place(client, call_body(None))
 
     unknown = client.post(f"/_fake/calls/{uuid.uuid4()}/end", json={"outcome": "reached"})
-    bad = [client.post(f"/_fake/calls/{created['id']}/end", json=payload)
-           for payload in ({"outcome": "hold"}, {"outcome": "maybe"}, {}, ["reached"])]
-    not_json = client.post(f"/_fake/calls/{created['id']}/end", content=b"{",
-                           headers={"content-type": "application/json"})
-    unauthorized = httpx.post(f"{client.base_url}/_fake/calls/{created['id']}/end",
-                              json={"outcome": "reached"})
+    bad = [
+        client.post(f"/_fake/calls/{created['id']}/end", json=payload)
+        for payload in ({"outcome": "hold"}, {"outcome": "maybe"}, {}, ["reached"])
+    ]
+    not_json = client.post(
+        f"/_fake/calls/{created['id']}/end",
+        content=b"{",
+        headers={"content-type": "application/json"},
+    )
+    unauthorized = httpx.post(
+        f"{client.base_url}/_fake/calls/{created['id']}/end", json={"outcome": "reached"}
+    )
 
     assert unknown.status_code == 404
     assert [r.status_code for r in (*bad, not_json)] == [400] * 5
@@ -398,12 +476,18 @@ def test_end_call_errors(fake, client, events_url):
     fake.end_call(created["id"], "no_answer")
     with pytest.raises(CallAlreadyEnded):
         fake.end_call(created["id"], "reached")
-    assert set(END_OUTCOMES) == {"reached", "voicemail", "no_answer", "busy", "not_connected",
-                                 "bad_number", "opt_out"}
+    assert set(END_OUTCOMES) == {
+        "reached",
+        "voicemail",
+        "no_answer",
+        "busy",
+        "not_connected",
+        "bad_number",
+        "opt_out",
+    }
 
 
-def test_ending_a_ringing_call_unanswered_sends_no_in_progress(fake, client, receiver,
-                                                              events_url):
+def test_ending_a_ringing_call_unanswered_sends_no_in_progress(fake, client, receiver, events_url):
     fake.configure(hold=True)
     created = place(client, call_body(events_url))
     wait_until(lambda: receiver.messages(created["id"]))
@@ -420,8 +504,9 @@ def test_dropped_reports_are_not_sent_but_recorded(fake, client, receiver, event
     fake.configure(report_drop_rate=1)
 
     created = place(client, call_body(events_url))
-    reports = wait_until(lambda: len(fake.reports(created["id"])) == 4
-                         and fake.reports(created["id"]))
+    reports = wait_until(
+        lambda: len(fake.reports(created["id"])) == 4 and fake.reports(created["id"])
+    )
 
     assert all(d.dropped and d.answer is None for d in reports)
     assert receiver.messages() == []
@@ -435,8 +520,16 @@ def test_duplicated_reports_are_sent_twice(fake, client, receiver, events_url):
     created = place(client, call_body(events_url))
     messages = wait_for_report(receiver, created["id"], count=2)
 
-    assert kinds(messages) == ["ringing", "ringing", "in-progress", "in-progress", "ended",
-                               "ended", "end-of-call-report", "end-of-call-report"]
+    assert kinds(messages) == [
+        "ringing",
+        "ringing",
+        "in-progress",
+        "in-progress",
+        "ended",
+        "ended",
+        "end-of-call-report",
+        "end-of-call-report",
+    ]
     assert messages[0] == messages[1] and messages[-1] == messages[-2]
     assert [d.duplicate for d in fake.reports(created["id"])] == [False, True] * 4
 
@@ -448,7 +541,11 @@ def test_reorder_sends_the_final_status_after_the_report(fake, client, receiver,
     wait_until(lambda: len(receiver.messages(created["id"])) == 4)
 
     assert kinds(receiver.messages(created["id"])) == [
-        "ringing", "in-progress", "end-of-call-report", "ended"]
+        "ringing",
+        "in-progress",
+        "end-of-call-report",
+        "ended",
+    ]
 
 
 def test_blocked_calls_send_no_reports(fake, client, receiver, events_url):
@@ -480,7 +577,11 @@ def test_a_place_rule_creates_the_call_then_answers_5xx(fake, client, receiver, 
     assert kinds(wait_for_report(receiver, call["id"]))[-1] == "end-of-call-report"
     [record] = fake.requests
     assert (record.outcome, record.status, record.reason, record.call_id) == (
-        "placed", 502, "injected", call["id"])
+        "placed",
+        502,
+        "injected",
+        call["id"],
+    )
     assert client.post("/_fake/rules", json={"place": True, "delay": 1}).status_code == 400
 
 
@@ -508,20 +609,40 @@ def test_invalid_server_settings_are_a_400(fake, client, events_url):
         "assistantOverrides.server.backoffPlan.type must be one of the following values: "
         "fixed, exponential",
         "assistantOverrides.server.backoffPlan.maxRetries must not be greater than 10",
-        "assistantOverrides.server.backoffPlan.baseDelaySeconds should not be empty"]
+        "assistantOverrides.server.backoffPlan.baseDelaySeconds should not be empty",
+    ]
     assert fake.placed_calls() == []
 
 
 def test_admin_http_api_for_calls_and_reports(fake, client, receiver, events_url):
-    configured = client.post("/_fake/configure", json={
-        "ring_seconds": 0.01, "time_scale": 0.5, "outcome_mix": {"voicemail": 1}, "seed": 7,
-        "credentials": {"cred-1": HMAC_SECRET}, "report_drop_rate": 0,
-        "report_duplicate_rate": 0, "reorder": False, "hold": False,
-        "scripts": {"+15557770009": ["busy"]}})
-    bad = [client.post("/_fake/configure", json=settings) for settings in (
-        {"outcome_mix": {"maybe": 1}}, {"outcome_mix": {"reached": 0}}, {"report_drop_rate": 2},
-        {"scripts": {"+1555": ["later"]}}, {"credentials": {"c": 1}}, {"hold": "yes"},
-        {"seed": 1.5}, {"colour": "blue"})]
+    configured = client.post(
+        "/_fake/configure",
+        json={
+            "ring_seconds": 0.01,
+            "time_scale": 0.5,
+            "outcome_mix": {"voicemail": 1},
+            "seed": 7,
+            "credentials": {"cred-1": HMAC_SECRET},
+            "report_drop_rate": 0,
+            "report_duplicate_rate": 0,
+            "reorder": False,
+            "hold": False,
+            "scripts": {"+15557770009": ["busy"]},
+        },
+    )
+    bad = [
+        client.post("/_fake/configure", json=settings)
+        for settings in (
+            {"outcome_mix": {"maybe": 1}},
+            {"outcome_mix": {"reached": 0}},
+            {"report_drop_rate": 2},
+            {"scripts": {"+1555": ["later"]}},
+            {"credentials": {"c": 1}},
+            {"hold": "yes"},
+            {"seed": 1.5},
+            {"colour": "blue"},
+        )
+    ]
 
     created = place(client, call_body(events_url, credential_id="cred-1"))
     wait_for_report(receiver, created["id"])
@@ -532,11 +653,17 @@ def test_admin_http_api_for_calls_and_reports(fake, client, receiver, events_url
     assert configured.status_code == 200
     stats = configured.json()
     assert (stats["outcome_mix"], stats["credentials"], stats["time_scale"]) == (
-        {"voicemail": 1.0}, ["cred-1"], 0.5)
+        {"voicemail": 1.0},
+        ["cred-1"],
+        0.5,
+    )
     assert HMAC_SECRET not in configured.text
     assert [r.status_code for r in bad] == [400] * len(bad)
     assert [(r["type"], r["status"], r["attempt"], r["answer"], r["signed"]) for r in reports] == [
-        ("status-update", "ringing", 1, 200, True), ("status-update", "in-progress", 1, 200, True),
-        ("status-update", "ended", 1, 200, True), ("end-of-call-report", None, 1, 200, True)]
+        ("status-update", "ringing", 1, 200, True),
+        ("status-update", "in-progress", 1, 200, True),
+        ("status-update", "ended", 1, 200, True),
+        ("end-of-call-report", None, 1, 200, True),
+    ]
     assert reports[-1]["ended_reason"] == "voicemail" and everything == reports and none == []
     assert httpx.get(f"{client.base_url}/_fake/reports").status_code == 401

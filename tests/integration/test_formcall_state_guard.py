@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -20,8 +20,16 @@ from formcall import clients
 from formcall.schedule import sync_form_schedule
 from formcall_dev.seed import create_form, create_patient, form_row
 
-GUARDED = ["call_status", "call_attempts", "called_at", "vapi_call_id", "last_call_error",
-           "claimed_at", "qstash_message_id", "scheduled_deadline"]
+GUARDED = [
+    "call_status",
+    "call_attempts",
+    "called_at",
+    "vapi_call_id",
+    "last_call_error",
+    "claimed_at",
+    "qstash_message_id",
+    "scheduled_deadline",
+]
 
 
 @pytest.fixture
@@ -70,8 +78,10 @@ def as_clinic_user(db: str, user_id: str, sql: str, params: tuple = ()) -> int:
     """Run one statement as PostgREST would for this user; returns the rows it touched."""
     with psycopg.connect(db, autocommit=True) as conn, conn.transaction():
         conn.execute("set local role authenticated")
-        conn.execute("select set_config('request.jwt.claims', %s, true)",
-                     (json.dumps({"sub": user_id, "role": "authenticated"}),))
+        conn.execute(
+            "select set_config('request.jwt.claims', %s, true)",
+            (json.dumps({"sub": user_id, "role": "authenticated"}),),
+        )
         return conn.execute(sql, params).rowcount
 
 
@@ -79,55 +89,91 @@ def as_clinic_user(db: str, user_id: str, sql: str, params: tuple = ()) -> int:
 def two_clinics(clinic, stack_env, conn):
     """A clinic user with their own patient's form, and a victim's form they may not touch."""
     attacker, victim_owner = str(uuid.uuid4()), str(uuid.uuid4())
-    deadline = datetime.now(timezone.utc) + timedelta(hours=2)
+    deadline = datetime.now(UTC) + timedelta(hours=2)
     own_patient = create_patient(conn, full_name="Own Patient", phone="+15550100011")
     victim_patient = create_patient(conn, full_name="Victim Patient", phone="+15550100012")
-    conn.execute("insert into clinic_patients values (%s, %s), (%s, %s)",
-                 (attacker, own_patient, victim_owner, victim_patient))
+    conn.execute(
+        "insert into clinic_patients values (%s, %s), (%s, %s)",
+        (attacker, own_patient, victim_owner, victim_patient),
+    )
     own = create_form(conn, patient_id=own_patient, deadline=deadline)
     victim = create_form(conn, patient_id=victim_patient, deadline=deadline)
     for form in (own, victim):
-        assert sync_form_schedule(form, store=clients.store(), publisher=clients.publisher(),
-                                  call_form_url=stack_env["CALL_FORM_URL"],
-                                  window=clients.window()).action == "scheduled"
+        assert (
+            sync_form_schedule(
+                form,
+                store=clients.store(),
+                publisher=clients.publisher(),
+                call_form_url=stack_env["CALL_FORM_URL"],
+                window=clients.window(),
+            ).action
+            == "scheduled"
+        )
     return attacker, own, victim
 
 
 def test_a_clinic_user_cannot_point_their_form_at_another_patients_message(
-        two_clinics, db, conn, stack_env):
+    two_clinics, db, conn, stack_env
+):
     attacker, own, victim = two_clinics
     victim_message = form_row(conn, victim)["qstash_message_id"]
     own_message = form_row(conn, own)["qstash_message_id"]
 
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="qstash_message_id"):
-        as_clinic_user(db, attacker, "update forms set qstash_message_id = %s where id = %s",
-                       (victim_message, own))
+        as_clinic_user(
+            db,
+            attacker,
+            "update forms set qstash_message_id = %s where id = %s",
+            (victim_message, own),
+        )
     # Submitting their own form is what the clinic is for, and works; the webhook then syncs.
-    assert as_clinic_user(db, attacker, "update forms set submitted_at = now() where id = %s",
-                          (own,)) == 1
-    result = sync_form_schedule(own, store=clients.store(), publisher=clients.publisher(),
-                                call_form_url=stack_env["CALL_FORM_URL"], window=clients.window())
+    assert (
+        as_clinic_user(db, attacker, "update forms set submitted_at = now() where id = %s", (own,))
+        == 1
+    )
+    result = sync_form_schedule(
+        own,
+        store=clients.store(),
+        publisher=clients.publisher(),
+        call_form_url=stack_env["CALL_FORM_URL"],
+        window=clients.window(),
+    )
 
     assert (result.action, result.message_id) == ("cancelled", own_message)
     assert qstash_message(stack_env["QSTASH_URL"], stack_env["QSTASH_TOKEN"], own_message) is None
     # The victim's message is untouched and their form still points at it.
-    assert qstash_message(stack_env["QSTASH_URL"], stack_env["QSTASH_TOKEN"],
-                          victim_message) is not None
+    assert (
+        qstash_message(stack_env["QSTASH_URL"], stack_env["QSTASH_TOKEN"], victim_message)
+        is not None
+    )
     assert form_row(conn, victim)["qstash_message_id"] == victim_message
 
 
 def test_rls_keeps_a_clinic_user_to_their_own_forms(two_clinics, db, conn):
     attacker, _, victim = two_clinics
-    assert as_clinic_user(db, attacker, "update forms set submitted_at = now() where id = %s",
-                          (victim,)) == 0
+    assert (
+        as_clinic_user(
+            db, attacker, "update forms set submitted_at = now() where id = %s", (victim,)
+        )
+        == 0
+    )
     assert form_row(conn, victim)["submitted_at"] is None
 
 
-@pytest.mark.parametrize("column, value", [
-    ("call_status", "'called'"), ("call_status", "'failed'"), ("call_attempts", "99"),
-    ("called_at", "now()"), ("vapi_call_id", "'call_forged'"), ("last_call_error", "'x'"),
-    ("claimed_at", "now()"), ("qstash_message_id", "null"), ("scheduled_deadline", "null"),
-])
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("call_status", "'called'"),
+        ("call_status", "'failed'"),
+        ("call_attempts", "99"),
+        ("called_at", "now()"),
+        ("vapi_call_id", "'call_forged'"),
+        ("last_call_error", "'x'"),
+        ("claimed_at", "now()"),
+        ("qstash_message_id", "null"),
+        ("scheduled_deadline", "null"),
+    ],
+)
 def test_every_formcall_column_is_refused_to_the_clinic(two_clinics, db, conn, column, value):
     attacker, own, _ = two_clinics
     before = form_row(conn, own)
@@ -138,27 +184,44 @@ def test_every_formcall_column_is_refused_to_the_clinic(two_clinics, db, conn, c
 
 def test_the_clinic_may_still_edit_its_own_columns(two_clinics, db, conn):
     attacker, own, _ = two_clinics
-    new_deadline = datetime.now(timezone.utc) + timedelta(days=1)
-    assert as_clinic_user(db, attacker,
-                          "update forms set title = 'Renamed', deadline = %s where id = %s",
-                          (new_deadline, own)) == 1
+    new_deadline = datetime.now(UTC) + timedelta(days=1)
+    assert (
+        as_clinic_user(
+            db,
+            attacker,
+            "update forms set title = 'Renamed', deadline = %s where id = %s",
+            (new_deadline, own),
+        )
+        == 1
+    )
     row = form_row(conn, own)
     assert row["title"] == "Renamed" and row["deadline"] == new_deadline
 
 
-def test_a_clinic_user_may_insert_a_fresh_form_but_not_one_with_call_state(two_clinics, db,
-                                                                           conn):
+def test_a_clinic_user_may_insert_a_fresh_form_but_not_one_with_call_state(two_clinics, db, conn):
     attacker, own, _ = two_clinics
     patient = form_row(conn, own)["patient_id"]
-    assert as_clinic_user(db, attacker,
-                          "insert into forms (patient_id, title, deadline)"
-                          " values (%s, 'New', now())",
-                          (patient,)) == 1
-    for column, value in (("call_status", "'called'"), ("qstash_message_id", "'msg_x'"),
-                          ("call_attempts", "5")):
+    assert (
+        as_clinic_user(
+            db,
+            attacker,
+            "insert into forms (patient_id, title, deadline) values (%s, 'New', now())",
+            (patient,),
+        )
+        == 1
+    )
+    for column, value in (
+        ("call_status", "'called'"),
+        ("qstash_message_id", "'msg_x'"),
+        ("call_attempts", "5"),
+    ):
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match=column):
-            as_clinic_user(db, attacker, f"insert into forms (patient_id, title, {column})"
-                                         f" values (%s, 'Forged', {value})", (patient,))
+            as_clinic_user(
+                db,
+                attacker,
+                f"insert into forms (patient_id, title, {column}) values (%s, 'Forged', {value})",
+                (patient,),
+            )
 
 
 def test_formcall_roles_still_write_the_state(two_clinics, db, conn):
@@ -166,8 +229,12 @@ def test_formcall_roles_still_write_the_state(two_clinics, db, conn):
     _, own, _ = two_clinics
     with psycopg.connect(db, autocommit=True) as service, service.transaction():
         service.execute("set local role service_role")
-        assert service.execute("update forms set last_call_error = 'by service_role'"
-                               " where id = %s", (own,)).rowcount == 1
+        assert (
+            service.execute(
+                "update forms set last_call_error = 'by service_role' where id = %s", (own,)
+            ).rowcount
+            == 1
+        )
     conn.execute("update forms set call_attempts = 2 where id = %s", (own,))
     row = form_row(conn, own)
     assert (row["last_call_error"], row["call_attempts"]) == ("by service_role", 2)
@@ -190,12 +257,12 @@ def test_anon_cannot_write_formcall_state_even_with_table_privileges(two_clinics
     assert form_row(conn, own)["call_status"] == "pending"
 
 
-@pytest.mark.parametrize("column, value", [("call_outcome", "'reached'"),
-                                           ("next_call_at", "now()"),
-                                           ("line_wait_at", "now()")])
+@pytest.mark.parametrize(
+    "column, value",
+    [("call_outcome", "'reached'"), ("next_call_at", "now()"), ("line_wait_at", "now()")],
+)
 def test_the_call_outcome_columns_are_guarded_too(two_clinics, db, conn, column, value):
     # Issue 10's and 11's columns: a clinic user can neither fake an outcome nor move a call.
     attacker, own, _ = two_clinics
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match=column):
-        as_clinic_user(db, attacker, f"update forms set {column} = {value} where id = %s",
-                       (own,))
+        as_clinic_user(db, attacker, f"update forms set {column} = {value} where id = %s", (own,))

@@ -7,7 +7,8 @@ UTF-8, deeply nested), repeated and oversized headers, near misses of the real s
 garbage that carries a valid signature or the real webhook secret (QStash or Supabase sending
 something odd). After every case: no 5xx (not even the documented transient 503: nothing is
 attempted), no database write (forms, form_call_events and patients fingerprinted), no Vapi
-request, nothing published to QStash. `make test` runs a few hundred cases; `make chaos` sets FORMCALL_HOSTILE_CASES (10,000)
+request, nothing published to QStash. `make test` runs a few hundred cases; `make chaos` sets
+FORMCALL_HOSTILE_CASES (10,000)
 and FORMCALL_HOSTILE_FIGURES (where the counts go).
 """
 
@@ -19,7 +20,7 @@ import math
 import os
 import uuid
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -37,9 +38,14 @@ from formcall_dev.seed import create_form, create_patient
 ROOT = Path(__file__).resolve().parents[2]
 WEBHOOK_SECRET = "webhook-secret-for-hostile-tests-0123"
 VAPI_WEBHOOK_SECRET = "hostile-vapi-webhook-secret"
-PATHS = {"call_form": "/api/jobs/call-form", "check_forms": "/api/cron/check-forms",
-         "setup": "/api/setup-qstash", "schedule_form": "/api/webhooks/forms",
-         "failure_callback": "/api/jobs/failed", "call_events": "/api/webhooks/vapi"}
+PATHS = {
+    "call_form": "/api/jobs/call-form",
+    "check_forms": "/api/cron/check-forms",
+    "setup": "/api/setup-qstash",
+    "schedule_form": "/api/webhooks/forms",
+    "failure_callback": "/api/jobs/failed",
+    "call_events": "/api/webhooks/vapi",
+}
 
 # The whole budget of generated cases; make chaos raises it to 10,000.
 BUDGET = int(os.environ.get("FORMCALL_HOSTILE_CASES") or 400)
@@ -53,9 +59,13 @@ def examples(share: float) -> int:
 
 def hostile(share: float) -> settings:
     """This test's share of the budget; reproducible in make test, fresh cases in make chaos."""
-    return settings(max_examples=examples(share), deadline=None, database=None,
-                    derandomize=not os.environ.get("FORMCALL_HOSTILE_CASES"),
-                    suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=examples(share),
+        deadline=None,
+        database=None,
+        derandomize=not os.environ.get("FORMCALL_HOSTILE_CASES"),
+        suppress_health_check=list(HealthCheck),
+    )
 
 
 class Target:
@@ -82,12 +92,20 @@ class Target:
         ).fetchone()
 
     def qstash_write_count(self) -> int:
-        stats = httpx.get(f"{self.qstash_url}/v2/_local/stats", headers={
-            "Authorization": f"Bearer {self.keys.qstash_token}"}).json()["requests"]
+        stats = httpx.get(
+            f"{self.qstash_url}/v2/_local/stats",
+            headers={"Authorization": f"Bearer {self.keys.qstash_token}"},
+        ).json()["requests"]
         return stats["publish"] + stats["batch"] + stats["schedules"]
 
-    def check(self, label: str, answer: httpx.Response, *, allowed: set[int] | None = None,
-              qstash: bool = False) -> None:
+    def check(
+        self,
+        label: str,
+        answer: httpx.Response,
+        *,
+        allowed: set[int] | None = None,
+        qstash: bool = False,
+    ) -> None:
         """The invariants of every hostile case."""
         CASES[label] += 1
         STATUSES[str(answer.status_code)] += 1
@@ -104,9 +122,12 @@ class Target:
             assert self.qstash_write_count() == self.qstash_writes, label
 
     def signed(self, path: str, body: bytes) -> dict[str, str]:
-        return {"upstash-signature": sign(key=self.keys.current_key, url=f"{self.base}{path}",
-                                          body=body),
-                "content-type": "application/json"}
+        return {
+            "upstash-signature": sign(
+                key=self.keys.current_key, url=f"{self.base}{path}", body=body
+            ),
+            "content-type": "application/json",
+        }
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +136,20 @@ def target(pg_dsn, keys, vapi_server, local_qstash, function_server):
     fake, vapi_url = vapi_server
     with pytest.MonkeyPatch.context() as patch:
         for name, value in {
-            "DATABASE_URL": pg_dsn, "QSTASH_URL": local_qstash, "QSTASH_TOKEN": keys.qstash_token,
+            "DATABASE_URL": pg_dsn,
+            "QSTASH_URL": local_qstash,
+            "QSTASH_TOKEN": keys.qstash_token,
             "QSTASH_CURRENT_SIGNING_KEY": keys.current_key,
-            "QSTASH_NEXT_SIGNING_KEY": keys.next_key, "CRON_SECRET": keys.cron_secret,
-            "WEBHOOK_SECRET": WEBHOOK_SECRET, "VAPI_PRIVATE_KEY": keys.vapi_key,
-            "VAPI_ASSISTANT_ID": "asst-test", "VAPI_PHONE_NUMBER_ID": "phone-test",
-            "VAPI_BASE_URL": vapi_url, "VAPI_TIMEOUT_SECONDS": "2",
-            "CALL_WINDOW": "00:00-23:59:59", "VAPI_MAX_CONCURRENCY": "100",
+            "QSTASH_NEXT_SIGNING_KEY": keys.next_key,
+            "CRON_SECRET": keys.cron_secret,
+            "WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "VAPI_PRIVATE_KEY": keys.vapi_key,
+            "VAPI_ASSISTANT_ID": "asst-test",
+            "VAPI_PHONE_NUMBER_ID": "phone-test",
+            "VAPI_BASE_URL": vapi_url,
+            "VAPI_TIMEOUT_SECONDS": "2",
+            "CALL_WINDOW": "00:00-23:59:59",
+            "VAPI_MAX_CONCURRENCY": "100",
             "VAPI_CALLS_PER_MINUTE": "60000",
             "CALL_FORM_URL": f"{function_server}{PATHS['call_form']}",
             "CHECK_FORMS_URL": f"{function_server}{PATHS['check_forms']}",
@@ -135,28 +163,37 @@ def target(pg_dsn, keys, vapi_server, local_qstash, function_server):
         clients.reset()
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute("truncate form_call_events, forms, patients cascade")
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             patient = create_patient(conn, full_name="Bait Patient", phone="+15550100999")
             # A due form is the bait: any request that gets through would call it.
-            for deadline, submitted in ((now - timedelta(minutes=5), None),
-                                        (now + timedelta(days=2), None),
-                                        (now - timedelta(hours=1), now - timedelta(hours=2))):
-                create_form(conn, patient_id=patient, deadline=deadline, submitted_at=submitted,
-                            silent=True)
-            setup = httpx.get(f"{function_server}{PATHS['setup']}",
-                              params={"secret": keys.cron_secret}, timeout=30)
+            for deadline, submitted in (
+                (now - timedelta(minutes=5), None),
+                (now + timedelta(days=2), None),
+                (now - timedelta(hours=1), now - timedelta(hours=2)),
+            ):
+                create_form(
+                    conn, patient_id=patient, deadline=deadline, submitted_at=submitted, silent=True
+                )
+            setup = httpx.get(
+                f"{function_server}{PATHS['setup']}",
+                params={"secret": keys.cron_secret},
+                timeout=30,
+            )
             assert setup.status_code == 200
             # Paused: an hourly tick during the run would sweep the bait (a real write) and
             # look like a hostile request getting through.
-            httpx.patch(f"{local_qstash}/v2/schedules/formcall-check-forms/pause",
-                        headers={"Authorization": f"Bearer {keys.qstash_token}"}
-                        ).raise_for_status()
+            httpx.patch(
+                f"{local_qstash}/v2/schedules/formcall-check-forms/pause",
+                headers={"Authorization": f"Bearer {keys.qstash_token}"},
+            ).raise_for_status()
             fake.reset()
             subject = Target(function_server, conn, fake, local_qstash, keys)
             yield subject
             subject.http.close()
-            schedules = httpx.get(f"{local_qstash}/v2/schedules", headers={
-                "Authorization": f"Bearer {keys.qstash_token}"}).json()
+            schedules = httpx.get(
+                f"{local_qstash}/v2/schedules",
+                headers={"Authorization": f"Bearer {keys.qstash_token}"},
+            ).json()
             assert [s["scheduleId"] for s in schedules] == ["formcall-check-forms"]
             conn.execute("truncate form_call_events, forms, patients cascade")
         clients.reset()
@@ -173,8 +210,9 @@ def write_figures() -> None:
         figures = {}
     for label, count in CASES.items():
         figures[label] = figures.get(label, 0) + count
-    figures["total"] = sum(v for k, v in figures.items() if k not in ("total",)
-                           and not k.startswith("answers"))
+    figures["total"] = sum(
+        v for k, v in figures.items() if k not in ("total",) and not k.startswith("answers")
+    )
     for status, count in STATUSES.items():
         figures[f"answers {status}"] = figures.get(f"answers {status}", 0) + count
     Path(path).write_text(json.dumps(figures, indent=2, sort_keys=True))
@@ -183,12 +221,21 @@ def write_figures() -> None:
 # ---- schemathesis, from docs/openapi.yaml ------------------------------------------------------
 
 schema = schemathesis.openapi.from_path(ROOT / "docs" / "openapi.yaml")
-schema.config.generation.update(modes=[schemathesis.GenerationMode.POSITIVE,
-                                       schemathesis.GenerationMode.NEGATIVE],
-                                max_examples=examples(0.08), with_security_parameters=True)
-API_CHECKS = ["not_a_server_error", "status_code_conformance", "content_type_conformance",
-              "response_schema_conformance", "response_headers_conformance",
-              "negative_data_rejection", "unsupported_method", "missing_required_header"]
+schema.config.generation.update(
+    modes=[schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE],
+    max_examples=examples(0.08),
+    with_security_parameters=True,
+)
+API_CHECKS = [
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+    "response_headers_conformance",
+    "negative_data_rejection",
+    "unsupported_method",
+    "missing_required_header",
+]
 CHECK_FUNCTIONS = [schemathesis.checks.CHECKS.get_one(name) for name in API_CHECKS]
 
 
@@ -207,14 +254,16 @@ def test_schemathesis_cases_never_get_through(case, target):
 
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
 # Header values travel as latin-1; keep to what an HTTP client can send.
-header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,
-                                    blacklist_characters="\x7f"), max_size=300)
+header_text = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=300
+)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-    | st.text(max_size=50),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner,
-                                                                max_size=5),
-    max_leaves=20)
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5)
+    ),
+    max_leaves=20,
+)
 raw_bodies = st.one_of(
     st.binary(max_size=2000),
     json_values.map(lambda v: json.dumps(v).encode()),
@@ -222,49 +271,109 @@ raw_bodies = st.one_of(
     st.integers(1, 30_000).map(lambda depth: b"[" * depth + b"]" * depth),
     st.integers(1, 20_000).map(lambda depth: b'{"a":' * depth + b"1" + b"}" * depth),
     st.integers(60_000, 300_000).map(lambda size: b'{"formId": "' + b"x" * size + b'"}'),
-    st.sampled_from([b"", b"null", b"{}", b"[]", b'"x"', b"\xff\xfe\x00", b"\x00" * 10,
-                     b'{"formId": "\\u0000"}', b'{"formId": null}']),
+    st.sampled_from(
+        [
+            b"",
+            b"null",
+            b"{}",
+            b"[]",
+            b'"x"',
+            b"\xff\xfe\x00",
+            b"\x00" * 10,
+            b'{"formId": "\\u0000"}',
+            b'{"formId": null}',
+        ]
+    ),
 )
 form_ids = st.one_of(
-    st.uuids().map(str), st.text(max_size=60), st.integers(), st.none(), st.booleans(),
+    st.uuids().map(str),
+    st.text(max_size=60),
+    st.integers(),
+    st.none(),
+    st.booleans(),
     st.lists(st.uuids().map(str), max_size=2),
-    st.uuids().map(lambda u: str(u).upper()), st.uuids().map(lambda u: u.hex),
-    st.uuids().map(lambda u: f"{u}\u0000"), st.uuids().map(lambda u: f" {u} "),
-    st.uuids().map(lambda u: f"{{{u}}}"), st.just("../../etc/passwd"),
+    st.uuids().map(lambda u: str(u).upper()),
+    st.uuids().map(lambda u: u.hex),
+    st.uuids().map(lambda u: f"{u}\u0000"),
+    st.uuids().map(lambda u: f" {u} "),
+    st.uuids().map(lambda u: f"{{{u}}}"),
+    st.just("../../etc/passwd"),
     st.just("6f1c1b9e-2a53-4c1e-9d55-0a5b3f7f2c1\u0661"),
 )
 
 
 def junk_headers(secret_like: str) -> st.SearchStrategy[list[tuple[str, str]]]:
-    names = st.sampled_from(["upstash-signature", "authorization", "x-webhook-secret",
-                             "upstash-message-id", "upstash-retried", "content-type",
-                             "x-forwarded-proto", "x-forwarded-host", "host-override",
-                             "content-encoding", "transfer-encoding-x"])
-    values = st.one_of(header_text, st.sampled_from([
-        f"Bearer {secret_like[:-1]}", f"Bearer {secret_like.upper()}", f"bearer  {secret_like}x",
-        f"Basic {base64.b64encode(secret_like.encode()).decode()}", "Bearer", "Bearer ",
-        "eyJhbGciOiJub25lIn0.eyJpc3MiOiJVcHN0YXNoIn0.", "x" * 8000]))
+    names = st.sampled_from(
+        [
+            "upstash-signature",
+            "authorization",
+            "x-webhook-secret",
+            "upstash-message-id",
+            "upstash-retried",
+            "content-type",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "host-override",
+            "content-encoding",
+            "transfer-encoding-x",
+        ]
+    )
+    values = st.one_of(
+        header_text,
+        st.sampled_from(
+            [
+                f"Bearer {secret_like[:-1]}",
+                f"Bearer {secret_like.upper()}",
+                f"bearer  {secret_like}x",
+                f"Basic {base64.b64encode(secret_like.encode()).decode()}",
+                "Bearer",
+                "Bearer ",
+                "eyJhbGciOiJub25lIn0.eyJpc3MiOiJVcHN0YXNoIn0.",
+                "x" * 8000,
+            ]
+        ),
+    )
     # As bytes (latin-1 travels as is), trimmed: an HTTP client cannot send edge whitespace.
-    return st.lists(st.tuples(names, values.map(lambda v: v.encode("latin-1").strip())),
-                    max_size=6)
+    return st.lists(st.tuples(names, values.map(lambda v: v.encode("latin-1").strip())), max_size=6)
 
 
-@given(path=st.sampled_from([*PATHS.values(), "/", "/api", "/api/jobs/call-form/",
-                             "/api/jobs/../cron/check-forms", "/API/JOBS/CALL-FORM",
-                             "/api/jobs/call-form%00", "/api/setup-qstash?secret="]),
-       method=st.sampled_from(METHODS), body=raw_bodies, data=st.data())
+@given(
+    path=st.sampled_from(
+        [
+            *PATHS.values(),
+            "/",
+            "/api",
+            "/api/jobs/call-form/",
+            "/api/jobs/../cron/check-forms",
+            "/API/JOBS/CALL-FORM",
+            "/api/jobs/call-form%00",
+            "/api/setup-qstash?secret=",
+        ]
+    ),
+    method=st.sampled_from(METHODS),
+    body=raw_bodies,
+    data=st.data(),
+)
 @hostile(0.25)
 def test_raw_requests_without_credentials_never_get_through(target, path, method, body, data):
     headers = data.draw(junk_headers(target.keys.cron_secret), label="headers")
-    query = data.draw(st.one_of(st.none(), st.dictionaries(
-        st.sampled_from(["secret", "qstash_token", "formId", "x"]), header_text, max_size=3)),
-        label="query")
-    answer = target.http.request(method, path, content=body if method != "GET" else None,
-                                 headers=headers, params=query)
+    query = data.draw(
+        st.one_of(
+            st.none(),
+            st.dictionaries(
+                st.sampled_from(["secret", "qstash_token", "formId", "x"]), header_text, max_size=3
+            ),
+        ),
+        label="query",
+    )
+    answer = target.http.request(
+        method, path, content=body if method != "GET" else None, headers=headers, params=query
+    )
     # 2xx would be a way in; 404 is an unknown path, 307 Starlette dropping a trailing slash,
     # 400/431 uvicorn refusing a header.
-    target.check("raw requests, no credentials", answer,
-                 allowed={307, 400, 401, 404, 405, 413, 431})
+    target.check(
+        "raw requests, no credentials", answer, allowed={307, 400, 401, 404, 405, 413, 431}
+    )
 
 
 @given(body=raw_bodies, form_id=form_ids, extra=json_values, shape=st.integers(0, 3))
@@ -281,19 +390,39 @@ def test_signed_garbage_to_call_form_is_refused_without_harm(target, body, form_
     target.check("signed garbage to call-form", answer, allowed={400, 413, 489})
 
 
-@given(body=raw_bodies, extra=json_values, form_id=form_ids, kind=st.sampled_from(
-    ["status-update", "end-of-call-report", "conversation-update", "tool-calls"]))
+@given(
+    body=raw_bodies,
+    extra=json_values,
+    form_id=form_ids,
+    kind=st.sampled_from(
+        ["status-update", "end-of-call-report", "conversation-update", "tool-calls"]
+    ),
+)
 @hostile(0.12)
-def test_authenticated_garbage_to_call_events_is_refused_without_harm(target, body, extra,
-                                                                      form_id, kind):
+def test_authenticated_garbage_to_call_events_is_refused_without_harm(
+    target, body, extra, form_id, kind
+):
     # Vapi itself (the secret is right) sending something odd, or about a call not ours.
     if extra is not None and not isinstance(extra, bool) and len(json.dumps(extra)) % 2:
-        body = json.dumps({"message": {"type": kind, "endedReason": extra, "call": {
-            "id": str(extra)[:40], "assistantOverrides": {"metadata": {"formIds": [form_id]}}},
-            "analysis": {"structuredData": {"optOut": True}}}}).encode()
+        body = json.dumps(
+            {
+                "message": {
+                    "type": kind,
+                    "endedReason": extra,
+                    "call": {
+                        "id": str(extra)[:40],
+                        "assistantOverrides": {"metadata": {"formIds": [form_id]}},
+                    },
+                    "analysis": {"structuredData": {"optOut": True}},
+                }
+            }
+        ).encode()
     path = PATHS["call_events"]
-    answer = target.http.post(path, content=body, headers={
-        "content-type": "application/json", "x-vapi-secret": VAPI_WEBHOOK_SECRET})
+    answer = target.http.post(
+        path,
+        content=body,
+        headers={"content-type": "application/json", "x-vapi-secret": VAPI_WEBHOOK_SECRET},
+    )
     target.check("authenticated garbage to call-events", answer, allowed={200, 400, 413})
     if answer.status_code == 200:
         assert answer.json()["status"] == "ignored"
@@ -301,20 +430,35 @@ def test_authenticated_garbage_to_call_events_is_refused_without_harm(target, bo
 
 def failure_payloads() -> st.SearchStrategy[bytes]:
     source = st.one_of(
-        form_ids.map(lambda f: json.dumps({"formId": f}).encode()), st.binary(max_size=200),
-        st.integers(1, 5000).map(lambda d: b"[" * d + b"]" * d), json_values.map(
-            lambda v: json.dumps(v).encode()))
-    fields = st.fixed_dictionaries({}, optional={
-        "status": json_values, "retried": json_values, "maxRetries": json_values,
-        "sourceMessageId": st.one_of(st.text(max_size=80), json_values),
-        "dlqId": st.one_of(st.text(max_size=40), json_values),
-        "body": st.one_of(st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()),
-                          json_values,
-                          json_values.map(lambda v: base64.b64encode(
-                              json.dumps({"error": v}).encode()).decode())),
-        "sourceBody": st.one_of(source.map(lambda b: base64.b64encode(b).decode()), json_values,
-                                st.text(max_size=40)),
-        "header": json_values, "url": json_values})
+        form_ids.map(lambda f: json.dumps({"formId": f}).encode()),
+        st.binary(max_size=200),
+        st.integers(1, 5000).map(lambda d: b"[" * d + b"]" * d),
+        json_values.map(lambda v: json.dumps(v).encode()),
+    )
+    fields = st.fixed_dictionaries(
+        {},
+        optional={
+            "status": json_values,
+            "retried": json_values,
+            "maxRetries": json_values,
+            "sourceMessageId": st.one_of(st.text(max_size=80), json_values),
+            "dlqId": st.one_of(st.text(max_size=40), json_values),
+            "body": st.one_of(
+                st.binary(max_size=200).map(lambda b: base64.b64encode(b).decode()),
+                json_values,
+                json_values.map(
+                    lambda v: base64.b64encode(json.dumps({"error": v}).encode()).decode()
+                ),
+            ),
+            "sourceBody": st.one_of(
+                source.map(lambda b: base64.b64encode(b).decode()),
+                json_values,
+                st.text(max_size=40),
+            ),
+            "header": json_values,
+            "url": json_values,
+        },
+    )
     return st.one_of(fields.map(lambda d: json.dumps(d).encode()), raw_bodies)
 
 
@@ -329,17 +473,39 @@ def test_signed_garbage_to_failure_callback_is_refused_without_harm(target, body
 
 
 def webhook_payloads() -> st.SearchStrategy[bytes]:
-    rows = st.fixed_dictionaries({}, optional={
-        "id": form_ids, "deadline": st.one_of(json_values, st.datetimes().map(str)),
-        "submitted_at": json_values,
-        "qstash_message_id": st.one_of(json_values, st.sampled_from([
-            "../schedules/formcall-check-forms", "..", "a/b?c=d#e", "msg_\u0000",
-            "%2e%2e/schedules/formcall-check-forms", " msg_x", "msg_ok"]))})
-    payload = st.fixed_dictionaries({
-        "type": st.one_of(st.sampled_from(["INSERT", "UPDATE", "DELETE"]), json_values),
-        "table": st.one_of(st.just("forms"), json_values)}, optional={
-        "schema": json_values, "record": st.one_of(rows, json_values),
-        "old_record": st.one_of(rows, json_values)})
+    rows = st.fixed_dictionaries(
+        {},
+        optional={
+            "id": form_ids,
+            "deadline": st.one_of(json_values, st.datetimes().map(str)),
+            "submitted_at": json_values,
+            "qstash_message_id": st.one_of(
+                json_values,
+                st.sampled_from(
+                    [
+                        "../schedules/formcall-check-forms",
+                        "..",
+                        "a/b?c=d#e",
+                        "msg_\u0000",
+                        "%2e%2e/schedules/formcall-check-forms",
+                        " msg_x",
+                        "msg_ok",
+                    ]
+                ),
+            ),
+        },
+    )
+    payload = st.fixed_dictionaries(
+        {
+            "type": st.one_of(st.sampled_from(["INSERT", "UPDATE", "DELETE"]), json_values),
+            "table": st.one_of(st.just("forms"), json_values),
+        },
+        optional={
+            "schema": json_values,
+            "record": st.one_of(rows, json_values),
+            "old_record": st.one_of(rows, json_values),
+        },
+    )
     return st.one_of(payload.map(lambda d: json.dumps(d).encode()), raw_bodies)
 
 
@@ -352,23 +518,42 @@ def test_webhook_garbage_with_the_secret_changes_nothing(target, body):
     answer = target.http.post(PATHS["schedule_form"], content=body, headers=headers)
     if answer.status_code == 200:
         assert answer.json()["status"] in ("gone", "unchanged", "cancelled"), answer.text
-    target.check("webhook garbage with the secret", answer, allowed={200, 400, 413},
-                 qstash=True)
+    target.check("webhook garbage with the secret", answer, allowed={200, 400, 413}, qstash=True)
 
 
 def near_misses(secret: str) -> st.SearchStrategy[str]:
     return st.one_of(
-        st.just(secret[:-1]), st.just(secret + " x"), st.just(secret.upper()),
-        st.just(secret.swapcase()), st.just(secret[1:]), st.just(secret * 2),
-        st.just(" " + secret[:-1]), st.just(secret.replace(secret[0], "\u00e9", 1)),
+        st.just(secret[:-1]),
+        st.just(secret + " x"),
+        st.just(secret.upper()),
+        st.just(secret.swapcase()),
+        st.just(secret[1:]),
+        st.just(secret * 2),
+        st.just(" " + secret[:-1]),
+        st.just(secret.replace(secret[0], "\u00e9", 1)),
         st.integers(0, len(secret) - 1).flatmap(
-            lambda i: st.characters(min_codepoint=0x21, max_codepoint=0xFF).filter(
-                lambda c: c != secret[i]).map(lambda c: secret[:i] + c + secret[i + 1:])),
-        header_text)
+            lambda i: (
+                st.characters(min_codepoint=0x21, max_codepoint=0xFF)
+                .filter(lambda c: c != secret[i])
+                .map(lambda c: secret[:i] + c + secret[i + 1 :])
+            )
+        ),
+        header_text,
+    )
 
 
-@given(data=st.data(), where=st.sampled_from(["check_forms", "setup-bearer", "setup-query",
-                                               "schedule_form-bearer", "schedule_form-header"]))
+@given(
+    data=st.data(),
+    where=st.sampled_from(
+        [
+            "check_forms",
+            "setup-bearer",
+            "setup-query",
+            "schedule_form-bearer",
+            "schedule_form-header",
+        ]
+    ),
+)
 @hostile(0.1)
 def test_near_misses_of_the_secrets_never_authenticate(target, data, where):
     secret = WEBHOOK_SECRET if where.startswith("schedule_form") else target.keys.cron_secret
@@ -383,11 +568,15 @@ def test_near_misses_of_the_secrets_never_authenticate(target, data, where):
     elif where == "setup-query":
         answer = target.http.get(PATHS["setup"], params={"secret": guess})
     else:
-        body = json.dumps({"type": "INSERT", "table": "forms",
-                           "record": {"id": str(uuid.uuid4())}}).encode()
+        body = json.dumps(
+            {"type": "INSERT", "table": "forms", "record": {"id": str(uuid.uuid4())}}
+        ).encode()
         # A near miss as a bearer, or as the key of an otherwise perfect signature.
-        headers = [("authorization", bearer["authorization"])] if where.endswith("bearer") \
+        headers = (
+            [("authorization", bearer["authorization"])]
+            if where.endswith("bearer")
             else list(webhook_headers(body, secret=guess).items())
+        )
         answer = target.http.post(PATHS["schedule_form"], content=body, headers=headers)
     target.check("near misses of the secrets", answer, allowed={401})
 
@@ -396,7 +585,8 @@ def test_near_misses_of_the_secrets_never_authenticate(target, data, where):
 @hostile(0.02)
 def test_other_methods_get_405_with_allow(target, path, method):
     allowed = {"check_forms": {"GET", "POST", "HEAD"}, "setup": {"GET", "HEAD"}}.get(
-        next(k for k, v in PATHS.items() if v == path), {"POST"})
+        next(k for k, v in PATHS.items() if v == path), {"POST"}
+    )
     answer = target.http.request(method, path)
     if method in allowed:
         target.check("other methods", answer, allowed={401, 405} if method == "POST" else {401})
@@ -406,6 +596,7 @@ def test_other_methods_get_405_with_allow(target, path, method):
 
 
 # ---- the defects these cases found, one test each ---------------------------------------------
+
 
 def test_failure_callback_with_a_foreign_source_body_is_400_not_500(target):
     # Was 500 (psycopg DataError): a signed callback whose source body's formId is no UUID.
@@ -420,8 +611,15 @@ def test_failure_callback_with_nul_characters_is_recorded_not_500(target):
     # Was 500: PostgreSQL refuses NUL in text and jsonb (sourceMessageId, the last error).
     source = base64.b64encode(json.dumps({"formId": str(uuid.uuid4())}).encode()).decode()
     error = base64.b64encode(b'{"error": "bad\\u0000thing"}').decode()
-    body = json.dumps({"sourceBody": source, "sourceMessageId": "msg_\u0000x", "body": error,
-                       "dlqId": "\u0000", "status": "503\u0000"}).encode()
+    body = json.dumps(
+        {
+            "sourceBody": source,
+            "sourceMessageId": "msg_\u0000x",
+            "body": error,
+            "dlqId": "\u0000",
+            "status": "503\u0000",
+        }
+    ).encode()
     path = PATHS["failure_callback"]
     answer = target.http.post(path, content=body, headers=target.signed(path, body))
     target.check("found: NUL in the callback", answer, allowed={200})
@@ -436,20 +634,31 @@ def test_failure_callback_nested_too_deep_is_400_not_500(target):
     target.check("found: nested too deep", answer, allowed={400})
 
 
-@pytest.mark.parametrize("message_id", ["../schedules/formcall-check-forms", "..",
-                                        "a/b?c=d#e", "msg_\u0000", {"id": "msg_x"}])
+@pytest.mark.parametrize(
+    "message_id",
+    ["../schedules/formcall-check-forms", "..", "a/b?c=d#e", "msg_\u0000", {"id": "msg_x"}],
+)
 def test_a_deleted_forms_message_id_cannot_steer_qstash(target, message_id):
     # Was: DELETE /v2/messages/../schedules/formcall-check-forms, which deleted the hourly
     # schedule (httpx resolves the dots); a NUL was a 500 and "a/b?..." a 503.
-    body = json.dumps({"type": "DELETE", "table": "forms", "schema": "public", "record": None,
-                       "old_record": {"id": str(uuid.uuid4()),
-                                      "qstash_message_id": message_id}}).encode()
-    answer = target.http.post(PATHS["schedule_form"], content=body,
-                              headers=webhook_headers(body, secret=WEBHOOK_SECRET))
+    body = json.dumps(
+        {
+            "type": "DELETE",
+            "table": "forms",
+            "schema": "public",
+            "record": None,
+            "old_record": {"id": str(uuid.uuid4()), "qstash_message_id": message_id},
+        }
+    ).encode()
+    answer = target.http.post(
+        PATHS["schedule_form"], content=body, headers=webhook_headers(body, secret=WEBHOOK_SECRET)
+    )
     target.check("found: message id path injection", answer, allowed={200})
     assert answer.json()["status"] == "gone"
-    schedules = httpx.get(f"{target.qstash_url}/v2/schedules", headers={
-        "Authorization": f"Bearer {target.keys.qstash_token}"}).json()
+    schedules = httpx.get(
+        f"{target.qstash_url}/v2/schedules",
+        headers={"Authorization": f"Bearer {target.keys.qstash_token}"},
+    ).json()
     assert [s["scheduleId"] for s in schedules] == ["formcall-check-forms"]
 
 
@@ -457,24 +666,42 @@ def test_a_kept_message_id_that_is_not_qstashs_is_not_sent_to_qstash(target, pg_
     # The same through the row: a forms.qstash_message_id written by someone else.
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         patient = create_patient(conn)
-        form = create_form(conn, patient_id=patient, silent=True,
-                           deadline=datetime.now(timezone.utc) + timedelta(days=1),
-                           submitted_at=datetime.now(timezone.utc))
-        conn.execute("update forms set qstash_message_id = '../schedules/formcall-check-forms'"
-                     " where id = %s", (form,))
+        form = create_form(
+            conn,
+            patient_id=patient,
+            silent=True,
+            deadline=datetime.now(UTC) + timedelta(days=1),
+            submitted_at=datetime.now(UTC),
+        )
+        conn.execute(
+            "update forms set qstash_message_id = '../schedules/formcall-check-forms'"
+            " where id = %s",
+            (form,),
+        )
         try:
             target.baseline = target.fingerprint()
-            body = json.dumps({"type": "UPDATE", "table": "forms",
-                               "record": {"id": form, "submitted_at": "now"},
-                               "old_record": {"id": form}}).encode()
-            answer = target.http.post(PATHS["schedule_form"], content=body,
-                                      headers=webhook_headers(body, secret=WEBHOOK_SECRET))
+            body = json.dumps(
+                {
+                    "type": "UPDATE",
+                    "table": "forms",
+                    "record": {"id": form, "submitted_at": "now"},
+                    "old_record": {"id": form},
+                }
+            ).encode()
+            answer = target.http.post(
+                PATHS["schedule_form"],
+                content=body,
+                headers=webhook_headers(body, secret=WEBHOOK_SECRET),
+            )
             assert (answer.status_code, answer.json()["status"]) == (200, "cancelled")
-            schedules = httpx.get(f"{target.qstash_url}/v2/schedules", headers={
-                "Authorization": f"Bearer {target.keys.qstash_token}"}).json()
+            schedules = httpx.get(
+                f"{target.qstash_url}/v2/schedules",
+                headers={"Authorization": f"Bearer {target.keys.qstash_token}"},
+            ).json()
             assert [s["scheduleId"] for s in schedules] == ["formcall-check-forms"]
-            assert conn.execute("select qstash_message_id from forms where id = %s",
-                                (form,)).fetchone() == (None,)
+            assert conn.execute(
+                "select qstash_message_id from forms where id = %s", (form,)
+            ).fetchone() == (None,)
         finally:
             conn.execute("delete from forms where id = %s", (form,))
             conn.execute("delete from patients where id = %s", (patient,))

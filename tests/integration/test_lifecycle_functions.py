@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -12,7 +12,7 @@ from helpers import DOMAIN, call_form_event, failure_event, invoke
 
 from formcall import clients
 from formcall.signatures import sign
-from formcall_dev.events import http_event, sign_event, webhook_headers
+from formcall_dev.events import http_event, webhook_headers
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 
 WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
@@ -26,23 +26,34 @@ def hook_env(stack_env, monkeypatch):
     return stack_env
 
 
-def webhook(kind: str, record: dict | None, old: dict | None = None, *, secret=WEBHOOK_SECRET,
-            header="x-webhook-secret") -> dict:
+def webhook(
+    kind: str,
+    record: dict | None,
+    old: dict | None = None,
+    *,
+    secret=WEBHOOK_SECRET,
+    header="x-webhook-secret",
+) -> dict:
     """A webhook signed as the trigger signs it (header="static": the old static-secret form)."""
-    body = json.dumps({"type": kind, "table": "forms", "schema": "public", "record": record,
-                       "old_record": old}, default=str)
+    body = json.dumps(
+        {"type": kind, "table": "forms", "schema": "public", "record": record, "old_record": old},
+        default=str,
+    )
     headers = {"content-type": "application/json"}
     if secret is not None and header == "static":
         headers["x-webhook-secret"] = secret
     elif secret is not None:
         headers = webhook_headers(body, secret=secret)
-    return http_event(method="POST", path="/api/webhooks/forms", body=body, headers=headers,
-                      domain=DOMAIN)
+    return http_event(
+        method="POST", path="/api/webhooks/forms", body=body, headers=headers, domain=DOMAIN
+    )
 
 
 def row(conn, form_id) -> dict:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v)
-            for k, v in form_row(conn, form_id).items()}
+    return {
+        k: (v.isoformat() if isinstance(v, datetime) else v)
+        for k, v in form_row(conn, form_id).items()
+    }
 
 
 def message(env, keys, message_id):
@@ -51,7 +62,7 @@ def message(env, keys, message_id):
 
 def test_insert_publishes_the_deadline_message(hook_env, conn, keys):
     patient = create_patient(conn)
-    deadline = datetime.now(timezone.utc) + timedelta(hours=2)
+    deadline = datetime.now(UTC) + timedelta(hours=2)
     form = create_form(conn, patient_id=patient, deadline=deadline)
     answer = invoke("schedule_form", webhook("INSERT", row(conn, form)))
     assert answer.status == 200 and answer.body["status"] == "scheduled"
@@ -72,8 +83,7 @@ def test_insert_publishes_the_deadline_message(hook_env, conn, keys):
 
 def test_moved_deadline_replaces_the_message(hook_env, conn, keys):
     patient = create_patient(conn)
-    form = create_form(conn, patient_id=patient,
-                       deadline=datetime.now(timezone.utc) + timedelta(hours=2))
+    form = create_form(conn, patient_id=patient, deadline=datetime.now(UTC) + timedelta(hours=2))
     first = invoke("schedule_form", webhook("INSERT", row(conn, form))).body["messageId"]
     old = row(conn, form)
     conn.execute("update forms set deadline = deadline + interval '1 day' where id = %s", (form,))
@@ -85,29 +95,34 @@ def test_moved_deadline_replaces_the_message(hook_env, conn, keys):
     assert form_events(conn, form) == ["scheduled", "rescheduled"]
 
 
-@pytest.mark.parametrize("change, reason", [
-    ("submitted_at = now()", "submitted"), ("deadline = null", "no deadline")])
+@pytest.mark.parametrize(
+    "change, reason", [("submitted_at = now()", "submitted"), ("deadline = null", "no deadline")]
+)
 def test_submission_or_removed_deadline_cancels_the_message(hook_env, conn, keys, change, reason):
     patient = create_patient(conn)
-    form = create_form(conn, patient_id=patient,
-                       deadline=datetime.now(timezone.utc) + timedelta(hours=2))
+    form = create_form(conn, patient_id=patient, deadline=datetime.now(UTC) + timedelta(hours=2))
     first = invoke("schedule_form", webhook("INSERT", row(conn, form))).body["messageId"]
     old = row(conn, form)
     conn.execute(f"update forms set {change} where id = %s", (form,))
     answer = invoke("schedule_form", webhook("UPDATE", row(conn, form), old))
-    assert answer.body == {"status": "cancelled", "formId": form, "messageId": first,
-                           "notBefore": None}
+    assert answer.body == {
+        "status": "cancelled",
+        "formId": form,
+        "messageId": first,
+        "notBefore": None,
+    }
     assert message(hook_env, keys, first) is None
     assert form_row(conn, form)["qstash_message_id"] is None
-    events = conn.execute("select event, detail->>'reason' from form_call_events where form_id = %s"
-                          " order by id", (form,)).fetchall()
+    events = conn.execute(
+        "select event, detail->>'reason' from form_call_events where form_id = %s order by id",
+        (form,),
+    ).fetchall()
     assert events == [("scheduled", None), ("cancelled", reason)]
 
 
 def test_delete_cancels_the_message(hook_env, conn, keys):
     patient = create_patient(conn)
-    form = create_form(conn, patient_id=patient,
-                       deadline=datetime.now(timezone.utc) + timedelta(hours=2))
+    form = create_form(conn, patient_id=patient, deadline=datetime.now(UTC) + timedelta(hours=2))
     first = invoke("schedule_form", webhook("INSERT", row(conn, form))).body["messageId"]
     old = row(conn, form)
     conn.execute("delete from forms where id = %s", (form,))
@@ -126,7 +141,7 @@ def test_unrelated_update_is_ignored(hook_env, conn, keys):
 
 
 def test_late_night_deadline_is_scheduled_for_the_window(hook_env, conn, keys, monkeypatch):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     window, zone, opening = closed_window(now)
     monkeypatch.setenv("CALL_WINDOW", window)
     clients.reset()
@@ -136,27 +151,38 @@ def test_late_night_deadline_is_scheduled_for_the_window(hook_env, conn, keys, m
     assert datetime.fromisoformat(answer.body["notBefore"]) == opening
 
 
-@pytest.mark.parametrize("kwargs", [{"secret": None}, {"secret": "wrong-secret-0123456789"},
-                                    {"header": "static"}])
+@pytest.mark.parametrize(
+    "kwargs", [{"secret": None}, {"secret": "wrong-secret-0123456789"}, {"header": "static"}]
+)
 def test_webhook_without_the_signature_is_refused(hook_env, conn, keys, kwargs):
     # The static secret itself (X-Webhook-Secret, as a plain Database Webhook sends it) is
     # refused too: only a signature proves a fresh webhook.
     patient = create_patient(conn)
-    form = create_form(conn, patient_id=patient, deadline=datetime.now(timezone.utc))
+    form = create_form(conn, patient_id=patient, deadline=datetime.now(UTC))
     answer = invoke("schedule_form", webhook("INSERT", row(conn, form), **kwargs))
     assert answer.status == 401
     assert form_row(conn, form)["qstash_message_id"] is None
 
 
-@pytest.mark.parametrize("body", [
-    "nope", "[]", '{"type": "TRUNCATE", "table": "forms", "record": {"id": "x"}}',
-    '{"type": "INSERT", "table": "patients", "record": {"id": "6f1c1b9e-2a53-4c1e-9d55-0a5b3f7f2c11"}}',
-    '{"type": "INSERT", "table": "forms", "record": null}',
-    '{"type": "INSERT", "table": "forms", "record": {"id": "not-a-uuid"}}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "nope",
+        "[]",
+        '{"type": "TRUNCATE", "table": "forms", "record": {"id": "x"}}',
+        '{"type": "INSERT", "table": "patients", "record": {"id": "6f1c1b9e-2a53-4c1e-9d55-0a5b3f7f2c11"}}',
+        '{"type": "INSERT", "table": "forms", "record": null}',
+        '{"type": "INSERT", "table": "forms", "record": {"id": "not-a-uuid"}}',
+    ],
+)
 def test_bad_webhooks_get_400(hook_env, body):
-    event = http_event(method="POST", path="/", body=body, domain=DOMAIN,
-                       headers=webhook_headers(body, secret=WEBHOOK_SECRET))
+    event = http_event(
+        method="POST",
+        path="/",
+        body=body,
+        domain=DOMAIN,
+        headers=webhook_headers(body, secret=WEBHOOK_SECRET),
+    )
     assert invoke("schedule_form", event).status == 400
 
 
@@ -166,8 +192,9 @@ def test_failure_callback_fails_the_form_with_a_readable_reason(hook_env, conn, 
     assert answer.body == {"status": "recorded", "formId": due_form, "callStatus": "failed"}
     stored = form_row(conn, due_form)
     assert stored["call_status"] == "failed"
-    assert stored["last_call_error"] == ("QStash gave up after 5 retries: last answer HTTP 503 "
-                                         "(Vapi answered HTTP 503)")
+    assert stored["last_call_error"] == (
+        "QStash gave up after 5 retries: last answer HTTP 503 (Vapi answered HTTP 503)"
+    )
     # Idempotent: the same callback again changes nothing.
     again = invoke("failure_callback", failure_event(keys, due_form))
     assert again.status == 200
@@ -184,8 +211,9 @@ def test_failure_callback_leaves_a_called_form_called(hook_env, conn, due_form, 
 
 def test_failure_callback_needs_a_qstash_signature(hook_env, conn, due_form, keys):
     event = failure_event(keys, due_form)
-    event["headers"]["upstash-signature"] = sign(key=keys.current_key, url=f"https://{DOMAIN}/",
-                                                 body=event["body"].encode())
+    event["headers"]["upstash-signature"] = sign(
+        key=keys.current_key, url=f"https://{DOMAIN}/", body=event["body"].encode()
+    )
     assert invoke("failure_callback", event).status == 401
     assert form_row(conn, due_form)["call_status"] == "pending"
 
@@ -193,8 +221,13 @@ def test_failure_callback_needs_a_qstash_signature(hook_env, conn, due_form, key
 def test_failure_callback_with_a_foreign_body_is_400(hook_env, keys):
     body = json.dumps({"sourceBody": "!!!"})
     url = f"https://{DOMAIN}/"
-    event = http_event(method="POST", path="/", body=body, domain=DOMAIN, headers={
-        "upstash-signature": sign(key=keys.current_key, url=url, body=body.encode())})
+    event = http_event(
+        method="POST",
+        path="/",
+        body=body,
+        domain=DOMAIN,
+        headers={"upstash-signature": sign(key=keys.current_key, url=url, body=body.encode())},
+    )
     assert invoke("failure_callback", event).status == 400
 
 
@@ -207,14 +240,15 @@ def closed_window(now: datetime) -> tuple[str, str, datetime]:
             # Etc/GMT+N is UTC-N (the POSIX sign).
             zone = "UTC" if hours == 0 else f"Etc/GMT{'-' if hours > 0 else '+'}{abs(hours)}"
             start = (local + timedelta(hours=3)).replace(microsecond=0)
-            opening = (start - timedelta(hours=hours)).replace(tzinfo=timezone.utc)
+            opening = (start - timedelta(hours=hours)).replace(tzinfo=UTC)
             return f"{start:%H:%M:%S}-23:59:59", zone, opening
     raise AssertionError("some offset always puts the local time in the morning")
 
 
-def test_delivery_outside_the_window_is_deferred_to_its_opening(hook_env, conn, keys, vapi,
-                                                                monkeypatch):
-    now = datetime.now(timezone.utc)
+def test_delivery_outside_the_window_is_deferred_to_its_opening(
+    hook_env, conn, keys, vapi, monkeypatch
+):
+    now = datetime.now(UTC)
     window, zone, opening = closed_window(now)
     monkeypatch.setenv("CALL_WINDOW", window)
     clients.reset()
@@ -235,7 +269,7 @@ def test_delivery_outside_the_window_is_deferred_to_its_opening(hook_env, conn, 
 
 
 def test_invalid_time_zone_is_treated_as_utc(hook_env, conn, keys, vapi, monkeypatch):
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     start = now + timedelta(hours=2)
     if start.date() != now.date():  # late in the UTC day: a window that opened earlier today
         window = f"00:00-{(now - timedelta(minutes=5)):%H:%M:%S}"
@@ -251,19 +285,26 @@ def test_invalid_time_zone_is_treated_as_utc(hook_env, conn, keys, vapi, monkeyp
     assert datetime.fromisoformat(answer.body["until"]) == expected
 
 
-def test_sweep_enqueues_out_of_window_forms_for_the_opening(hook_env, conn, keys, vapi,
-                                                            monkeypatch):
-    now = datetime.now(timezone.utc)
+def test_sweep_enqueues_out_of_window_forms_for_the_opening(
+    hook_env, conn, keys, vapi, monkeypatch
+):
+    now = datetime.now(UTC)
     window, zone, opening = closed_window(now)
     monkeypatch.setenv("CALL_WINDOW", window)
     clients.reset()
     patient = create_patient(conn, timezone=zone)
     form = create_form(conn, patient_id=patient, deadline=now - timedelta(hours=2))
-    event = http_event(method="GET", path="/", domain=DOMAIN,
-                       headers={"authorization": f"Bearer {keys.cron_secret}"})
+    event = http_event(
+        method="GET",
+        path="/",
+        domain=DOMAIN,
+        headers={"authorization": f"Bearer {keys.cron_secret}"},
+    )
     assert invoke("check_forms", event).body["enqueued"] == 1
-    listed = httpx.get(f"{hook_env['QSTASH_URL']}/v2/_local/messages",
-                       headers={"Authorization": f"Bearer {keys.qstash_token}"}).json()
+    listed = httpx.get(
+        f"{hook_env['QSTASH_URL']}/v2/_local/messages",
+        headers={"Authorization": f"Bearer {keys.qstash_token}"},
+    ).json()
     bodies = [message(hook_env, keys, m["messageId"]) for m in listed["messages"]]
     mine = [m for m in bodies if m and json.loads(m["body"]) == {"formId": form}]
     assert len(mine) == 1
@@ -278,8 +319,9 @@ def test_malformed_call_window_is_named(hook_env, conn, keys, monkeypatch, due_f
     assert (answer.status, answer.body["settings"]) == (500, ["CALL_WINDOW"])
 
 
-def test_busy_lines_give_a_fresh_message_whatever_upstash_retried_says(hook_env, conn, keys, vapi,
-                                                                      due_form):
+def test_busy_lines_give_a_fresh_message_whatever_upstash_retried_says(
+    hook_env, conn, keys, vapi, due_form
+):
     # Upstash-Retried is not signed: a forged "last retry" must decide nothing.
     vapi.configure(concurrency_limit=0)
     answers = []
@@ -288,13 +330,16 @@ def test_busy_lines_give_a_fresh_message_whatever_upstash_retried_says(hook_env,
         event["headers"]["upstash-retried"] = retried
         answers.append(invoke("call_form", event))
     assert [(a.status, a.body["status"], a.body["reason"]) for a in answers] == [
-        (200, "deferred", "busy")] * 2
+        (200, "deferred", "busy")
+    ] * 2
     stored = form_row(conn, due_form)
     assert (stored["call_status"], stored["call_attempts"]) == ("pending", 0)
     queued = message(hook_env, keys, stored["qstash_message_id"])
     assert json.loads(queued["body"]) == {"formId": due_form}
     assert queued["url"] == hook_env["CALL_FORM_URL"]
     assert vapi.placed_calls() == []
-    delivered = conn.execute("select detail from form_call_events where form_id = %s"
-                             " and event = 'delivered'", (due_form,)).fetchall()
+    delivered = conn.execute(
+        "select detail from form_call_events where form_id = %s and event = 'delivered'",
+        (due_form,),
+    ).fetchall()
     assert [d[0]["unverified_retried"] for d in delivered] == ["0", "5"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -21,25 +21,36 @@ from formcall_dev.seed import create_forms_one_patient_each, form_events, form_r
 
 def deliver(url: str, form_id: str, key: str) -> httpx.Response:
     body = json.dumps({"formId": form_id}).encode()
-    return httpx.post(url, content=body, timeout=30, headers={
-        "content-type": "application/json", "upstash-signature": sign(key=key, url=url, body=body)})
+    return httpx.post(
+        url,
+        content=body,
+        timeout=30,
+        headers={
+            "content-type": "application/json",
+            "upstash-signature": sign(key=key, url=url, body=body),
+        },
+    )
 
 
 @pytest.fixture
 def lines(stack_env, monkeypatch):
     def configure(total: int, reserved: int = 0, **extra: str) -> dict:
-        values = {"VAPI_MAX_CONCURRENCY": str(total), "VAPI_RESERVED_LINES": str(reserved),
-                  **extra}
+        values = {"VAPI_MAX_CONCURRENCY": str(total), "VAPI_RESERVED_LINES": str(reserved), **extra}
         for name, value in values.items():
             monkeypatch.setenv(name, value)
         clients.reset()
         return {**stack_env, **values}
+
     return configure
 
 
 def due_forms(conn, count: int) -> list[str]:
-    return create_forms_one_patient_each(conn, count=count, title="Ledger form",
-                                         deadline=datetime.now(timezone.utc) - timedelta(minutes=1))
+    return create_forms_one_patient_each(
+        conn,
+        count=count,
+        title="Ledger form",
+        deadline=datetime.now(UTC) - timedelta(minutes=1),
+    )
 
 
 def in_flight(conn) -> int:
@@ -51,8 +62,9 @@ def test_fifty_concurrent_claims_on_three_free_lines_take_exactly_three(lines, v
     vapi.configure(hold=True)  # every call rings until the test ends it
     forms = due_forms(conn, 50)
     with ThreadPoolExecutor(25) as pool:
-        answers = list(pool.map(lambda f: deliver(env["CALL_FORM_URL"], f, keys.current_key),
-                                forms))
+        answers = list(
+            pool.map(lambda f: deliver(env["CALL_FORM_URL"], f, keys.current_key), forms)
+        )
     statuses = sorted(a.status_code for a in answers)
     assert statuses.count(200) == 3 and statuses.count(503) == 47
     assert len(vapi.requests) == 3 and vapi.max_concurrent == 3
@@ -63,8 +75,9 @@ def test_fifty_concurrent_claims_on_three_free_lines_take_exactly_three(lines, v
     assert waiting[0] == 47
 
     # A call ends: its line goes to the oldest waiting form at once, through call-events.
-    oldest = conn.execute("select id from forms where line_wait_at is not null"
-                          " order by line_wait_at, id limit 1").fetchone()[0]
+    oldest = conn.execute(
+        "select id from forms where line_wait_at is not null order by line_wait_at, id limit 1"
+    ).fetchone()[0]
     first_call = vapi.placed_calls()[0]["id"]
     vapi.end_call(first_call, "reached")
     wait_until(lambda: form_row(conn, str(oldest))["call_status"] == "called", timeout=30)
@@ -114,13 +127,25 @@ def test_qstash_giving_up_never_fails_a_form_waiting_for_a_line(lines, vapi, con
     busy, waiting = due_forms(conn, 2)
     deliver(env["CALL_FORM_URL"], busy, keys.current_key)
     assert deliver(env["CALL_FORM_URL"], waiting, keys.current_key).status_code == 503
-    payload = json.dumps({"status": 503, "retried": 5, "sourceMessageId": "msg_waiting",
-                          "sourceBody": base64.b64encode(json.dumps(
-                              {"formId": waiting}).encode()).decode(),
-                          "body": base64.b64encode(b'{"error": "no Vapi line free"}').decode()})
-    event = sign_event(http_event(method="POST", path="/api/jobs/failed", body=payload,
-                                  domain=DOMAIN, headers={"content-type": "application/json"}),
-                       key=keys.current_key)
+    payload = json.dumps(
+        {
+            "status": 503,
+            "retried": 5,
+            "sourceMessageId": "msg_waiting",
+            "sourceBody": base64.b64encode(json.dumps({"formId": waiting}).encode()).decode(),
+            "body": base64.b64encode(b'{"error": "no Vapi line free"}').decode(),
+        }
+    )
+    event = sign_event(
+        http_event(
+            method="POST",
+            path="/api/jobs/failed",
+            body=payload,
+            domain=DOMAIN,
+            headers={"content-type": "application/json"},
+        ),
+        key=keys.current_key,
+    )
     answer = invoke("failure_callback", event)
     assert answer.status == 200 and answer.body["callStatus"] == "pending"
     assert form_row(conn, waiting)["call_status"] == "pending"
@@ -129,8 +154,11 @@ def test_qstash_giving_up_never_fails_a_form_waiting_for_a_line(lines, vapi, con
     wait_until(lambda: form_row(conn, waiting)["call_status"] == "called", timeout=30)
 
 
-@pytest.mark.parametrize("fault", [{"drop": True}, {"status": 502, "place": True},
-                                   {"status": 502}], ids=["timeout", "created-then-502", "502"])
+@pytest.mark.parametrize(
+    "fault",
+    [{"drop": True}, {"status": 502, "place": True}, {"status": 502}],
+    ids=["timeout", "created-then-502", "502"],
+)
 def test_an_unknown_outcome_is_resolved_by_the_reconcile_message(lines, vapi, conn, keys, fault):
     # The lease is a second here: the reconcile message call-form publishes to itself comes
     # back through the local QStash and settles the claim against Vapi's call list.

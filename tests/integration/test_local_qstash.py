@@ -58,17 +58,27 @@ class Destination:
         self.max_in_flight: collections.Counter[str] = collections.Counter()
         self.changed = threading.Condition()
         self.base = ""
-        self.app = Starlette(routes=[Route("/{path:path}", self.handle,
-                                           methods=["GET", "POST", "PUT", "PATCH", "DELETE"])])
+        self.app = Starlette(
+            routes=[
+                Route(
+                    "/{path:path}", self.handle, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]
+                )
+            ]
+        )
 
     def url(self, path: str) -> str:
         return f"{self.base}/{path}"
 
     async def handle(self, request: Request) -> Response:
         path = request.path_params["path"]
-        delivery = Delivery(path=path, query=request.url.query, method=request.method,
-                            headers=dict(request.headers), body=await request.body(),
-                            at=time.time())
+        delivery = Delivery(
+            path=path,
+            query=request.url.query,
+            method=request.method,
+            headers=dict(request.headers),
+            body=await request.body(),
+            at=time.time(),
+        )
         with self.changed:
             index = sum(1 for d in self.deliveries if d.path == path)
             self.deliveries.append(delivery)
@@ -126,9 +136,14 @@ class LocalServer:
         return self.handle.url
 
     def app(self):
-        return create_app(dsn=self.dsn, token=self.token, current_signing_key=self.current_key,
-                          next_signing_key=self.next_key, schema=self.schema,
-                          time_scale=TIME_SCALE)
+        return create_app(
+            dsn=self.dsn,
+            token=self.token,
+            current_signing_key=self.current_key,
+            next_signing_key=self.next_key,
+            schema=self.schema,
+            time_scale=TIME_SCALE,
+        )
 
     def start(self) -> LocalServer:
         self.handle = serve_in_thread(self.app())
@@ -142,8 +157,9 @@ class LocalServer:
         return QStash(token or self.token, base_url=self.url, retry=False)
 
     def local(self, method: str, path: str) -> dict:
-        response = httpx.request(method, self.url + path,
-                                 headers={"Authorization": f"Bearer {self.token}"})
+        response = httpx.request(
+            method, self.url + path, headers={"Authorization": f"Bearer {self.token}"}
+        )
         response.raise_for_status()
         return response.json()
 
@@ -178,17 +194,24 @@ def body_hash(body: bytes) -> str:
 
 def events(server: LocalServer, message_id: str) -> list[dict]:
     """The message's log (GET /v2/events), newest first."""
-    answer = httpx.get(f"{server.url}/v2/events", params={"messageId": message_id},
-                       headers={"Authorization": f"Bearer {server.token}"})
+    answer = httpx.get(
+        f"{server.url}/v2/events",
+        params={"messageId": message_id},
+        headers={"Authorization": f"Bearer {server.token}"},
+    )
     answer.raise_for_status()
     return answer.json()["events"]
 
 
 def verify(delivery: Delivery, key: str, url: str) -> dict:
     """Check a delivery's Upstash-Signature independently of the SDK and return its claims."""
-    claims = jwt.decode(delivery.headers["upstash-signature"], key, algorithms=["HS256"],
-                        issuer="Upstash",
-                        options={"require": ["iss", "sub", "iat", "nbf", "exp", "jti"]})
+    claims = jwt.decode(
+        delivery.headers["upstash-signature"],
+        key,
+        algorithms=["HS256"],
+        issuer="Upstash",
+        options={"require": ["iss", "sub", "iat", "nbf", "exp", "jti"]},
+    )
     assert claims["sub"] == url
     assert claims["body"] == body_hash(delivery.body)
     return claims
@@ -199,8 +222,9 @@ def verify(delivery: Delivery, key: str, url: str) -> dict:
 
 def test_publish_json_is_delivered_once_with_signature_and_headers(server, qstash, receiver):
     destination = receiver.url("hooks/form?form=f1")
-    result = qstash.message.publish_json(url=destination, body={"form_id": "f1", "n": 1},
-                                         headers={"X-Form-Id": "f1"})
+    result = qstash.message.publish_json(
+        url=destination, body={"form_id": "f1", "n": 1}, headers={"X-Form-Id": "f1"}
+    )
 
     [delivery] = receiver.wait_for("hooks/form", 1)
     assert delivery.method == "POST"
@@ -224,15 +248,18 @@ def test_publish_json_is_delivered_once_with_signature_and_headers(server, qstas
         verify(delivery, server.next_key, destination)
     # The SDK's own receiver accepts it too (with the raw body text).
     Receiver(current_signing_key=server.current_key, next_signing_key=server.next_key).verify(
-        signature=delivery.headers["upstash-signature"], body=delivery.body.decode(),
-        url=destination)
+        signature=delivery.headers["upstash-signature"],
+        body=delivery.body.decode(),
+        url=destination,
+    )
 
     time.sleep(0.3)
     assert len(receiver.at("hooks/form")) == 1
     with pytest.raises(QStashError, match="404"):
         qstash.message.get(result.message_id)
-    states = [log.state.value for log in
-              qstash.log.list(filter={"message_id": result.message_id}).logs]
+    states = [
+        log.state.value for log in qstash.log.list(filter={"message_id": result.message_id}).logs
+    ]
     assert set(states) == {"CREATED", "ACTIVE", "DELIVERED"}
 
 
@@ -242,14 +269,17 @@ def test_requests_without_the_token_are_rejected(server, receiver):
     assert "error" in response.json()
 
     with pytest.raises(QStashError, match="401"):
-        server.client(token="wrong-" + server.token).message.publish(url=receiver.url("x"),
-                                                                     body="hi")
+        server.client(token="wrong-" + server.token).message.publish(
+            url=receiver.url("x"), body="hi"
+        )
     with pytest.raises(QStashError, match="401"):
         server.client(token="wrong").schedule.list()
 
     # ?qstash_token= works and is not passed on to the destination.
-    response = httpx.post(f"{server.url}/v2/publish/{receiver.url('q')}?a=1&qstash_token="
-                          f"{server.token}", content=b"hi")
+    response = httpx.post(
+        f"{server.url}/v2/publish/{receiver.url('q')}?a=1&qstash_token={server.token}",
+        content=b"hi",
+    )
     assert response.status_code == 200
     [delivery] = receiver.wait_for("q", 1)
     assert delivery.query == "a=1"
@@ -258,8 +288,9 @@ def test_requests_without_the_token_are_rejected(server, receiver):
 
 
 def test_failed_attempts_are_retried_with_the_same_message_id(server, qstash, receiver):
-    receiver.behaviours["flaky"] = lambda n: PlainTextResponse("busy", 500) if n < 2 \
-        else PlainTextResponse("ok")
+    receiver.behaviours["flaky"] = lambda n: (
+        PlainTextResponse("busy", 500) if n < 2 else PlainTextResponse("ok")
+    )
     result = qstash.message.publish(url=receiver.url("flaky"), body="payload", retries=3)
 
     attempts = receiver.wait_for("flaky", 3)
@@ -277,10 +308,13 @@ def test_failed_attempts_are_retried_with_the_same_message_id(server, qstash, re
 def test_exhausted_retries_go_to_the_dlq_and_call_the_failure_callback(server, qstash, receiver):
     receiver.behaviours["broken"] = lambda n: PlainTextResponse("boom", 500)
     result = qstash.message.publish_json(
-        url=receiver.url("broken"), body={"form_id": "f2"}, retries=2,
+        url=receiver.url("broken"),
+        body={"form_id": "f2"},
+        retries=2,
         headers={"X-Form-Id": "f2"},
         failure_callback=receiver.url("failed"),
-        failure_callback_headers={"Forward-X-Source": "local-test"})
+        failure_callback_headers={"Forward-X-Source": "local-test"},
+    )
 
     attempts = receiver.wait_for("broken", 3)
     assert [d.headers["upstash-retried"] for d in attempts] == ["0", "1", "2"]
@@ -321,7 +355,8 @@ def test_exhausted_retries_go_to_the_dlq_and_call_the_failure_callback(server, q
 
 def test_489_with_non_retryable_header_fails_at_once(server, qstash, receiver):
     receiver.behaviours["permanent"] = lambda n: PlainTextResponse(
-        "bad form", 489, headers={"Upstash-NonRetryable-Error": "true"})
+        "bad form", 489, headers={"Upstash-NonRetryable-Error": "true"}
+    )
     result = qstash.message.publish(url=receiver.url("permanent"), body="x", retries=3)
 
     receiver.wait_for("permanent", 1)
@@ -348,8 +383,11 @@ def test_489_without_the_header_is_retried(server, qstash, receiver):
 
 
 def test_retry_after_from_the_endpoint_is_honoured_unscaled(server, qstash, receiver):
-    receiver.behaviours["limited"] = lambda n: PlainTextResponse(
-        "slow down", 429, headers={"Retry-After": "1"}) if n == 0 else PlainTextResponse("ok")
+    receiver.behaviours["limited"] = lambda n: (
+        PlainTextResponse("slow down", 429, headers={"Retry-After": "1"})
+        if n == 0
+        else PlainTextResponse("ok")
+    )
     qstash.message.publish(url=receiver.url("limited"), body="x")
 
     first, second = receiver.wait_for("limited", 2, timeout=5)
@@ -357,18 +395,23 @@ def test_retry_after_from_the_endpoint_is_honoured_unscaled(server, qstash, rece
 
 
 def test_retry_delay_expression_replaces_the_default_backoff(server, qstash, receiver):
-    receiver.behaviours["custom"] = lambda n: PlainTextResponse("no", 500) if n < 2 \
-        else PlainTextResponse("ok")
+    receiver.behaviours["custom"] = lambda n: (
+        PlainTextResponse("no", 500) if n < 2 else PlainTextResponse("ok")
+    )
     # 400 s and 800 s of QStash time: 0.4 s and 0.8 s at TIME_SCALE.
-    qstash.message.publish(url=receiver.url("custom"), body="x", retries=2,
-                           retry_delay="400000 * pow(2, retried)")
+    qstash.message.publish(
+        url=receiver.url("custom"), body="x", retries=2, retry_delay="400000 * pow(2, retried)"
+    )
 
     first, second, third = receiver.wait_for("custom", 3, timeout=5)
     # The waits planned (each RETRY event's nextDeliveryTime against its own time, which is
     # stamped a statement later than the due time is computed): 0.4 s and 0.8 s, where the
     # scaled default backoff would have been 12 ms and 148 ms. Kept to: no retry came early.
-    retries = [event for event in events(server, first.headers["upstash-message-id"])
-               if event["state"] == "RETRY"]
+    retries = [
+        event
+        for event in events(server, first.headers["upstash-message-id"])
+        if event["state"] == "RETRY"
+    ]
     planned = sorted(event["nextDeliveryTime"] - event["time"] for event in retries)
     assert len(planned) == 2
     assert 150 < planned[0] <= 400 and 550 < planned[1] <= 800
@@ -376,25 +419,35 @@ def test_retry_delay_expression_replaces_the_default_backoff(server, qstash, rec
 
 
 def test_deduplication_id_answers_202_with_the_original_id(server, qstash, receiver):
-    first = qstash.message.publish_json(url=receiver.url("dedup"), body={"a": 1},
-                                        deduplication_id="form-f3-deadline")
-    second = qstash.message.publish_json(url=receiver.url("dedup"), body={"a": 2},
-                                         deduplication_id="form-f3-deadline")
+    first = qstash.message.publish_json(
+        url=receiver.url("dedup"), body={"a": 1}, deduplication_id="form-f3-deadline"
+    )
+    second = qstash.message.publish_json(
+        url=receiver.url("dedup"), body={"a": 2}, deduplication_id="form-f3-deadline"
+    )
     assert not first.deduplicated
     assert second.deduplicated and second.message_id == first.message_id
 
-    response = httpx.post(f"{server.url}/v2/publish/{receiver.url('dedup')}", content=b"{}",
-                          headers={"Authorization": f"Bearer {server.token}",
-                                   "Upstash-Deduplication-Id": "form-f3-deadline"})
+    response = httpx.post(
+        f"{server.url}/v2/publish/{receiver.url('dedup')}",
+        content=b"{}",
+        headers={
+            "Authorization": f"Bearer {server.token}",
+            "Upstash-Deduplication-Id": "form-f3-deadline",
+        },
+    )
     assert response.status_code == 202
     assert response.json() == {"messageId": first.message_id, "deduplicated": True}
 
-    content_a = qstash.message.publish(url=receiver.url("content"), body="same",
-                                       content_based_deduplication=True)
-    content_b = qstash.message.publish(url=receiver.url("content"), body="same",
-                                       content_based_deduplication=True)
-    content_c = qstash.message.publish(url=receiver.url("content"), body="different",
-                                       content_based_deduplication=True)
+    content_a = qstash.message.publish(
+        url=receiver.url("content"), body="same", content_based_deduplication=True
+    )
+    content_b = qstash.message.publish(
+        url=receiver.url("content"), body="same", content_based_deduplication=True
+    )
+    content_c = qstash.message.publish(
+        url=receiver.url("content"), body="different", content_based_deduplication=True
+    )
     assert content_b.deduplicated and content_b.message_id == content_a.message_id
     assert not content_c.deduplicated
 
@@ -412,8 +465,9 @@ def test_delay_and_not_before_are_respected(server, qstash, receiver):
     not_before = int(published_at) + 3
     qstash.message.publish(url=receiver.url("not-before"), body="x", not_before=not_before)
     # Not-Before wins over Upstash-Delay.
-    qstash.message.publish(url=receiver.url("both"), body="x", delay="1h",
-                           not_before=int(published_at) + 1)
+    qstash.message.publish(
+        url=receiver.url("both"), body="x", delay="1h", not_before=int(published_at) + 1
+    )
 
     time.sleep(1.5)
     assert receiver.at("delayed") == [] and receiver.at("not-before") == []
@@ -427,9 +481,14 @@ def test_delay_and_not_before_are_respected(server, qstash, receiver):
 
 def test_message_get_and_cancel(server, qstash, receiver):
     before = time.time()
-    result = qstash.message.publish_json(url=receiver.url("later"), body={"k": "v"}, delay=60,
-                                         retries=1, headers={"X-Form-Id": "f4"},
-                                         label="deadline")
+    result = qstash.message.publish_json(
+        url=receiver.url("later"),
+        body={"k": "v"},
+        delay=60,
+        retries=1,
+        headers={"X-Form-Id": "f4"},
+        label="deadline",
+    )
     after = time.time()
     message = qstash.message.get(result.message_id)
     assert message.message_id == result.message_id
@@ -447,8 +506,9 @@ def test_message_get_and_cancel(server, qstash, receiver):
     qstash.message.cancel(default.message_id)
 
     queued = server.local("GET", "/v2/_local/messages")["messages"]
-    assert [(m["messageId"], m["state"], m["retried"]) for m in queued] == \
-        [(result.message_id, "CREATED", 0)]
+    assert [(m["messageId"], m["state"], m["retried"]) for m in queued] == [
+        (result.message_id, "CREATED", 0)
+    ]
 
     qstash.message.cancel(result.message_id)
     with pytest.raises(QStashError, match="404"):
@@ -456,8 +516,10 @@ def test_message_get_and_cancel(server, qstash, receiver):
     with pytest.raises(QStashError, match="404"):
         qstash.message.cancel(result.message_id)
 
-    ids = [qstash.message.publish(url=receiver.url("later"), body="x", delay=60).message_id
-           for _ in range(3)]
+    ids = [
+        qstash.message.publish(url=receiver.url("later"), body="x", delay=60).message_id
+        for _ in range(3)
+    ]
     assert qstash.message.cancel_many(ids[:2]) == 2
     assert qstash.message.cancel_all() == 1
     assert server.local("GET", "/v2/_local/messages")["messages"] == []
@@ -467,15 +529,18 @@ def test_message_get_and_cancel(server, qstash, receiver):
     qstash.message.cancel(due_now.message_id)
     time.sleep(1.5)
     assert receiver.at("later") == [] and receiver.at("cancelled") == []
-    states = [log.state.value for log in
-              qstash.log.list(filter={"message_id": result.message_id}).logs]
+    states = [
+        log.state.value for log in qstash.log.list(filter={"message_id": result.message_id}).logs
+    ]
     assert "CANCELED" in states and "CANCEL_REQUESTED" in states
 
 
 def test_batch_json_of_150_messages_in_two_requests(server, qstash, receiver):
     server.local("POST", "/v2/_local/stats/reset")
-    messages = [{"url": receiver.url("batch"), "body": {"i": i}, "headers": {"X-I": str(i)}}
-                for i in range(150)]
+    messages = [
+        {"url": receiver.url("batch"), "body": {"i": i}, "headers": {"X-I": str(i)}}
+        for i in range(150)
+    ]
     answers = qstash.message.batch_json(messages[:100]) + qstash.message.batch_json(messages[100:])
     assert len({answer.message_id for answer in answers}) == 150
 
@@ -494,13 +559,16 @@ def test_batch_json_of_150_messages_in_two_requests(server, qstash, receiver):
 
 
 def test_a_bad_batch_element_gets_its_own_error(server, receiver):
-    response = httpx.post(f"{server.url}/v2/batch", headers={
-        "Authorization": f"Bearer {server.token}"}, json=[
-        {"destination": receiver.url("ok1"), "headers": {}, "body": "a", "queue": None},
-        {"destination": "ftp://nowhere", "headers": {}, "body": "b", "queue": None},
-        {"destination": receiver.url("ok2"), "headers": {"Upstash-Delay": "soon"}, "body": "c"},
-        {"destination": receiver.url("ok3"), "headers": {}, "body": None},
-    ])
+    response = httpx.post(
+        f"{server.url}/v2/batch",
+        headers={"Authorization": f"Bearer {server.token}"},
+        json=[
+            {"destination": receiver.url("ok1"), "headers": {}, "body": "a", "queue": None},
+            {"destination": "ftp://nowhere", "headers": {}, "body": "b", "queue": None},
+            {"destination": receiver.url("ok2"), "headers": {"Upstash-Delay": "soon"}, "body": "c"},
+            {"destination": receiver.url("ok3"), "headers": {}, "body": None},
+        ],
+    )
     assert response.status_code == 200
     first, second, third, fourth = response.json()
     assert "messageId" in first and "messageId" in fourth
@@ -513,17 +581,24 @@ def test_a_bad_batch_element_gets_its_own_error(server, receiver):
 
 def test_bad_headers_and_destinations_answer_400(server, qstash, receiver):
     url = receiver.url("never")
-    for kwargs in ({"url": "ftp://example.com/x"}, {"url": "my-url-group"},
-                   {"url": url, "delay": "soon"}, {"url": url, "timeout": "forever"},
-                   {"url": url, "retry_delay": "__import__('os').system('true')"},
-                   {"url": url, "retry_delay": "retried.__class__"},
-                   {"url": url, "method": "TRACE"},
-                   {"url": url, "flow_control": {"key": "k", "parallelism": 0}},
-                   {"url": url, "flow_control": {"key": "k", "rate": 5, "period": "often"}}):
+    for kwargs in (
+        {"url": "ftp://example.com/x"},
+        {"url": "my-url-group"},
+        {"url": url, "delay": "soon"},
+        {"url": url, "timeout": "forever"},
+        {"url": url, "retry_delay": "__import__('os').system('true')"},
+        {"url": url, "retry_delay": "retried.__class__"},
+        {"url": url, "method": "TRACE"},
+        {"url": url, "flow_control": {"key": "k", "parallelism": 0}},
+        {"url": url, "flow_control": {"key": "k", "rate": 5, "period": "often"}},
+    ):
         with pytest.raises(QStashError, match="400"):
             qstash.message.publish(body="x", **kwargs)
-    response = httpx.post(f"{server.url}/v2/publish/{url}", content=b"x", headers={
-        "Authorization": f"Bearer {server.token}", "Upstash-Retries": "-1"})
+    response = httpx.post(
+        f"{server.url}/v2/publish/{url}",
+        content=b"x",
+        headers={"Authorization": f"Bearer {server.token}", "Upstash-Retries": "-1"},
+    )
     assert response.status_code == 400 and "error" in response.json()
     time.sleep(0.2)
     assert receiver.at("never") == []
@@ -537,9 +612,11 @@ def test_method_timeout_and_encoded_destination(server, qstash, receiver):
     receiver.behaviours["slow"] = slow
     qstash.message.publish(url=receiver.url("put"), body="x", method="PUT")
     result = qstash.message.publish(url=receiver.url("slow"), body="x", timeout=1, retries=0)
-    encoded = httpx.post(f"{server.url}/v2/publish/" + urllib.parse.quote(receiver.url("enc"),
-                                                                          safe=""),
-                         content=b"x", headers={"Authorization": f"Bearer {server.token}"})
+    encoded = httpx.post(
+        f"{server.url}/v2/publish/" + urllib.parse.quote(receiver.url("enc"), safe=""),
+        content=b"x",
+        headers={"Authorization": f"Bearer {server.token}"},
+    )
     assert encoded.status_code == 200
 
     assert receiver.wait_for("put", 1)[0].method == "PUT"
@@ -555,8 +632,9 @@ def test_method_timeout_and_encoded_destination(server, qstash, receiver):
 
 def test_success_callback_receives_the_response(server, qstash, receiver):
     receiver.behaviours["answered"] = lambda n: PlainTextResponse("call placed", 201)
-    result = qstash.message.publish(url=receiver.url("answered"), body="x",
-                                    callback=receiver.url("callback"))
+    result = qstash.message.publish(
+        url=receiver.url("answered"), body="x", callback=receiver.url("callback")
+    )
     [callback] = receiver.wait_for("callback", 1)
     verify(callback, server.current_key, receiver.url("callback"))
     payload = callback.json
@@ -571,10 +649,12 @@ def test_success_callback_receives_the_response(server, qstash, receiver):
 
 def test_schedule_create_is_create_or_overwrite(server, qstash, receiver):
     destination = receiver.url("sweep")
-    first = qstash.schedule.create(destination=destination, cron="*/5 * * * *",
-                                   schedule_id="check-forms", retries=2)
-    second = qstash.schedule.create(destination=destination, cron="0 * * * *",
-                                    schedule_id="check-forms", retries=2)
+    first = qstash.schedule.create(
+        destination=destination, cron="*/5 * * * *", schedule_id="check-forms", retries=2
+    )
+    second = qstash.schedule.create(
+        destination=destination, cron="0 * * * *", schedule_id="check-forms", retries=2
+    )
     assert first == second == "check-forms"
     [schedule] = qstash.schedule.list()
     assert schedule.schedule_id == "check-forms"
@@ -590,8 +670,9 @@ def test_schedule_create_is_create_or_overwrite(server, qstash, receiver):
     qstash.schedule.resume("check-forms")
     assert not qstash.schedule.get("check-forms").paused
 
-    other = qstash.schedule.create(destination=destination,
-                                   cron="CRON_TZ=America/New_York 0 4 * * *")
+    other = qstash.schedule.create(
+        destination=destination, cron="CRON_TZ=America/New_York 0 4 * * *"
+    )
     assert other.startswith("scd_")
     assert len(qstash.schedule.list()) == 2
     qstash.schedule.delete(other)
@@ -608,8 +689,12 @@ def test_schedule_create_is_create_or_overwrite(server, qstash, receiver):
 
 
 def test_schedule_trigger_delivers_an_empty_body_with_the_schedule_id(server, qstash, receiver):
-    qstash.schedule.create(destination=receiver.url("tick"), cron="0 0 1 1 *",
-                           schedule_id="sweep.v1", headers={"X-Job": "sweep"})
+    qstash.schedule.create(
+        destination=receiver.url("tick"),
+        cron="0 0 1 1 *",
+        schedule_id="sweep.v1",
+        headers={"X-Job": "sweep"},
+    )
     first = server.local("POST", "/v2/_local/schedules/sweep.v1/trigger")["messageId"]
     second = server.local("POST", "/v2/_local/schedules/sweep.v1/trigger")["messageId"]
     assert first != second  # each trigger is a new message
@@ -623,25 +708,33 @@ def test_schedule_trigger_delivers_an_empty_body_with_the_schedule_id(server, qs
         claims = verify(delivery, server.current_key, receiver.url("tick"))
         assert claims["body"] == body_hash(b"")
     assert qstash.schedule.get("sweep.v1").last_schedule_time is not None
-    response = httpx.post(f"{server.url}/v2/_local/schedules/nope/trigger",
-                          headers={"Authorization": f"Bearer {server.token}"})
+    response = httpx.post(
+        f"{server.url}/v2/_local/schedules/nope/trigger",
+        headers={"Authorization": f"Bearer {server.token}"},
+    )
     assert response.status_code == 404
 
 
 def test_schedules_fire_at_their_cron_tick(server, qstash, receiver):
-    qstash.schedule.create(destination=receiver.url("cron"), schedule_id="morning",
-                           cron="CRON_TZ=America/New_York 0 4 * * *")
-    qstash.schedule.create(destination=receiver.url("paused"), cron="*/5 * * * *",
-                           schedule_id="paused")
+    qstash.schedule.create(
+        destination=receiver.url("cron"),
+        schedule_id="morning",
+        cron="CRON_TZ=America/New_York 0 4 * * *",
+    )
+    qstash.schedule.create(
+        destination=receiver.url("paused"), cron="*/5 * * * *", schedule_id="paused"
+    )
     qstash.schedule.pause("paused")
-    next_tick = datetime.fromtimestamp(qstash.schedule.get("morning").next_schedule_time / 1000,
-                                       ZoneInfo("America/New_York"))
+    next_tick = datetime.fromtimestamp(
+        qstash.schedule.get("morning").next_schedule_time / 1000, ZoneInfo("America/New_York")
+    )
     assert (next_tick.hour, next_tick.minute) == (4, 0)
 
     # Pretend both ticks were missed a few times: each schedule catches up with one trigger.
     with psycopg.connect(server.dsn, autocommit=True) as conn:
-        conn.execute(f"update {server.schema}.schedules"
-                     " set next_fire_at = now() - interval '3 days'")
+        conn.execute(
+            f"update {server.schema}.schedules set next_fire_at = now() - interval '3 days'"
+        )
     [delivery] = receiver.wait_for("cron", 1, timeout=5)
     assert delivery.headers["upstash-schedule-id"] == "morning"
     time.sleep(1.2)
@@ -664,8 +757,9 @@ def test_flow_control_parallelism_caps_deliveries_in_flight(server, qstash, rece
     receiver.behaviours["limited"] = slow
     receiver.behaviours["unlimited"] = slow
     for i in range(8):
-        qstash.message.publish(url=receiver.url("limited"), body=str(i),
-                               flow_control={"key": "vapi", "parallelism": 2})
+        qstash.message.publish(
+            url=receiver.url("limited"), body=str(i), flow_control={"key": "vapi", "parallelism": 2}
+        )
         qstash.message.publish(url=receiver.url("unlimited"), body=str(i))
 
     assert len(receiver.wait_for("limited", 8, timeout=10)) == 8
@@ -680,8 +774,11 @@ def test_flow_control_parallelism_caps_deliveries_in_flight(server, qstash, rece
 
 def test_flow_control_rate_limits_starts_per_period(server, qstash, receiver):
     for i in range(4):
-        qstash.message.publish(url=receiver.url("rated"), body=str(i),
-                               flow_control={"key": "rated", "rate": 2, "period": 1})
+        qstash.message.publish(
+            url=receiver.url("rated"),
+            body=str(i),
+            flow_control={"key": "rated", "rate": 2, "period": 1},
+        )
     deliveries = sorted(receiver.wait_for("rated", 4, timeout=10), key=lambda d: d.at)
     assert deliveries[2].at - deliveries[0].at >= 0.95
     assert deliveries[3].at - deliveries[1].at >= 0.95
@@ -692,8 +789,9 @@ def test_flow_control_rate_limits_starts_per_period(server, qstash, receiver):
 
 def test_a_restarted_server_still_delivers_queued_messages(server, qstash, receiver):
     result = qstash.message.publish(url=receiver.url("durable"), body="kept", delay=2)
-    qstash.schedule.create(destination=receiver.url("sweep"), cron="0 * * * *",
-                           schedule_id="kept-schedule")
+    qstash.schedule.create(
+        destination=receiver.url("sweep"), cron="0 * * * *", schedule_id="kept-schedule"
+    )
     server.stop()
     assert receiver.at("durable") == []  # so the delivery below is the new server's
 
@@ -723,8 +821,11 @@ def test_a_delivery_cut_short_by_a_stop_is_delivered_again(server, qstash, recei
     server.start()
 
     first, second = receiver.wait_for("interrupted", 2, timeout=10)
-    assert first.headers["upstash-message-id"] == second.headers["upstash-message-id"] \
+    assert (
+        first.headers["upstash-message-id"]
+        == second.headers["upstash-message-id"]
         == result.message_id
+    )
     time.sleep(0.3)
     assert len(receiver.at("interrupted")) == 2
     assert server.local("GET", "/v2/_local/messages")["messages"] == []
@@ -740,8 +841,10 @@ def test_two_servers_can_create_the_same_schema_at_once(pg_dsn, receiver):
     for thread in threads:
         thread.join()
     try:
-        ids = [s.client().message.publish(url=receiver.url("shared"), body="x").message_id
-               for s in (first, second)]
+        ids = [
+            s.client().message.publish(url=receiver.url("shared"), body="x").message_id
+            for s in (first, second)
+        ]
         deliveries = receiver.wait_for("shared", 2)
         assert sorted(d.headers["upstash-message-id"] for d in deliveries) == sorted(ids)
     finally:
@@ -755,8 +858,11 @@ def test_keys_and_generated_credentials(server, qstash):
     keys = qstash.signing_key.get()
     assert (keys.current, keys.next) == (server.current_key, server.next_key)
     credentials = generate_dev_credentials()
-    assert set(credentials) == {"QSTASH_TOKEN", "QSTASH_CURRENT_SIGNING_KEY",
-                                "QSTASH_NEXT_SIGNING_KEY"}
+    assert set(credentials) == {
+        "QSTASH_TOKEN",
+        "QSTASH_CURRENT_SIGNING_KEY",
+        "QSTASH_NEXT_SIGNING_KEY",
+    }
     for name in ("QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY"):
         assert credentials[name].startswith("sig_") and len(credentials[name]) == 32
     assert credentials != generate_dev_credentials()

@@ -9,7 +9,7 @@ DeliveryFailed alarms' datapoints (template.yaml).
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from helpers import DOMAIN, failure_event, invoke
@@ -51,18 +51,24 @@ def emitted(capsys):
 
 
 def manual_sweep(keys) -> dict:
-    return http_event(method="GET", path="/api/cron/check-forms", domain=DOMAIN,
-                      headers={"authorization": f"Bearer {keys.cron_secret}"})
+    return http_event(
+        method="GET",
+        path="/api/cron/check-forms",
+        domain=DOMAIN,
+        headers={"authorization": f"Bearer {keys.cron_secret}"},
+    )
 
 
 def test_a_sweep_emits_sweep_succeeded_and_counts_forms_overdue_over_an_hour(
-        stack_env, vapi, conn, keys, emitted):
+    stack_env, vapi, conn, keys, emitted
+):
     patient = create_patient(conn)
-    now = datetime.now(timezone.utc)
-    late = [create_form(conn, patient_id=patient, silent=True, deadline=now - timedelta(hours=h))
-            for h in (2, 30)]
-    recent = create_form(conn, patient_id=patient, silent=True,
-                         deadline=now - timedelta(minutes=5))
+    now = datetime.now(UTC)
+    late = [
+        create_form(conn, patient_id=patient, silent=True, deadline=now - timedelta(hours=h))
+        for h in (2, 30)
+    ]
+    recent = create_form(conn, patient_id=patient, silent=True, deadline=now - timedelta(minutes=5))
     forms = [*late, recent]
 
     answer = invoke("check_forms", manual_sweep(keys))
@@ -76,11 +82,16 @@ def test_a_sweep_emits_sweep_succeeded_and_counts_forms_overdue_over_an_hour(
     wait_until(lambda: all(form_row(conn, f)["call_status"] == "called" for f in forms))
 
 
-def test_a_sweep_with_a_failed_batch_emits_no_sweep_succeeded(stack_env, vapi, conn, keys,
-                                                              emitted, monkeypatch):
+def test_a_sweep_with_a_failed_batch_emits_no_sweep_succeeded(
+    stack_env, vapi, conn, keys, emitted, monkeypatch
+):
     patient = create_patient(conn)
-    create_form(conn, patient_id=patient, silent=True,
-                deadline=datetime.now(timezone.utc) - timedelta(minutes=5))
+    create_form(
+        conn,
+        patient_id=patient,
+        silent=True,
+        deadline=datetime.now(UTC) - timedelta(minutes=5),
+    )
     monkeypatch.setenv("QSTASH_URL", "http://127.0.0.1:1")  # nothing listens there
     clients.reset()
 
@@ -93,8 +104,7 @@ def test_a_sweep_with_a_failed_batch_emits_no_sweep_succeeded(stack_env, vapi, c
     assert found["EnqueueFailed"] == 1 and "OverdueOverAnHour" not in found
 
 
-def test_a_sweep_with_nothing_overdue_still_emits_sweep_succeeded(stack_env, vapi, keys,
-                                                                   emitted):
+def test_a_sweep_with_nothing_overdue_still_emits_sweep_succeeded(stack_env, vapi, keys, emitted):
     answer = invoke("check_forms", manual_sweep(keys))
 
     assert (answer.status, answer.body["found"]) == (200, 0)

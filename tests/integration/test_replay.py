@@ -12,7 +12,7 @@ import base64
 import json
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from helpers import DOMAIN, call_form_event, invoke
@@ -26,7 +26,8 @@ REPLAYED = {"error": "replayed token"}
 
 
 def test_a_delivery_replayed_six_times_while_vapi_fails_leaves_the_form_callable(
-        env, vapi, conn, due_form, keys):
+    env, vapi, conn, due_form, keys
+):
     vapi.add_rule(form_id=due_form, status=429)  # refused before anything was created
     captured = call_form_event(due_form, key=keys.current_key)
 
@@ -53,19 +54,41 @@ def test_a_delivery_replayed_six_times_while_vapi_fails_leaves_the_form_callable
     assert form_row(conn, due_form)["call_status"] == "called"
 
 
-@pytest.mark.parametrize("function, path", [("check_forms", "/api/cron/check-forms"),
-                                            ("failure_callback", "/api/jobs/failed")])
-def test_the_other_qstash_endpoints_refuse_a_replay(stack_env, monkeypatch, vapi, conn, due_form,
-                                                    keys, function, path):
+@pytest.mark.parametrize(
+    "function, path",
+    [("check_forms", "/api/cron/check-forms"), ("failure_callback", "/api/jobs/failed")],
+)
+def test_the_other_qstash_endpoints_refuse_a_replay(
+    stack_env, monkeypatch, vapi, conn, due_form, keys, function, path
+):
     monkeypatch.setenv("FAILURE_CALLBACK_URL", f"https://{DOMAIN}/api/jobs/failed")
     clients.reset()
-    body = "" if function == "check_forms" else json.dumps({
-        "status": 503, "retried": 5, "maxRetries": 5, "sourceMessageId": "msg_replayed",
-        "body": "", "url": f"https://{DOMAIN}/api/jobs/call-form", "method": "POST",
-        "sourceBody": base64.b64encode(json.dumps({"formId": due_form}).encode()).decode()})
-    event = sign_event(http_event(method="POST", path=path, body=body, domain=DOMAIN,
-                                  headers={"content-type": "application/json"}),
-                       key=keys.current_key)
+    body = (
+        ""
+        if function == "check_forms"
+        else json.dumps(
+            {
+                "status": 503,
+                "retried": 5,
+                "maxRetries": 5,
+                "sourceMessageId": "msg_replayed",
+                "body": "",
+                "url": f"https://{DOMAIN}/api/jobs/call-form",
+                "method": "POST",
+                "sourceBody": base64.b64encode(json.dumps({"formId": due_form}).encode()).decode(),
+            }
+        )
+    )
+    event = sign_event(
+        http_event(
+            method="POST",
+            path=path,
+            body=body,
+            domain=DOMAIN,
+            headers={"content-type": "application/json"},
+        ),
+        key=keys.current_key,
+    )
     first = invoke(function, event)
     events_after_first = form_events(conn, due_form)
     again = invoke(function, event)
@@ -75,15 +98,22 @@ def test_the_other_qstash_endpoints_refuse_a_replay(stack_env, monkeypatch, vapi
     assert form_events(conn, due_form) == events_after_first
 
 
-def test_a_token_issued_longer_ago_than_qstash_token_lifetime_is_refused(env, vapi, conn,
-                                                                         due_form, keys):
+def test_a_token_issued_longer_ago_than_qstash_token_lifetime_is_refused(
+    env, vapi, conn, due_form, keys
+):
     # Still unexpired by its own `exp`, but QStash never issues a token that lives this long.
     issued = int(time.time()) - TOKEN_LIFETIME - 60
     body = json.dumps({"formId": due_form})
-    event = http_event(method="POST", path="/", body=body, domain=DOMAIN,
-                       headers={"content-type": "application/json"})
-    event["headers"]["upstash-signature"] = sign(key=keys.current_key, url=f"https://{DOMAIN}/",
-                                                 body=body.encode(), now=issued, ttl=3600)
+    event = http_event(
+        method="POST",
+        path="/",
+        body=body,
+        domain=DOMAIN,
+        headers={"content-type": "application/json"},
+    )
+    event["headers"]["upstash-signature"] = sign(
+        key=keys.current_key, url=f"https://{DOMAIN}/", body=body.encode(), now=issued, ttl=3600
+    )
     answer = invoke("call_form", event)
     assert (answer.status, answer.body) == (401, {"error": "invalid signature"})
     assert vapi.requests == [] and form_events(conn, due_form) == []
@@ -99,9 +129,13 @@ def test_a_token_without_a_usable_jti_or_iat_is_refused(env, vapi, conn, due_for
     decoded.update(claims)
     decoded = {k: v for k, v in decoded.items() if v is not None}
     forged = pyjwt.encode(decoded, keys.current_key.encode(), algorithm="HS256")
-    event = http_event(method="POST", path="/", body=body, domain=DOMAIN,
-                       headers={"content-type": "application/json",
-                                "upstash-signature": forged})
+    event = http_event(
+        method="POST",
+        path="/",
+        body=body,
+        domain=DOMAIN,
+        headers={"content-type": "application/json", "upstash-signature": forged},
+    )
     answer = invoke("call_form", event)
     assert answer.status == 401
     assert vapi.requests == [] and form_events(conn, due_form) == []
@@ -109,7 +143,7 @@ def test_a_token_without_a_usable_jti_or_iat_is_refused(env, vapi, conn, due_for
 
 def test_concurrent_uses_of_one_token_accept_exactly_one(env, conn):
     store = clients.store()
-    until = datetime.now(timezone.utc) + timedelta(minutes=5)
+    until = datetime.now(UTC) + timedelta(minutes=5)
     results: list[bool] = []
     start = threading.Barrier(20)
 
@@ -127,7 +161,7 @@ def test_concurrent_uses_of_one_token_accept_exactly_one(env, conn):
 
 def test_expired_tokens_are_pruned_and_a_live_one_is_kept(env, conn):
     conn.execute("delete from qstash_tokens")
-    past = datetime.now(timezone.utc) - timedelta(seconds=1)
+    past = datetime.now(UTC) - timedelta(seconds=1)
     conn.execute("insert into qstash_tokens values ('jwt_old', %s)", (past,))
     store = clients.store()
     assert store.accept_qstash_token("jwt_new", expires_at=past + timedelta(minutes=6))
@@ -139,9 +173,13 @@ def test_a_forged_message_id_never_becomes_the_log_correlation_id(env, vapi, due
     # Finding 8: the correlation id is set only once the request is authenticated.
     from formcall.observability import logger
 
-    unsigned = http_event(method="POST", path="/", body=json.dumps({"formId": due_form}),
-                          domain=DOMAIN, headers={"content-type": "application/json",
-                                                  "upstash-message-id": "msg_forged"})
+    unsigned = http_event(
+        method="POST",
+        path="/",
+        body=json.dumps({"formId": due_form}),
+        domain=DOMAIN,
+        headers={"content-type": "application/json", "upstash-message-id": "msg_forged"},
+    )
     assert invoke("call_form", unsigned).status == 401
     assert logger.get_correlation_id() == unsigned["requestContext"]["requestId"]
 

@@ -24,8 +24,15 @@ TEMPLATE = ROOT / "template.yaml"
 LAYER_REQUIREMENTS = ROOT / "layers" / "shared" / "requirements.txt"
 LOCK = ROOT / "uv.lock"
 # How the layer's requirements are made from the lock (the Makefile's `make lock`).
-EXPORT = ["uv", "export", "--frozen", "--no-dev", "--no-emit-project", "--format",
-          "requirements-txt"]
+EXPORT = [
+    "uv",
+    "export",
+    "--frozen",
+    "--no-dev",
+    "--no-emit-project",
+    "--format",
+    "requirements-txt",
+]
 PACKAGE = ROOT / "shared" / "formcall"
 
 FUNCTIONS = {
@@ -44,10 +51,21 @@ SECRET_GROUPS = dict(formcall_secrets.SECRET_GROUPS)
 # Which secrets each function may read: exactly what it uses (issue 14, finding 7).
 FUNCTION_SECRETS = {
     "SetupFunction": ["QStashTokenSecret", "CronSecret"],
-    "CheckFormsFunction": ["DatabaseSecret", "QStashTokenSecret", "SigningKeysSecret",
-                           "CronSecret", "VapiKeySecret", "VapiWebhookSecret"],
-    "CallFormFunction": ["DatabaseSecret", "SigningKeysSecret", "QStashTokenSecret",
-                         "VapiKeySecret", "VapiWebhookSecret"],
+    "CheckFormsFunction": [
+        "DatabaseSecret",
+        "QStashTokenSecret",
+        "SigningKeysSecret",
+        "CronSecret",
+        "VapiKeySecret",
+        "VapiWebhookSecret",
+    ],
+    "CallFormFunction": [
+        "DatabaseSecret",
+        "SigningKeysSecret",
+        "QStashTokenSecret",
+        "VapiKeySecret",
+        "VapiWebhookSecret",
+    ],
     "CallEventsFunction": ["DatabaseSecret", "VapiWebhookSecret", "QStashTokenSecret"],
     "ScheduleFormFunction": ["DatabaseSecret", "WebhookSecret", "QStashTokenSecret"],
     "FailureCallbackFunction": ["DatabaseSecret", "SigningKeysSecret"],
@@ -62,17 +80,32 @@ FOLLOW_UPS = {"FOLLOW_UP_ON", "MAX_CALLS_PER_FORM", "FOLLOW_UP_DELAY_SECONDS"}
 LEDGER = {"VAPI_LINE_LEDGER", "VAPI_RESERVED_LINES", "VAPI_MAX_CALL_SECONDS"}
 # Each function gets only the plain settings it reads, and the ARNs of its secrets.
 ENVIRONMENT = {
-    "CallFormFunction": DATABASE | VAPI | CALLER | {"QSTASH_URL", "CALL_FORM_URL",
-                                                    "CALL_FORM_URL_PARAMETER"}
-    | POLICY | CAPS | LEDGER | {"CLAIM_LEASE_SECONDS"},
-    "CheckFormsFunction": {"QSTASH_URL", "CHECK_FORMS_URL"} | DATABASE | VAPI | CALLER
-    | {"CALL_FORM_URL"} | POLICY | FOLLOW_UPS | {"CALL_OUTCOME_TIMEOUT_SECONDS"} | LEDGER
+    "CallFormFunction": DATABASE
+    | VAPI
+    | CALLER
+    | {"QSTASH_URL", "CALL_FORM_URL", "CALL_FORM_URL_PARAMETER"}
+    | POLICY
+    | CAPS
+    | LEDGER
+    | {"CLAIM_LEASE_SECONDS"},
+    "CheckFormsFunction": {"QSTASH_URL", "CHECK_FORMS_URL"}
+    | DATABASE
+    | VAPI
+    | CALLER
+    | {"CALL_FORM_URL"}
+    | POLICY
+    | FOLLOW_UPS
+    | {"CALL_OUTCOME_TIMEOUT_SECONDS"}
+    | LEDGER
     | {"CLAIM_LEASE_SECONDS"},
     "SetupFunction": {"QSTASH_URL", "CHECK_FORMS_URL"},
     "ScheduleFormFunction": {"QSTASH_URL"} | DATABASE | {"CALL_FORM_URL"} | POLICY,
     "FailureCallbackFunction": DATABASE | {"FAILURE_CALLBACK_URL"},
-    "CallEventsFunction": DATABASE | {"QSTASH_URL", "VAPI_SERVER_CREDENTIAL_ID",
-                                      "CALL_FORM_URL_PARAMETER"} | POLICY | FOLLOW_UPS | LEDGER,
+    "CallEventsFunction": DATABASE
+    | {"QSTASH_URL", "VAPI_SERVER_CREDENTIAL_ID", "CALL_FORM_URL_PARAMETER"}
+    | POLICY
+    | FOLLOW_UPS
+    | LEDGER,
 }
 ENVIRONMENT = {name: names | {"FORMCALL_SECRET_ARNS"} for name, names in ENVIRONMENT.items()}
 GLOBAL_ENVIRONMENT = {
@@ -82,8 +115,11 @@ GLOBAL_ENVIRONMENT = {
     "FORMCALL_SECRET_MAX_AGE": {"Ref": "SecretMaxAgeSeconds"},
 }
 # Where each function's own URL is the edge's (UseEdge) or else absent/its Function URL.
-EDGE_PATHS = {"CALL_FORM_URL": "/api/jobs/call-form", "CHECK_FORMS_URL": "/api/cron/check-forms",
-              "FAILURE_CALLBACK_URL": "/api/jobs/failed"}
+EDGE_PATHS = {
+    "CALL_FORM_URL": "/api/jobs/call-form",
+    "CHECK_FORMS_URL": "/api/cron/check-forms",
+    "FAILURE_CALLBACK_URL": "/api/jobs/failed",
+}
 CONCURRENCY = {
     # function: (parameter, condition, default)
     "CallFormFunction": ("CallFormReservedConcurrency", "ReserveCallForm", 20),
@@ -93,19 +129,45 @@ CONCURRENCY = {
     "SetupFunction": ("SetupMaxConcurrency", "CapSetup", 1),
     "CallEventsFunction": ("CallEventsReservedConcurrency", "ReserveCallEvents", 20),
 }
-# The metric names formcall emits (formcall.call_form, formcall.sweep, formcall.failures, formcall.schedule); alarms and the dashboard use only these.
+# The metric names formcall emits (its use-case modules); alarms and the dashboard use only these.
 METRICS = {
-    "CallsPlaced", "CallsSkipped", "CallsFailed", "CallsRetried", "CallsOutcomeUnknown",
-    "CallsDeferred", "FormsFound", "FormsEnqueued", "EnqueueFailed", "DeliveryFailed",
-    "OverdueOverAnHour", "SweepSucceeded", "FormsScheduled", "FormsCancelled",
-    "CallsCapped", "CallsEnded", "CallsReached", "CallsNotReached", "CallEventsIgnored",
-    "PatientsOptedOut", "FollowUpsScheduled", "CallsWaitingForLine", "LineWakeups",
+    "CallsPlaced",
+    "CallsSkipped",
+    "CallsFailed",
+    "CallsRetried",
+    "CallsOutcomeUnknown",
+    "CallsDeferred",
+    "FormsFound",
+    "FormsEnqueued",
+    "EnqueueFailed",
+    "DeliveryFailed",
+    "OverdueOverAnHour",
+    "SweepSucceeded",
+    "FormsScheduled",
+    "FormsCancelled",
+    "CallsCapped",
+    "CallsEnded",
+    "CallsReached",
+    "CallsNotReached",
+    "CallEventsIgnored",
+    "PatientsOptedOut",
+    "FollowUpsScheduled",
+    "CallsWaitingForLine",
+    "LineWakeups",
 }
 # call-form's own URL: one SSM parameter, read by call-form and call-events only.
-CALL_FORM_URL_READ = {"Statement": [{
-    "Effect": "Allow", "Action": "ssm:GetParameter",
-    "Resource": {"Fn::Sub": "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}"
-                            ":parameter/${AWS::StackName}/call-form-url"}}]}
+CALL_FORM_URL_READ = {
+    "Statement": [
+        {
+            "Effect": "Allow",
+            "Action": "ssm:GetParameter",
+            "Resource": {
+                "Fn::Sub": "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}"
+                ":parameter/${AWS::StackName}/call-form-url"
+            },
+        }
+    ]
+}
 # Deliberately not in the layer: the python3.12 Lambda runtime ships boto3 and botocore.
 FROM_RUNTIME = {"boto3"}
 
@@ -246,15 +308,24 @@ def test_layer_requirements_are_the_locks_hashed_export():
         at = command.index("--output-file")
         del command[at : at + 2]
     uv = Path(sys.executable).with_name("uv")
-    done = subprocess.run([str(uv if uv.exists() else "uv"), *command[1:]], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, "UV_PYTHON_DOWNLOADS": "never"})
+    done = subprocess.run(
+        [str(uv if uv.exists() else "uv"), *command[1:]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "UV_PYTHON_DOWNLOADS": "never"},
+    )
 
     assert done.returncode == 0, done.stderr
+
     def body(text: str) -> list[str]:
         return [line for line in text.splitlines() if not line.startswith("#")]
+
     assert body(LAYER_REQUIREMENTS.read_text()) == body(done.stdout), (
-        "layers/shared/requirements.txt is out of date with uv.lock: run `make lock`")
+        "layers/shared/requirements.txt is out of date with uv.lock: run `make lock`"
+    )
 
 
 def test_layer_pins_and_hashes_every_runtime_package_but_the_runtimes_own():
@@ -277,7 +348,8 @@ def test_layer_pins_and_hashes_every_runtime_package_but_the_runtimes_own():
         assert sorted(hashes) == sorted(f["hash"] for f in files), name
     # pyproject.toml's pins are the lock's (a lock left stale after editing a pin fails here).
     for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
-            "dependencies"]:
+        "dependencies"
+    ]:
         name, version = re.sub(r"\[.*\]", "", requirement).split("==")
         assert packages[re.sub(r"[-_.]+", "-", name).lower()]["version"] == version, name
 
@@ -369,8 +441,9 @@ def test_functions_learn_each_others_urls(template):
     for name in ("CheckFormsFunction", "ScheduleFormFunction"):
         assert env(name)["CALL_FORM_URL"] == url("CallFormFunction", "CALL_FORM_URL")
     for name in ("CallFormFunction", "CheckFormsFunction"):
-        assert env(name)["CALL_EVENTS_URL"] == {"Fn::GetAtt": ["CallEventsFunctionUrl",
-                                                               "FunctionUrl"]}
+        assert env(name)["CALL_EVENTS_URL"] == {
+            "Fn::GetAtt": ["CallEventsFunctionUrl", "FunctionUrl"]
+        }
     # call-form's own URL, for itself and for call-events, through an SSM parameter.
     parameter = resources["CallFormUrlParameter"]["Properties"]
     assert parameter["Value"] == url("CallFormFunction", "CALL_FORM_URL")
@@ -378,28 +451,42 @@ def test_functions_learn_each_others_urls(template):
         assert env(name)["CALL_FORM_URL_PARAMETER"] == parameter["Name"]
         assert CALL_FORM_URL_READ in resources[name]["Properties"]["Policies"]
     for name in ("CallFormFunction", "CheckFormsFunction", "ScheduleFormFunction"):
-        assert env(name)["FAILURE_CALLBACK_URL"] == url("FailureCallbackFunction",
-                                                        "FAILURE_CALLBACK_URL")
+        assert env(name)["FAILURE_CALLBACK_URL"] == url(
+            "FailureCallbackFunction", "FAILURE_CALLBACK_URL"
+        )
 
 
 @pytest.mark.sam
-@pytest.mark.parametrize("name, setting", [("CallFormFunction", "CALL_FORM_URL"),
-                                           ("CheckFormsFunction", "CHECK_FORMS_URL"),
-                                           ("FailureCallbackFunction", "FAILURE_CALLBACK_URL")])
+@pytest.mark.parametrize(
+    "name, setting",
+    [
+        ("CallFormFunction", "CALL_FORM_URL"),
+        ("CheckFormsFunction", "CHECK_FORMS_URL"),
+        ("FailureCallbackFunction", "FAILURE_CALLBACK_URL"),
+    ],
+)
 def test_behind_the_edge_a_function_verifies_the_edge_url_as_subject(template, name, setting):
     # QStash signs the URL it was given: behind CloudFront that is the edge's, so the function
     # accepts it as the subject (PublicUrlSettings); without an edge it needs none.
     variables = template["Resources"][name]["Properties"]["Environment"]["Variables"]
-    assert variables[setting] == {"Fn::If": [
-        "UseEdge", {"Fn::Sub": f"https://${{EdgeDomainName}}{EDGE_PATHS[setting]}"},
-        {"Ref": "AWS::NoValue"}]}
+    assert variables[setting] == {
+        "Fn::If": [
+            "UseEdge",
+            {"Fn::Sub": f"https://${{EdgeDomainName}}{EDGE_PATHS[setting]}"},
+            {"Ref": "AWS::NoValue"},
+        ]
+    }
 
 
 @pytest.mark.sam
 def test_no_secret_is_a_parameter_or_in_any_function_configuration(template):
     parameters = template["Parameters"]
-    configuration = json.dumps({"Globals": template["Globals"],
-                                **{name: template["Resources"][name] for name in FUNCTIONS}})
+    configuration = json.dumps(
+        {
+            "Globals": template["Globals"],
+            **{name: template["Resources"][name] for name in FUNCTIONS},
+        }
+    )
 
     assert not [name for name, p in parameters.items() if p.get("NoEcho")]
     assert not {"QStashToken", "CronSecret", "VapiPrivateKey", "DatabaseUrl"} & set(parameters)
@@ -411,9 +498,13 @@ def test_plain_settings_come_from_parameters(template):
     parameters = template["Parameters"]
     used = {
         ref["Ref"]
-        for variables in [template["Globals"]["Function"]["Environment"]["Variables"],
-                          *(template["Resources"][n]["Properties"]["Environment"]["Variables"]
-                            for n in FUNCTIONS)]
+        for variables in [
+            template["Globals"]["Function"]["Environment"]["Variables"],
+            *(
+                template["Resources"][n]["Properties"]["Environment"]["Variables"]
+                for n in FUNCTIONS
+            ),
+        ]
         for ref in variables.values()
         if isinstance(ref, dict) and "Ref" in ref
     }
@@ -427,9 +518,10 @@ def test_plain_settings_come_from_parameters(template):
 
     defaults = {name: field.default for name, field in CallPolicySettings.model_fields.items()}
     assert parameters["CallWindow"]["Default"] == defaults["CALL_WINDOW"]
-    assert (parameters["VapiMaxConcurrency"]["Default"],
-            parameters["VapiCallsPerMinute"]["Default"]) == (defaults["VAPI_MAX_CONCURRENCY"],
-                                                           defaults["VAPI_CALLS_PER_MINUTE"])
+    assert (
+        parameters["VapiMaxConcurrency"]["Default"],
+        parameters["VapiCallsPerMinute"]["Default"],
+    ) == (defaults["VAPI_MAX_CONCURRENCY"], defaults["VAPI_CALLS_PER_MINUTE"])
     assert parameters["SecretMaxAgeSeconds"]["Default"] == formcall_secrets.DEFAULT_MAX_AGE
     assert parameters["AlarmTopicArn"]["Default"] == ""
 
@@ -449,12 +541,14 @@ def test_each_secret_holds_one_concern_and_every_setting_has_one(template):
             assert generated["PasswordLength"] >= 16 and generated["ExcludePunctuation"] is True
         else:  # the providers' keys: empty for the operator to fill
             assert json.loads(props["SecretString"]) == dict.fromkeys(keys, "")
-    generated = {name for name in SECRET_GROUPS if "GenerateSecretString" in
-                 resources[name]["Properties"]}
+    generated = {
+        name for name in SECRET_GROUPS if "GenerateSecretString" in resources[name]["Properties"]
+    }
     assert generated == {"CronSecret", "WebhookSecret", "VapiWebhookSecret"}
     assert sorted(k for keys in SECRET_GROUPS.values() for k in keys) == sorted(SECRET_SETTINGS)
     assert template["Outputs"]["SecretArns"]["Value"] == {
-        "Fn::Join": [",", [{"Ref": name} for name in SECRET_GROUPS]]}
+        "Fn::Join": [",", [{"Ref": name} for name in SECRET_GROUPS]]
+    }
 
 
 @pytest.mark.sam
@@ -462,10 +556,12 @@ def test_each_secret_holds_one_concern_and_every_setting_has_one(template):
 def test_each_function_is_given_the_arns_of_exactly_its_secrets(template, name):
     props = template["Resources"][name]["Properties"]
     assert props["Environment"]["Variables"]["FORMCALL_SECRET_ARNS"] == {
-        "Fn::Join": [",", [{"Ref": secret} for secret in FUNCTION_SECRETS[name]]]}
-    assert props["Policies"] == [{"AWSSecretsManagerGetSecretValuePolicy": {
-        "SecretArn": {"Ref": secret}}} for secret in FUNCTION_SECRETS[name]] + (
-        [CALL_FORM_URL_READ] if name in ("CallFormFunction", "CallEventsFunction") else [])
+        "Fn::Join": [",", [{"Ref": secret} for secret in FUNCTION_SECRETS[name]]]
+    }
+    assert props["Policies"] == [
+        {"AWSSecretsManagerGetSecretValuePolicy": {"SecretArn": {"Ref": secret}}}
+        for secret in FUNCTION_SECRETS[name]
+    ] + ([CALL_FORM_URL_READ] if name in ("CallFormFunction", "CallEventsFunction") else [])
 
 
 @pytest.mark.sam
@@ -476,13 +572,17 @@ def test_each_function_has_its_concurrency_bounded_and_its_logs_kept(template, n
     parameters = template["Parameters"]
 
     assert props["ReservedConcurrentExecutions"] == {
-        "Fn::If": [condition, {"Ref": parameter}, {"Ref": "AWS::NoValue"}]}
+        "Fn::If": [condition, {"Ref": parameter}, {"Ref": "AWS::NoValue"}]
+    }
     assert parameters[parameter]["Default"] == default and parameters[parameter]["MinValue"] == -1
     assert template["Conditions"][condition] == {
-        "Fn::Not": [{"Fn::Equals": [{"Ref": parameter}, -1]}]}
+        "Fn::Not": [{"Fn::Equals": [{"Ref": parameter}, -1]}]
+    }
     group = props["LoggingConfig"]["LogGroup"]["Ref"]
-    assert template["Resources"][group] == {"Type": "AWS::Logs::LogGroup", "Properties": {
-        "RetentionInDays": {"Ref": "LogRetentionDays"}}}
+    assert template["Resources"][group] == {
+        "Type": "AWS::Logs::LogGroup",
+        "Properties": {"RetentionInDays": {"Ref": "LogRetentionDays"}},
+    }
     assert parameters["LogRetentionDays"]["Default"] == 90
     assert parameters["CallEventsReservedConcurrency"]["Default"] == 20
 
@@ -493,23 +593,35 @@ def test_edge_protection_is_opt_in_cloudfront_with_a_waf_rate_rule(template):
     acl, distribution = resources["EdgeWebAcl"], resources["EdgeDistribution"]
 
     assert template["Parameters"]["EdgeDomainName"]["Default"] == ""
-    assert conditions["UseEdge"] == {"Fn::And": [
-        {"Fn::Not": [{"Fn::Equals": [{"Ref": "EdgeDomainName"}, ""]}]},
-        {"Fn::Not": [{"Fn::Equals": [{"Ref": "EdgeCertificateArn"}, ""]}]}]}
+    assert conditions["UseEdge"] == {
+        "Fn::And": [
+            {"Fn::Not": [{"Fn::Equals": [{"Ref": "EdgeDomainName"}, ""]}]},
+            {"Fn::Not": [{"Fn::Equals": [{"Ref": "EdgeCertificateArn"}, ""]}]},
+        ]
+    }
     assert acl["Condition"] == distribution["Condition"] == "UseEdge"
     assert acl["Properties"]["Scope"] == "CLOUDFRONT"
     (rule,) = acl["Properties"]["Rules"]
     assert rule["Action"] == {"Block": {}}
     assert rule["Statement"]["RateBasedStatement"] == {
-        "Limit": {"Ref": "EdgeRateLimit"}, "EvaluationWindowSec": 300, "AggregateKeyType": "IP"}
+        "Limit": {"Ref": "EdgeRateLimit"},
+        "EvaluationWindowSec": 300,
+        "AggregateKeyType": "IP",
+    }
     config = distribution["Properties"]["DistributionConfig"]
     assert config["WebACLId"] == {"Fn::GetAtt": ["EdgeWebAcl", "Arn"]}
     assert config["Aliases"] == [{"Ref": "EdgeDomainName"}]
     routes = {b["PathPattern"]: b["TargetOriginId"] for b in config["CacheBehaviors"]}
-    assert routes == {path: name for name, path in [
-        ("call-form", "/api/jobs/call-form"), ("check-forms", "/api/cron/check-forms"),
-        ("setup", "/api/setup-qstash"), ("schedule-form", "/api/webhooks/forms"),
-        ("failure-callback", "/api/jobs/failed")]}
+    assert routes == {
+        path: name
+        for name, path in [
+            ("call-form", "/api/jobs/call-form"),
+            ("check-forms", "/api/cron/check-forms"),
+            ("setup", "/api/setup-qstash"),
+            ("schedule-form", "/api/webhooks/forms"),
+            ("failure-callback", "/api/jobs/failed"),
+        ]
+    }
     for behavior in [config["DefaultCacheBehavior"], *config["CacheBehaviors"]]:
         # Nothing cached, every header but Host forwarded (signatures reach the function).
         assert behavior["CachePolicyId"] == "4135ea2d-6df8-44a3-9df3-4b5a84be39ad"
@@ -542,9 +654,14 @@ for name, resource in template["Resources"].items():
             resource["Properties"][key] = f"s3://artifacts/{name}.zip"
 print(json.dumps(transform(template, {}, Policies())))
 """
-    done = subprocess.run([python, "-c", code, str(template_path)], capture_output=True,
-                          text=True, timeout=120, check=False,
-                          env={**os.environ, "AWS_DEFAULT_REGION": "us-east-1"})
+    done = subprocess.run(
+        [python, "-c", code, str(template_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "AWS_DEFAULT_REGION": "us-east-1"},
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -556,15 +673,25 @@ def test_each_function_may_read_only_its_own_secrets_after_the_transform():
     for name in FUNCTIONS:
         role = translated[f"{name}Role"]["Properties"]
         assert role["ManagedPolicyArns"] == [
-            "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"]  # its logs
-        statements = [statement for policy in role["Policies"]
-                      for statement in policy["PolicyDocument"]["Statement"]]
-        assert statements == [{
-            "Action": ["secretsmanager:GetSecretValue"], "Effect": "Allow",
-            "Resource": {"Fn::Sub": ["${secretArn}", {"secretArn": {"Ref": secret}}]},
-        } for secret in FUNCTION_SECRETS[name]] + (
-            CALL_FORM_URL_READ["Statement"] if name in ("CallFormFunction", "CallEventsFunction")
-            else []), name
+            "arn:aws:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole"
+        ]  # its logs
+        statements = [
+            statement
+            for policy in role["Policies"]
+            for statement in policy["PolicyDocument"]["Statement"]
+        ]
+        assert statements == [
+            {
+                "Action": ["secretsmanager:GetSecretValue"],
+                "Effect": "Allow",
+                "Resource": {"Fn::Sub": ["${secretArn}", {"secretArn": {"Ref": secret}}]},
+            }
+            for secret in FUNCTION_SECRETS[name]
+        ] + (
+            CALL_FORM_URL_READ["Statement"]
+            if name in ("CallFormFunction", "CallEventsFunction")
+            else []
+        ), name
         function = translated[name]["Properties"]
         assert function["ReservedConcurrentExecutions"]["Fn::If"][0] == CONCURRENCY[name][1]
         group = f"{name.removesuffix('Function')}LogGroup"
@@ -576,19 +703,33 @@ def test_each_function_may_read_only_its_own_secrets_after_the_transform():
 
 
 def alarms(template: dict) -> dict[str, dict]:
-    return {name: r["Properties"] for name, r in template["Resources"].items()
-            if r["Type"] == "AWS::CloudWatch::Alarm"}
+    return {
+        name: r["Properties"]
+        for name, r in template["Resources"].items()
+        if r["Type"] == "AWS::CloudWatch::Alarm"
+    }
 
 
 @pytest.mark.sam
 def test_alarms_watch_failures_errors_missed_jobs_and_the_sweep(template):
     found = alarms(template)
     topic = {"Fn::If": ["CreateAlarmTopic", {"Ref": "AlarmTopic"}, {"Ref": "AlarmTopicArn"}]}
-    formcall = {(a["MetricName"], a["ComparisonOperator"], a["Threshold"], a["TreatMissingData"],
-                 a["Period"] * a["EvaluationPeriods"])
-                for a in found.values() if a["Namespace"] == "formcall"}
-    errors = {a["Dimensions"][0]["Value"]["Ref"] for a in found.values()
-              if (a["Namespace"], a["MetricName"]) == ("AWS/Lambda", "Errors")}
+    formcall = {
+        (
+            a["MetricName"],
+            a["ComparisonOperator"],
+            a["Threshold"],
+            a["TreatMissingData"],
+            a["Period"] * a["EvaluationPeriods"],
+        )
+        for a in found.values()
+        if a["Namespace"] == "formcall"
+    }
+    errors = {
+        a["Dimensions"][0]["Value"]["Ref"]
+        for a in found.values()
+        if (a["Namespace"], a["MetricName"]) == ("AWS/Lambda", "Errors")
+    }
 
     assert formcall == {
         ("DeliveryFailed", "GreaterThanOrEqualToThreshold", 1, "notBreaching", 300),
@@ -629,7 +770,8 @@ def test_alarm_dimensions_are_the_ones_powertools_emits(template, monkeypatch):
     assert directive["Namespace"] == alarm["Namespace"]
     assert directive["Dimensions"] == [[d["Name"] for d in alarm["Dimensions"]]]
     assert {d["Name"]: emitted[d["Name"]] for d in alarm["Dimensions"]} == {
-        d["Name"]: d["Value"] for d in alarm["Dimensions"]}
+        d["Name"]: d["Value"] for d in alarm["Dimensions"]
+    }
 
 
 @pytest.mark.sam
@@ -638,10 +780,19 @@ def test_dashboard_shows_calls_and_deliveries(template):
     widgets = json.loads(body.replace("${AWS::Region}", "us-east-1"))["widgets"]
     shown = [tuple(m) for w in widgets for m in w["properties"]["metrics"]]
 
-    assert {m[1] for m in shown} == {"CallsPlaced", "CallsSkipped", "CallsDeferred",
-                                     "CallsFailed", "DeliveryFailed", "FormsEnqueued",
-                                     "CallsReached", "CallsNotReached", "FollowUpsScheduled",
-                                     "CallsCapped", "PatientsOptedOut"}
+    assert {m[1] for m in shown} == {
+        "CallsPlaced",
+        "CallsSkipped",
+        "CallsDeferred",
+        "CallsFailed",
+        "DeliveryFailed",
+        "FormsEnqueued",
+        "CallsReached",
+        "CallsNotReached",
+        "FollowUpsScheduled",
+        "CallsCapped",
+        "PatientsOptedOut",
+    }
     assert {m[1] for m in shown} <= METRICS
     assert all((m[0], m[2:]) == ("formcall", ("service", "formcall")) for m in shown)
 
@@ -661,8 +812,11 @@ def test_samconfig_has_three_environments_and_no_secrets():
     config = tomllib.loads((ROOT / "samconfig.toml").read_text())
 
     assert config["version"] == 0.1
-    for env, stack in [("default", "formcall"), ("staging", "formcall-staging"),
-                       ("prod", "formcall-prod")]:
+    for env, stack in [
+        ("default", "formcall"),
+        ("staging", "formcall-staging"),
+        ("prod", "formcall-prod"),
+    ]:
         deploy = config[env]["deploy"]["parameters"]
         assert deploy["stack_name"] == config[env]["global"]["parameters"]["stack_name"] == stack
         assert deploy["capabilities"] == "CAPABILITY_IAM"
@@ -695,8 +849,10 @@ def test_built_layer_holds_the_pins_for_aarch64(build_dir):
         )
         for d in python.glob("*.dist-info")
     }
-    wanted = {name: version for name, (version, _) in
-              hashed_requirements(LAYER_REQUIREMENTS.read_text()).items()}
+    wanted = {
+        name: version
+        for name, (version, _) in hashed_requirements(LAYER_REQUIREMENTS.read_text()).items()
+    }
 
     assert installed == wanted
     assert not FROM_RUNTIME & set(installed) and "botocore" not in installed

@@ -98,8 +98,9 @@ def in_secret(env, aws, monkeypatch):
     return Secret
 
 
-def test_settings_come_from_the_secret(in_secret, vapi, conn, due_form, keys,
-                                       get_secret_value_calls):
+def test_settings_come_from_the_secret(
+    in_secret, vapi, conn, due_form, keys, get_secret_value_calls
+):
     in_secret.use()
 
     answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
@@ -110,23 +111,30 @@ def test_settings_come_from_the_secret(in_secret, vapi, conn, due_form, keys,
     assert settings.load(settings.CronSettings).CRON_SECRET.get_secret_value() == keys.cron_secret
 
 
-def test_the_secret_is_read_once_per_max_age(in_secret, vapi, conn, keys, due_form,
-                                             get_secret_value_calls):
+def test_the_secret_is_read_once_per_max_age(
+    in_secret, vapi, conn, keys, due_form, get_secret_value_calls
+):
     in_secret.use(max_age=300)
 
     for _ in range(3):
         assert invoke("call_form", call_form_event(due_form, key=keys.current_key)).status == 200
-    for model in (settings.ReceiverSettings, settings.VapiSettings, settings.DatabaseSettings,
-                  settings.PublisherSettings, settings.CronSettings, settings.WebhookSettings):
+    for model in (
+        settings.ReceiverSettings,
+        settings.VapiSettings,
+        settings.DatabaseSettings,
+        settings.PublisherSettings,
+        settings.CronSettings,
+        settings.WebhookSettings,
+    ):
         settings.load(model)
 
     assert get_secret_value_calls == [in_secret.arn]
     assert len(vapi.calls_for_form(due_form)) == 1
 
 
-def test_a_rotated_signing_key_is_picked_up_after_max_age(in_secret, vapi, conn, keys, due_form,
-                                                          get_secret_value_calls,
-                                                          secret_read_times):
+def test_a_rotated_signing_key_is_picked_up_after_max_age(
+    in_secret, vapi, conn, keys, due_form, get_secret_value_calls, secret_read_times
+):
     in_secret.use(max_age=1)
     new_key = "sig_" + random.token_urlsafe(21)
     assert invoke("call_form", call_form_event(due_form, key=new_key)).status == 401
@@ -151,22 +159,33 @@ def test_a_rotated_signing_key_is_picked_up_after_max_age(in_secret, vapi, conn,
     assert invoke("call_form", call_form_event(due_form, key=keys.current_key)).status == 401
 
 
-def test_clients_are_rebuilt_only_when_their_settings_change(in_secret, vapi, conn, keys,
-                                                             due_form):
+def test_clients_are_rebuilt_only_when_their_settings_change(in_secret, vapi, conn, keys, due_form):
     in_secret.use(max_age=1)
     first_vapi, first_store, first_publisher = clients.vapi(), clients.store(), clients.publisher()
 
     in_secret.rotate(CRON_SECRET=random.token_urlsafe(24))
-    wait_until(lambda: settings.load(settings.CronSettings).CRON_SECRET.get_secret_value()
-               == in_secret.current["CRON_SECRET"], timeout=30)
+    wait_until(
+        lambda: (
+            settings.load(settings.CronSettings).CRON_SECRET.get_secret_value()
+            == in_secret.current["CRON_SECRET"]
+        ),
+        timeout=30,
+    )
     assert (clients.vapi(), clients.store(), clients.publisher()) == (
-        first_vapi, first_store, first_publisher)
+        first_vapi,
+        first_store,
+        first_publisher,
+    )
 
     new_vapi_key, new_token = random.token_urlsafe(24), random.token_urlsafe(24)
     in_secret.rotate(VAPI_PRIVATE_KEY=new_vapi_key, QSTASH_TOKEN=new_token)
     vapi.api_key = new_vapi_key  # Vapi now only accepts the rotated key
-    wait_until(lambda: settings.load(settings.VapiSettings).VAPI_PRIVATE_KEY.get_secret_value()
-               == new_vapi_key, timeout=30)
+    wait_until(
+        lambda: (
+            settings.load(settings.VapiSettings).VAPI_PRIVATE_KEY.get_secret_value() == new_vapi_key
+        ),
+        timeout=30,
+    )
     answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
 
     assert (answer.status, answer.body["status"]) == (200, "called")
@@ -189,7 +208,8 @@ BROKEN = {
 
 @pytest.mark.parametrize("case", BROKEN)
 def test_an_unusable_secret_answers_500_naming_it_and_nothing_happens(
-        case, in_secret, aws, vapi, conn, keys, due_form, logged):
+    case, in_secret, aws, vapi, conn, keys, due_form, logged
+):
     content, named = BROKEN[case]
     arn = None
     if content is None:
@@ -240,10 +260,20 @@ def test_without_a_secret_arn_powertools_parameters_is_never_imported():
         "settings.load(settings.CronSettings); "
         "print('aws_lambda_powertools.utilities.parameters' in sys.modules, 'boto3' in sys.modules)"
     )
-    env = {k: v for k, v in __import__("os").environ.items()
-           if k not in ("FORMCALL_SECRET_ARN", "FORMCALL_SECRET_ARNS")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=60, check=True)
+    env = {
+        k: v
+        for k, v in __import__("os").environ.items()
+        if k not in ("FORMCALL_SECRET_ARN", "FORMCALL_SECRET_ARNS")
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=True,
+    )
 
     assert done.stdout.split() == ["False", "False"]
 
@@ -253,28 +283,34 @@ def test_each_client_is_keyed_on_exactly_the_settings_it_reads():
     for name in ("store", "vapi", "publisher", "window"):
         factory = getattr(clients, name)
         source = inspect.getsource(factory.__wrapped__)
-        loaded = {node.args[0].attr for node in ast.walk(ast.parse(source))
-                  if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "load"}
+        loaded = {
+            node.args[0].attr
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "load"
+        }
         assert loaded == {model.__name__ for model in factory.models}, name
 
 
 # --- call-form's own URL from SSM (CALL_FORM_URL_PARAMETER) -------------------------------------
 
 
-def test_call_form_reads_its_own_url_from_the_ssm_parameter(env, aws, monkeypatch, conn, due_form,
-                                                           keys, vapi):
+def test_call_form_reads_its_own_url_from_the_ssm_parameter(
+    env, aws, monkeypatch, conn, due_form, keys, vapi
+):
     monkeypatch.delenv("CALL_FORM_URL")
     monkeypatch.setenv("CALL_FORM_URL_PARAMETER", "/formcall-test/call-form-url")
     boto3.client("ssm", region_name="us-east-1").put_parameter(
-        Name="/formcall-test/call-form-url", Type="String", Value=env["CALL_FORM_URL"])
+        Name="/formcall-test/call-form-url", Type="String", Value=env["CALL_FORM_URL"]
+    )
     clients.reset()
     assert settings.load(settings.CallFormUrlSettings).CALL_FORM_URL == env["CALL_FORM_URL"]
     answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
     assert answer.body["status"] == "called"
 
 
-def test_an_unreadable_url_parameter_is_a_named_configuration_error(env, aws, monkeypatch, conn,
-                                                                   due_form, keys, vapi):
+def test_an_unreadable_url_parameter_is_a_named_configuration_error(
+    env, aws, monkeypatch, conn, due_form, keys, vapi
+):
     monkeypatch.delenv("CALL_FORM_URL")
     monkeypatch.setenv("CALL_FORM_URL_PARAMETER", "/formcall-test/missing")
     clients.reset()
@@ -287,22 +323,32 @@ def test_an_unreadable_url_parameter_is_a_named_configuration_error(env, aws, mo
 # --- The secrets split by what they guard (issue 14, finding 7) -------------------------------
 
 # call-form's secrets, as template.yaml gives it (tests/integration/test_sam.py checks that).
-CALL_FORM_SECRETS = ["DatabaseSecret", "SigningKeysSecret", "QStashTokenSecret", "VapiKeySecret",
-                     "VapiWebhookSecret"]
+CALL_FORM_SECRETS = [
+    "DatabaseSecret",
+    "SigningKeysSecret",
+    "QStashTokenSecret",
+    "VapiKeySecret",
+    "VapiWebhookSecret",
+]
 
 
 @pytest.fixture
 def split(env, aws, monkeypatch):
     """One moto secret per SECRET_GROUPS entry, the settings moved out of the environment."""
     values = {name: env[name] for name in SECRET_SETTINGS if name in env}
-    values |= {"WEBHOOK_SECRET": random.token_urlsafe(24),
-               "VAPI_WEBHOOK_SECRET": random.token_urlsafe(24)}
+    values |= {
+        "WEBHOOK_SECRET": random.token_urlsafe(24),
+        "VAPI_WEBHOOK_SECRET": random.token_urlsafe(24),
+    }
     for name in values:
         monkeypatch.delenv(name, raising=False)
-    arns = {group: aws.create_secret(
-        Name=f"formcall/test/{group}",
-        SecretString=json.dumps({k: values[k] for k in keys if k in values}))["ARN"]
-        for group, keys in SECRET_GROUPS.items()}
+    arns = {
+        group: aws.create_secret(
+            Name=f"formcall/test/{group}",
+            SecretString=json.dumps({k: values[k] for k in keys if k in values}),
+        )["ARN"]
+        for group, keys in SECRET_GROUPS.items()
+    }
 
     def use(groups: list[str]) -> list[str]:
         chosen = [arns[g] for g in groups]
@@ -314,8 +360,9 @@ def split(env, aws, monkeypatch):
     return use
 
 
-def test_a_function_reads_each_of_its_secrets_once(split, vapi, conn, due_form, keys,
-                                                   get_secret_value_calls):
+def test_a_function_reads_each_of_its_secrets_once(
+    split, vapi, conn, due_form, keys, get_secret_value_calls
+):
     arns = split(CALL_FORM_SECRETS)
 
     for _ in range(2):
@@ -329,21 +376,25 @@ def test_a_function_cannot_see_the_secrets_it_was_not_given(split, vapi, conn, d
     # call-form is not given the cron or webhook secrets: they are simply not there.
     split(CALL_FORM_SECRETS)
     assert invoke("call_form", call_form_event(due_form, key=keys.current_key)).status == 200
-    for model, name in ((settings.CronSettings, "CRON_SECRET"),
-                        (settings.WebhookSettings, "WEBHOOK_SECRET")):
+    for model, name in (
+        (settings.CronSettings, "CRON_SECRET"),
+        (settings.WebhookSettings, "WEBHOOK_SECRET"),
+    ):
         with pytest.raises(ConfigurationError) as raised:
             settings.load(model)
         assert raised.value.names == [name]
 
 
-def test_rotating_one_secret_rebuilds_only_the_client_that_reads_it(split, aws, vapi, keys,
-                                                                    due_form, monkeypatch):
+def test_rotating_one_secret_rebuilds_only_the_client_that_reads_it(
+    split, aws, vapi, keys, due_form, monkeypatch
+):
     split(CALL_FORM_SECRETS)
     monkeypatch.setenv("FORMCALL_SECRET_MAX_AGE", "0")
     store, caller = clients.store(), clients.vapi()
     new_key = random.token_urlsafe(24)
-    aws.put_secret_value(SecretId=split.arns["VapiKeySecret"],
-                         SecretString=json.dumps({"VAPI_PRIVATE_KEY": new_key}))
+    aws.put_secret_value(
+        SecretId=split.arns["VapiKeySecret"], SecretString=json.dumps({"VAPI_PRIVATE_KEY": new_key})
+    )
     vapi.api_key = new_key
 
     answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
@@ -352,9 +403,9 @@ def test_rotating_one_secret_rebuilds_only_the_client_that_reads_it(split, aws, 
     assert clients.vapi() is not caller and clients.store() is store
 
 
-def test_one_unreadable_secret_among_several_answers_500_naming_the_list(split, vapi, conn,
-                                                                        due_form, keys,
-                                                                        monkeypatch):
+def test_one_unreadable_secret_among_several_answers_500_naming_the_list(
+    split, vapi, conn, due_form, keys, monkeypatch
+):
     arns = split(CALL_FORM_SECRETS)
     gone = arns[0].replace("DatabaseSecret", "GoneSecret")
     monkeypatch.setenv("FORMCALL_SECRET_ARNS", ",".join([gone, *arns[1:]]))

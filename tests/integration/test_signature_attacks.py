@@ -39,11 +39,19 @@ REFUSED = {"error": "invalid signature"}
 
 
 def failure_body(form_id: str, source: str = "msg_attack_1") -> str:
-    return json.dumps({
-        "status": 503, "retried": 5, "maxRetries": 5, "sourceMessageId": source,
-        "body": base64.b64encode(b'{"error": "Vapi answered HTTP 503"}').decode(),
-        "sourceBody": base64.b64encode(json.dumps({"formId": form_id}).encode()).decode(),
-        "url": f"https://{DOMAIN}/api/jobs/call-form", "method": "POST", "dlqId": "1-0"})
+    return json.dumps(
+        {
+            "status": 503,
+            "retried": 5,
+            "maxRetries": 5,
+            "sourceMessageId": source,
+            "body": base64.b64encode(b'{"error": "Vapi answered HTTP 503"}').decode(),
+            "sourceBody": base64.b64encode(json.dumps({"formId": form_id}).encode()).decode(),
+            "url": f"https://{DOMAIN}/api/jobs/call-form",
+            "method": "POST",
+            "dlqId": "1-0",
+        }
+    )
 
 
 @pytest.fixture
@@ -72,19 +80,35 @@ def hand_made(header: dict, claims: dict, key: bytes | None, digest=hashlib.sha2
 
 def claims_for(function: str, signed_body: str, changes: dict | None = None) -> dict:
     now = int(time.time())
-    claims = {"iss": "Upstash", "sub": url_of(function), "iat": now, "nbf": 0, "exp": now + 300,
-              "jti": "jwt_attack", "body": body_hash(signed_body.encode()) + "="}
+    claims = {
+        "iss": "Upstash",
+        "sub": url_of(function),
+        "iat": now,
+        "nbf": 0,
+        "exp": now + 300,
+        "jti": "jwt_attack",
+        "body": body_hash(signed_body.encode()) + "=",
+    }
     claims.update(changes or {})
     return {k: v for k, v in claims.items() if v is not None}
 
 
 def event(function: str, body: str, token: str | None, *, base64_body: bool = False) -> dict:
-    headers = {"content-type": "application/json", "upstash-message-id": "msg_attack",
-               "upstash-retried": "0"}
+    headers = {
+        "content-type": "application/json",
+        "upstash-message-id": "msg_attack",
+        "upstash-retried": "0",
+    }
     if token is not None:
         headers["upstash-signature"] = token
-    return http_event(method="POST", path=ENDPOINTS[function][0], body=body, headers=headers,
-                      domain=DOMAIN, base64_body=base64_body)
+    return http_event(
+        method="POST",
+        path=ENDPOINTS[function][0],
+        body=body,
+        headers=headers,
+        domain=DOMAIN,
+        base64_body=base64_body,
+    )
 
 
 def assert_refused(answer, vapi, conn, form) -> None:
@@ -99,13 +123,15 @@ def function(request) -> str:
     return request.param
 
 
-def test_a_valid_token_is_accepted_on_each_endpoint(signed_env, vapi, conn, due_form, keys,
-                                                    function):
+def test_a_valid_token_is_accepted_on_each_endpoint(
+    signed_env, vapi, conn, due_form, keys, function
+):
     # The control: every attack below differs from this in one respect only.
     body = ENDPOINTS[function][1](due_form)
-    answer = invoke(function, event(function, body, sign(key=keys.current_key,
-                                                          url=url_of(function),
-                                                          body=body.encode())))
+    answer = invoke(
+        function,
+        event(function, body, sign(key=keys.current_key, url=url_of(function), body=body.encode())),
+    )
     assert answer.status == 200
 
 
@@ -117,11 +143,13 @@ def test_alg_none_in_any_case_is_refused(signed_env, vapi, conn, due_form, keys,
 
 
 @pytest.mark.parametrize("alg, digest", [("HS384", hashlib.sha384), ("HS512", hashlib.sha512)])
-def test_another_hmac_algorithm_with_the_right_key_is_refused(signed_env, vapi, conn, due_form,
-                                                              keys, function, alg, digest):
+def test_another_hmac_algorithm_with_the_right_key_is_refused(
+    signed_env, vapi, conn, due_form, keys, function, alg, digest
+):
     body = ENDPOINTS[function][1](due_form)
-    token = hand_made({"alg": alg, "typ": "JWT"}, claims_for(function, body),
-                      keys.current_key.encode(), digest)
+    token = hand_made(
+        {"alg": alg, "typ": "JWT"}, claims_for(function, body), keys.current_key.encode(), digest
+    )
     assert_refused(invoke(function, event(function, body, token)), vapi, conn, due_form)
 
 
@@ -134,76 +162,112 @@ def test_an_asymmetric_algorithm_is_refused(signed_env, vapi, conn, due_form, ke
     assert_refused(invoke(function, event(function, body, token)), vapi, conn, due_form)
 
 
-def test_a_key_offered_in_the_token_header_is_ignored(signed_env, vapi, conn, due_form, keys,
-                                                      function):
+def test_a_key_offered_in_the_token_header_is_ignored(
+    signed_env, vapi, conn, due_form, keys, function
+):
     # jwk / jku / kid injection: the attacker's own key, announced in the header.
     body = ENDPOINTS[function][1](due_form)
     attacker = b"attacker-key-of-thirty-two-bytes!!"
-    header = {"alg": "HS256", "typ": "JWT", "kid": "../../dev/null",
-              "jku": "https://attacker.example/keys",
-              "jwk": {"kty": "oct", "k": b64url(attacker)}}
+    header = {
+        "alg": "HS256",
+        "typ": "JWT",
+        "kid": "../../dev/null",
+        "jku": "https://attacker.example/keys",
+        "jwk": {"kty": "oct", "k": b64url(attacker)},
+    }
     token = hand_made(header, claims_for(function, body), attacker)
     assert_refused(invoke(function, event(function, body, token)), vapi, conn, due_form)
 
 
-def test_a_token_signed_with_an_empty_key_is_refused(signed_env, vapi, conn, due_form, keys,
-                                                     function):
+def test_a_token_signed_with_an_empty_key_is_refused(
+    signed_env, vapi, conn, due_form, keys, function
+):
     body = ENDPOINTS[function][1](due_form)
     token = hand_made({"alg": "HS256", "typ": "JWT"}, claims_for(function, body), b"")
     assert_refused(invoke(function, event(function, body, token)), vapi, conn, due_form)
 
 
-def test_a_token_signed_with_a_wrong_key_is_refused(signed_env, vapi, conn, due_form, keys,
-                                                    function):
+def test_a_token_signed_with_a_wrong_key_is_refused(
+    signed_env, vapi, conn, due_form, keys, function
+):
     body = ENDPOINTS[function][1](due_form)
     token = sign(key="sig_" + "w" * 28, url=url_of(function), body=body.encode())
     assert_refused(invoke(function, event(function, body, token)), vapi, conn, due_form)
 
 
-def test_an_expired_token_is_refused_past_the_clock_tolerance(signed_env, vapi, conn, due_form,
-                                                              keys, function):
+def test_an_expired_token_is_refused_past_the_clock_tolerance(
+    signed_env, vapi, conn, due_form, keys, function
+):
     body = ENDPOINTS[function][1](due_form)
     # QSTASH_CLOCK_TOLERANCE is 5 s: expired 10 s ago is refused.
-    token = sign(key=keys.current_key, url=url_of(function), body=body.encode(),
-                 now=time.time() - 310)
+    token = sign(
+        key=keys.current_key, url=url_of(function), body=body.encode(), now=time.time() - 310
+    )
     assert_refused(invoke(function, event(function, body, token)), vapi, conn, due_form)
 
 
-def test_a_token_expired_within_the_clock_tolerance_is_accepted(signed_env, vapi, conn, due_form,
-                                                                keys):
+def test_a_token_expired_within_the_clock_tolerance_is_accepted(
+    signed_env, vapi, conn, due_form, keys
+):
     body = ENDPOINTS["call_form"][1](due_form)
-    token = sign(key=keys.current_key, url=url_of("call_form"), body=body.encode(),
-                 now=time.time() - 302)
+    token = sign(
+        key=keys.current_key, url=url_of("call_form"), body=body.encode(), now=time.time() - 302
+    )
     assert invoke("call_form", event("call_form", body, token)).status == 200
 
 
 @pytest.mark.parametrize("claim", ["nbf", "iat"])
-def test_a_token_not_yet_valid_is_refused(signed_env, vapi, conn, due_form, keys, function,
-                                          claim):
+def test_a_token_not_yet_valid_is_refused(signed_env, vapi, conn, due_form, keys, function, claim):
     body = ENDPOINTS[function][1](due_form)
-    token = sign(key=keys.current_key, url=url_of(function), body=body.encode(),
-                 **{claim: int(time.time()) + 120})
+    token = sign(
+        key=keys.current_key,
+        url=url_of(function),
+        body=body.encode(),
+        **{claim: int(time.time()) + 120},
+    )
     assert_refused(invoke(function, event(function, body, token)), vapi, conn, due_form)
 
 
-@pytest.mark.parametrize("changes", [
-    {"iss": "Someone"}, {"iss": "upstash"}, {"iss": None}, {"sub": None}, {"exp": None},
-    {"body": None}, {"sub": ["https://x"]}, {"body": 42}, {"exp": "never"}, {"aud": "formcall"},
-], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_a_changed_missing_or_mistyped_claim_is_refused(signed_env, vapi, conn, due_form, keys,
-                                                        function, changes):
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"iss": "Someone"},
+        {"iss": "upstash"},
+        {"iss": None},
+        {"sub": None},
+        {"exp": None},
+        {"body": None},
+        {"sub": ["https://x"]},
+        {"body": 42},
+        {"exp": "never"},
+        {"aud": "formcall"},
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_a_changed_missing_or_mistyped_claim_is_refused(
+    signed_env, vapi, conn, due_form, keys, function, changes
+):
     body = ENDPOINTS[function][1](due_form)
-    token = hand_made({"alg": "HS256", "typ": "JWT"}, claims_for(function, body, changes),
-                      keys.current_key.encode())
+    token = hand_made(
+        {"alg": "HS256", "typ": "JWT"},
+        claims_for(function, body, changes),
+        keys.current_key.encode(),
+    )
     assert_refused(invoke(function, event(function, body, token)), vapi, conn, due_form)
 
 
-@pytest.mark.parametrize("issued_for, replayed_to", [
-    ("call_form", "failure_callback"), ("failure_callback", "call_form"),
-    ("call_form", "check_forms"), ("check_forms", "failure_callback"),
-])
-def test_a_token_replayed_to_another_endpoint_is_refused(signed_env, vapi, conn, due_form, keys,
-                                                         issued_for, replayed_to):
+@pytest.mark.parametrize(
+    "issued_for, replayed_to",
+    [
+        ("call_form", "failure_callback"),
+        ("failure_callback", "call_form"),
+        ("call_form", "check_forms"),
+        ("check_forms", "failure_callback"),
+    ],
+)
+def test_a_token_replayed_to_another_endpoint_is_refused(
+    signed_env, vapi, conn, due_form, keys, issued_for, replayed_to
+):
     # The body is the target's own, so only the subject differs.
     body = ENDPOINTS[replayed_to][1](due_form)
     token = sign(key=keys.current_key, url=url_of(issued_for), body=body.encode())
@@ -212,13 +276,17 @@ def test_a_token_replayed_to_another_endpoint_is_refused(signed_env, vapi, conn,
 
 def test_a_token_for_another_host_is_refused(signed_env, vapi, conn, due_form, keys, function):
     body = ENDPOINTS[function][1](due_form)
-    token = sign(key=keys.current_key, url=url_of(function).replace(DOMAIN, "other.example"),
-                 body=body.encode())
+    token = sign(
+        key=keys.current_key,
+        url=url_of(function).replace(DOMAIN, "other.example"),
+        body=body.encode(),
+    )
     assert_refused(invoke(function, event(function, body, token)), vapi, conn, due_form)
 
 
-def test_a_body_swapped_under_a_valid_token_is_refused(signed_env, vapi, conn, due_form, keys,
-                                                       function):
+def test_a_body_swapped_under_a_valid_token_is_refused(
+    signed_env, vapi, conn, due_form, keys, function
+):
     other = "6f1c1b9e-2a53-4c1e-9d55-0a5b3f7f2c11"
     signed_body = ENDPOINTS[function][1](other) or "{}"
     token = sign(key=keys.current_key, url=url_of(function), body=signed_body.encode())
@@ -234,22 +302,37 @@ def test_a_body_with_whitespace_changed_is_refused(signed_env, vapi, conn, due_f
     assert_refused(invoke("call_form", event("call_form", respaced, token)), vapi, conn, due_form)
 
 
-@pytest.mark.parametrize("token", ["", " ", "a.b.c", "Bearer x", "..", "x" * 20_000,
-                                   "eyJhbGciOiJIUzI1NiJ9.e30.", "\u00e9t\u00e9.\u00e9t\u00e9.x"])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        " ",
+        "a.b.c",
+        "Bearer x",
+        "..",
+        "x" * 20_000,
+        "eyJhbGciOiJIUzI1NiJ9.e30.",
+        "\u00e9t\u00e9.\u00e9t\u00e9.x",
+    ],
+)
 def test_garbage_tokens_are_refused(signed_env, vapi, conn, due_form, keys, function, token):
     body = ENDPOINTS[function][1](due_form)
     assert_refused(invoke(function, event(function, body, token)), vapi, conn, due_form)
 
 
-def test_two_signature_headers_over_http_are_refused(signed_env, vapi, conn, due_form, keys,
-                                                     function_server, function):
+def test_two_signature_headers_over_http_are_refused(
+    signed_env, vapi, conn, due_form, keys, function_server, function
+):
     # Through uvicorn, where repeated headers stay separate (Lambda joins them with commas,
     # which test_call_form.py covers): two valid tokens are still refused.
     path, make_body = ENDPOINTS[function]
     body = make_body(due_form).encode()
     token = sign(key=keys.current_key, url=f"{function_server}{path}", body=body)
-    headers = [("content-type", "application/json"), ("upstash-signature", token),
-               ("upstash-signature", token)]
+    headers = [
+        ("content-type", "application/json"),
+        ("upstash-signature", token),
+        ("upstash-signature", token),
+    ]
     answer = httpx.post(f"{function_server}{path}", content=body, headers=headers, timeout=30)
     assert (answer.status_code, answer.json()) == (401, REFUSED)
     assert vapi.requests == []
@@ -258,8 +341,9 @@ def test_two_signature_headers_over_http_are_refused(signed_env, vapi, conn, due
     assert one.status_code == 200  # the control: one of them alone is accepted
 
 
-def test_base64_body_signed_as_its_encoded_text_is_refused(signed_env, vapi, conn, due_form,
-                                                           keys, function):
+def test_base64_body_signed_as_its_encoded_text_is_refused(
+    signed_env, vapi, conn, due_form, keys, function
+):
     # API Gateway may hand the body base64-encoded; the signature covers the decoded bytes.
     body = ENDPOINTS[function][1](due_form) or "{}"
     encoded = base64.b64encode(body.encode())
@@ -268,16 +352,18 @@ def test_base64_body_signed_as_its_encoded_text_is_refused(signed_env, vapi, con
     assert_refused(answer, vapi, conn, due_form)
 
 
-def test_base64_body_changed_after_signing_is_refused(signed_env, vapi, conn, due_form, keys,
-                                                      function):
+def test_base64_body_changed_after_signing_is_refused(
+    signed_env, vapi, conn, due_form, keys, function
+):
     body = ENDPOINTS[function][1](due_form) or "{}"
     token = sign(key=keys.current_key, url=url_of(function), body=body.encode())
     answer = invoke(function, event(function, body + " ", token, base64_body=True))
     assert_refused(answer, vapi, conn, due_form)
 
 
-def test_base64_body_signed_over_the_decoded_bytes_is_accepted(signed_env, vapi, conn, due_form,
-                                                               keys, function):
+def test_base64_body_signed_over_the_decoded_bytes_is_accepted(
+    signed_env, vapi, conn, due_form, keys, function
+):
     body = ENDPOINTS[function][1](due_form)
     token = sign(key=keys.current_key, url=url_of(function), body=body.encode())
     assert invoke(function, event(function, body, token, base64_body=True)).status == 200

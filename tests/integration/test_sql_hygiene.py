@@ -20,8 +20,11 @@ FUNCTIONS = """
 def test_every_function_in_public_has_a_fixed_search_path(conn):
     functions = conn.execute(FUNCTIONS).fetchall()
     assert len(functions) >= 13  # the state machine, the token ledger, the guard
-    unfixed = [name for name, config in functions
-               if not any(c.startswith("search_path=") for c in config or [])]
+    unfixed = [
+        name
+        for name, config in functions
+        if not any(c.startswith("search_path=") for c in config or [])
+    ]
     assert unfixed == []
     paths = {c for _, config in functions for c in config if c.startswith("search_path=")}
     assert paths == {"search_path=pg_catalog, public, pg_temp"}
@@ -36,18 +39,27 @@ def test_no_function_in_public_is_executable_by_anon_or_authenticated(conn):
     assert open_to == []
 
 
-@pytest.mark.parametrize("language, body", [
-    ("sql", "select 1"), ("plpgsql", "begin return 1; end"),
-])
-def test_a_function_created_after_the_migrations_is_not_executable_by_the_clinic(conn, language,
-                                                                                body):
+@pytest.mark.parametrize(
+    "language, body",
+    [
+        ("sql", "select 1"),
+        ("plpgsql", "begin return 1; end"),
+    ],
+)
+def test_a_function_created_after_the_migrations_is_not_executable_by_the_clinic(
+    conn, language, body
+):
     # As a later migration would create it (the migration role), with no GRANT or REVOKE.
-    conn.execute(f"create function public.hygiene_probe() returns int language {language}"
-                 f" as $${body}$$")
+    conn.execute(
+        f"create function public.hygiene_probe() returns int language {language} as $${body}$$"
+    )
     try:
-        allowed = {role: conn.execute(
-            "select has_function_privilege(%s, 'public.hygiene_probe()', 'execute')",
-            (role,)).fetchone()[0] for role in ("anon", "authenticated", "service_role")}
+        allowed = {
+            role: conn.execute(
+                "select has_function_privilege(%s, 'public.hygiene_probe()', 'execute')", (role,)
+            ).fetchone()[0]
+            for role in ("anon", "authenticated", "service_role")
+        }
         assert allowed == {"anon": False, "authenticated": False, "service_role": True}
     finally:
         conn.execute("drop function public.hygiene_probe()")

@@ -8,7 +8,7 @@ only enqueued again if its id differs.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -44,28 +44,40 @@ def deliveries(stack_env, monkeypatch) -> list[tuple[str, str]]:
 
 
 def sweep(keys) -> dict:
-    answer = invoke("check_forms", http_event(
-        method="GET", path="/api/cron/check-forms", domain=DOMAIN,
-        headers={"authorization": f"Bearer {keys.cron_secret}"}))
+    answer = invoke(
+        "check_forms",
+        http_event(
+            method="GET",
+            path="/api/cron/check-forms",
+            domain=DOMAIN,
+            headers={"authorization": f"Bearer {keys.cron_secret}"},
+        ),
+    )
     assert answer.status == 200, answer.body
     return answer.body
 
 
 def queue_drained(stack_env, keys) -> bool:
-    answer = httpx.get(f"{stack_env['QSTASH_URL']}/v2/_local/messages",
-                       headers={"Authorization": f"Bearer {keys.qstash_token}"}).json()
+    answer = httpx.get(
+        f"{stack_env['QSTASH_URL']}/v2/_local/messages",
+        headers={"Authorization": f"Bearer {keys.qstash_token}"},
+    ).json()
     return not answer["messages"] and not answer["inFlight"]
 
 
-def test_sweeps_in_one_hour_enqueue_a_form_once_and_an_hour_later_again(stack_env, conn, keys,
-                                                                          deliveries):
+def test_sweeps_in_one_hour_enqueue_a_form_once_and_an_hour_later_again(
+    stack_env, conn, keys, deliveries
+):
     patient = create_patient(conn)
-    form = create_form(conn, patient_id=patient, silent=True,
-                       deadline=datetime.now(timezone.utc) - timedelta(minutes=10))
+    form = create_form(
+        conn,
+        patient_id=patient,
+        silent=True,
+        deadline=datetime.now(UTC) - timedelta(minutes=10),
+    )
     # Hours in the past: the in-process local QStash reads the moved clock too, and would hold
     # a message published "in the future" until the real clock got there.
-    hour = (datetime.now(timezone.utc) - timedelta(hours=3)).replace(minute=0, second=0,
-                                                                      microsecond=0)
+    hour = (datetime.now(UTC) - timedelta(hours=3)).replace(minute=0, second=0, microsecond=0)
 
     with time_machine.travel(hour + timedelta(minutes=20), tick=True):
         assert sweep(keys)["found"] == 1

@@ -30,8 +30,13 @@ def tool(name: str) -> str:
 
 
 def actionlint(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool("actionlint"), f"-shellcheck={tool('shellcheck')}", "-no-color",
-                           str(path)], capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        [tool("actionlint"), f"-shellcheck={tool('shellcheck')}", "-no-color", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +65,13 @@ def test_the_linter_is_live(tmp_path):
     """A broken copy fails: actionlint really checks jobs, expressions and (ShellCheck) scripts."""
     broken = WORKFLOW.read_text().replace("needs: staging", "needs: stagin", 1)
     broken = broken.replace("${{ vars.AWS_DEPLOY_ROLE_ARN }}", "${{ var.AWS_DEPLOY_ROLE_ARN }}", 1)
-    broken = broken.replace('variable="${pair#*:}"', 'variable=${pair#*:}; cd $HOME', 1)
+    broken = broken.replace('variable="${pair#*:}"', "variable=${pair#*:}; cd $HOME", 1)
     (tmp_path / "deploy.yml").write_text(broken)
 
     done = actionlint(tmp_path / "deploy.yml")
 
     assert done.returncode == 1
-    assert '"stagin"' in done.stdout and "undefined variable \"var\"" in done.stdout
+    assert '"stagin"' in done.stdout and 'undefined variable "var"' in done.stdout
     assert "shellcheck reported issue" in done.stdout
 
 
@@ -110,8 +115,11 @@ def test_test_job_runs_the_whole_suite_on_python312(workflow):
 def test_deploy_jobs_assume_a_role_with_oidc_and_store_no_keys(workflow, name):
     job = workflow["jobs"][name]
     environment, config_env = DEPLOY_JOBS[name]
-    (credentials,) = [s for s in job["steps"]
-                      if s.get("uses", "").startswith("aws-actions/configure-aws-credentials@")]
+    (credentials,) = [
+        s
+        for s in job["steps"]
+        if s.get("uses", "").startswith("aws-actions/configure-aws-credentials@")
+    ]
 
     assert job["needs"] == {"staging": "test", "prod": "staging"}[name]
     assert job["environment"] == environment  # production: GitHub asks its reviewers first
@@ -132,10 +140,14 @@ def test_deploy_jobs_validate_build_deploy_and_smoke_check_alike(workflow):
     assert staging["steps"] == prod["steps"]  # only CONFIG_ENV and STACK_NAME differ
     assert staging["env"].keys() == prod["env"].keys() == {"CONFIG_ENV", "STACK_NAME"}
     assert runs.index(".venv-sam/bin/sam validate --lint") < runs.index(
-        'PATH="$PWD/.venv/bin:$PATH" .venv-sam/bin/sam build')
+        'PATH="$PWD/.venv/bin:$PATH" .venv-sam/bin/sam build'
+    )
     deploy = step(staging, "sam deploy")["run"]
-    for flag in ('--config-env "$CONFIG_ENV"', "--no-confirm-changeset",
-                 "--no-fail-on-empty-changeset"):
+    for flag in (
+        '--config-env "$CONFIG_ENV"',
+        "--no-confirm-changeset",
+        "--no-fail-on-empty-changeset",
+    ):
         assert flag in deploy
     assert "formcall doctor --smoke" in staging["steps"][-1]["run"]
 
@@ -152,52 +164,82 @@ def fake(path: Path, script: str) -> None:
 def run_step(job: dict, name: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """A step's `run` script under bash as GitHub runs it (`bash -e {0}`), with the step's env."""
     script = step(job, name)["run"]
-    return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
-                          cwd=cwd, env={"PATH": os.environ["PATH"], "HOME": str(cwd), **env},
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
+        cwd=cwd,
+        env={"PATH": os.environ["PATH"], "HOME": str(cwd), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def sam_parameter_overrides(args: list[str]) -> dict[str, str]:
     """Parse --parameter-overrides values with the SAM CLI's own parser."""
     sam = Path(os.environ.get("SAM_CLI") or ROOT / ".venv-sam" / "bin" / "sam")
     python = sam.read_bytes().split(b"\n", 1)[0][2:].decode().strip().split()[0]
-    code = ("import json, sys; from samcli.cli.types import CfnParameterOverridesType; "
-            "print(json.dumps(CfnParameterOverridesType().convert(tuple(json.loads(sys.argv[1])),"
-            " None, None)))")
-    done = subprocess.run([python, "-c", code, json.dumps(args)], capture_output=True, text=True,
-                          timeout=60, check=True)
+    code = (
+        "import json, sys; from samcli.cli.types import CfnParameterOverridesType; "
+        "print(json.dumps(CfnParameterOverridesType().convert(tuple(json.loads(sys.argv[1])),"
+        " None, None)))"
+    )
+    done = subprocess.run(
+        [python, "-c", code, json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return json.loads(done.stdout)
 
 
 @pytest.mark.parametrize("name", DEPLOY_JOBS)
 def test_deploy_step_passes_only_the_variables_that_are_set(workflow, tmp_path, name):
     job = workflow["jobs"][name]
-    fake(tmp_path / ".venv-sam" / "bin" / "sam",
-         f'{sys.executable} -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" '
-         f'> {tmp_path}/argv')
+    fake(
+        tmp_path / ".venv-sam" / "bin" / "sam",
+        f'{sys.executable} -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" '
+        f"> {tmp_path}/argv",
+    )
     variables = {v: "" for v in step(job, "sam deploy")["env"]}
-    env = {**job["env"], "AWS_REGION": workflow["env"]["AWS_REGION"], **variables,
-           "SUPABASE_URL": "https://abc.supabase.co", "CALL_WINDOW": "Mon-Fri 09:00-18:00",
-           "VAPI_MAX_CONCURRENCY": "4"}
+    env = {
+        **job["env"],
+        "AWS_REGION": workflow["env"]["AWS_REGION"],
+        **variables,
+        "SUPABASE_URL": "https://abc.supabase.co",
+        "CALL_WINDOW": "Mon-Fri 09:00-18:00",
+        "VAPI_MAX_CONCURRENCY": "4",
+    }
 
     done = run_step(job, "sam deploy", tmp_path, env)
 
     assert done.returncode == 0, done.stderr
     argv = json.loads((tmp_path / "argv").read_text())
     overrides = argv.index("--parameter-overrides")
-    assert argv[:overrides] == ["deploy", "--config-env", DEPLOY_JOBS[name][1], "--region",
-                                "us-east-1", "--no-confirm-changeset",
-                                "--no-fail-on-empty-changeset"]
-    assert sam_parameter_overrides(argv[overrides + 1:]) == {
-        "SupabaseUrl": "https://abc.supabase.co", "CallWindow": "Mon-Fri 09:00-18:00",
-        "VapiMaxConcurrency": "4"}
+    assert argv[:overrides] == [
+        "deploy",
+        "--config-env",
+        DEPLOY_JOBS[name][1],
+        "--region",
+        "us-east-1",
+        "--no-confirm-changeset",
+        "--no-fail-on-empty-changeset",
+    ]
+    assert sam_parameter_overrides(argv[overrides + 1 :]) == {
+        "SupabaseUrl": "https://abc.supabase.co",
+        "CallWindow": "Mon-Fri 09:00-18:00",
+        "VapiMaxConcurrency": "4",
+    }
 
 
 def test_deploy_step_with_no_variables_keeps_the_deployed_parameters(workflow, tmp_path):
     job = workflow["jobs"]["staging"]
-    fake(tmp_path / ".venv-sam" / "bin" / "sam",
-         f'{sys.executable} -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" '
-         f'> {tmp_path}/argv')
+    fake(
+        tmp_path / ".venv-sam" / "bin" / "sam",
+        f'{sys.executable} -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" '
+        f"> {tmp_path}/argv",
+    )
     env = {**job["env"], "AWS_REGION": "us-east-1"}  # no variable set at all (bash -u safe)
 
     done = run_step(job, "sam deploy", tmp_path, env)
@@ -222,15 +264,26 @@ def test_deploy_step_names_only_template_parameters(workflow):
 def deployed(env, monkeypatch, function_server, tmp_path):
     """A fake `aws` that answers describe-stacks with outputs pointing at the local functions."""
     monkeypatch.setenv("WEBHOOK_SECRET", "w" * 24)  # schedule-form then refuses with 401
-    outputs = {"SetupUrl": f"{function_server}/api/setup-qstash",
-               "CallFormUrl": f"{function_server}/api/jobs/call-form",
-               "CheckFormsUrl": f"{function_server}/api/cron/check-forms",
-               "ScheduleFormUrl": f"{function_server}/api/webhooks/forms",
-               "FailureCallbackUrl": f"{function_server}/api/jobs/failed"}
+    outputs = {
+        "SetupUrl": f"{function_server}/api/setup-qstash",
+        "CallFormUrl": f"{function_server}/api/jobs/call-form",
+        "CheckFormsUrl": f"{function_server}/api/cron/check-forms",
+        "ScheduleFormUrl": f"{function_server}/api/webhooks/forms",
+        "FailureCallbackUrl": f"{function_server}/api/jobs/failed",
+    }
 
     def answer(**changes: str) -> None:
-        stack = {"Stacks": [{"StackName": "formcall-staging", "Outputs": [
-            {"OutputKey": k, "OutputValue": v} for k, v in {**outputs, **changes}.items()]}]}
+        stack = {
+            "Stacks": [
+                {
+                    "StackName": "formcall-staging",
+                    "Outputs": [
+                        {"OutputKey": k, "OutputValue": v}
+                        for k, v in {**outputs, **changes}.items()
+                    ],
+                }
+            ]
+        }
         (tmp_path / "stack.json").write_text(json.dumps(stack))
 
     fake(tmp_path / "bin" / "aws", f'echo "$@" > {tmp_path}/aws-args\ncat {tmp_path}/stack.json')
@@ -243,12 +296,22 @@ def deployed(env, monkeypatch, function_server, tmp_path):
 def run_smoke(workflow, tmp_path) -> subprocess.CompletedProcess:
     job = workflow["jobs"]["staging"]
     env = {k: v for k, v in os.environ.items() if k != "FORMCALL_SECRET_ARN"}
-    env = {**env, **job["env"], "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
-           "COLUMNS": "300"}
+    env = {
+        **env,
+        **job["env"],
+        "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "COLUMNS": "300",
+    }
     script = job["steps"][-1]["run"]
-    return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
+    return subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_smoke_check_passes_against_the_local_functions(workflow, deployed, tmp_path):
@@ -256,15 +319,24 @@ def test_smoke_check_passes_against_the_local_functions(workflow, deployed, tmp_
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "aws-args").read_text().split() == [
-        "cloudformation", "describe-stacks", "--stack-name", "formcall-staging", "--output", "json"]
-    for line in ("✓ setup: GET without ?secret= or the bearer CRON_SECRET answers 401",
-                 "✓ call-form: POST without an Upstash-Signature answers 401",
-                 "✓ check-forms: GET without the bearer CRON_SECRET answers 401"):
+        "cloudformation",
+        "describe-stacks",
+        "--stack-name",
+        "formcall-staging",
+        "--output",
+        "json",
+    ]
+    for line in (
+        "✓ setup: GET without ?secret= or the bearer CRON_SECRET answers 401",
+        "✓ call-form: POST without an Upstash-Signature answers 401",
+        "✓ check-forms: GET without the bearer CRON_SECRET answers 401",
+    ):
         assert line in done.stdout
 
 
-def test_smoke_check_fails_the_job_when_a_function_is_open(workflow, deployed, tmp_path,
-                                                           function_server):
+def test_smoke_check_fails_the_job_when_a_function_is_open(
+    workflow, deployed, tmp_path, function_server
+):
     deployed(SetupUrl=f"{function_server}/nowhere")  # a wrong output or a missing route
 
     done = run_smoke(workflow, tmp_path)

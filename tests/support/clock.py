@@ -6,7 +6,7 @@ weekday instead of freezing time.
 
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta, timezone
+from datetime import UTC, datetime, time, timedelta
 
 from formcall.window import CallWindow
 
@@ -15,7 +15,7 @@ ALL_DAY = CallWindow(frozenset(range(7)), time(0, 0), time(23, 59, 59))
 
 
 def now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def midday_zone() -> str:
@@ -29,4 +29,4 @@ def closed_window() -> tuple[CallWindow, datetime]:
     """A window (UTC) open only three days from now, 09:00-10:00, and its next opening."""
     day = now().date() + timedelta(days=3)
     window = CallWindow(frozenset({day.weekday()}), time(9, 0), time(10, 0))
-    return window, datetime(day.year, day.month, day.day, 9, tzinfo=timezone.utc)
+    return window, datetime(day.year, day.month, day.day, 9, tzinfo=UTC)

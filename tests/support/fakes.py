@@ -21,8 +21,9 @@ def _next(queue: deque, what: str) -> Any:
 class FakeCaller:
     """formcall.ports.Caller: answers (or raises) what the test scripts, records each request."""
 
-    def __init__(self, *, creates: list = (), calls: dict[str, Any] | None = None,
-                 finds: list = ()) -> None:
+    def __init__(
+        self, *, creates: list = (), calls: dict[str, Any] | None = None, finds: list = ()
+    ) -> None:
         self._creates = deque(creates)
         self._finds = deque(finds)
         self._calls = dict(calls or {})
@@ -42,8 +43,9 @@ class FakeCaller:
             raise answer
         return answer
 
-    def find_call_for_form(self, form_id: str, *, created_after: datetime,
-                           created_before: datetime) -> dict[str, Any] | None:
+    def find_call_for_form(
+        self, form_id: str, *, created_after: datetime, created_before: datetime
+    ) -> dict[str, Any] | None:
         self.searched.append((form_id, created_after, created_before))
         return _next(self._finds, "find_call_for_form")
 
@@ -55,8 +57,9 @@ class FakePublisher:
     outcomes taken one per call (an exception is raised, anything else lets the call through).
     """
 
-    def __init__(self, *, fail: dict[str, Any] | None = None,
-                 holds: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *, fail: dict[str, Any] | None = None, holds: dict[str, str] | None = None
+    ) -> None:
         # The messages QStash still holds, by id: the form each will deliver (published ones too).
         self.holds: dict[str, str] = dict(holds or {})
         self.published: list[tuple[CallMessage, str]] = []
@@ -64,8 +67,9 @@ class FakePublisher:
         self.cancelled: list[str] = []
         self.schedules: list[dict[str, str]] = []
         self.builds = 0  # how often factory() was asked for the publisher
-        self._fail = {name: deque(v) if isinstance(v, list) else v
-                      for name, v in (fail or {}).items()}
+        self._fail = {
+            name: deque(v) if isinstance(v, list) else v for name, v in (fail or {}).items()
+        }
         self._ids = 0
 
     def factory(self) -> FakePublisher:

@@ -11,5 +11,7 @@ def reset() -> None:
 
 def counted() -> dict[str, float]:
     """Each metric name and the sum of what was added to it since reset()."""
-    return {name: sum(entry["Value"]) if isinstance(entry["Value"], list) else entry["Value"]
-            for name, entry in metrics.metric_set.items()}
+    return {
+        name: sum(entry["Value"]) if isinstance(entry["Value"], list) else entry["Value"]
+        for name, entry in metrics.metric_set.items()
+    }

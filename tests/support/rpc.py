@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "supabase" / "migrations"
-_FUNCTION = re.compile(r"create or replace function public\.(\w+)\s*\((.*?)\)\s*returns",
-                       re.IGNORECASE | re.DOTALL)
+_FUNCTION = re.compile(
+    r"create or replace function public\.(\w+)\s*\((.*?)\)\s*returns", re.IGNORECASE | re.DOTALL
+)
 
 
 def sql_functions() -> dict[str, set[str]]:
@@ -23,8 +24,11 @@ def sql_functions() -> dict[str, set[str]]:
     functions: dict[str, set[str]] = {}
     for path in sorted(MIGRATIONS.glob("*.sql")):
         for name, params in _FUNCTION.findall(path.read_text()):
-            functions[name] = {part.split()[0] for part in re.split(r",(?![^(]*\))", params)
-                               if part.strip().startswith("p_")}
+            functions[name] = {
+                part.split()[0]
+                for part in re.split(r",(?![^(]*\))", params)
+                if part.strip().startswith("p_")
+            }
     return functions
 
 
@@ -92,29 +96,63 @@ class ScriptedRpc:
 
 # The JSON answers of claim_form_call (supabase/migrations/20261201000001_call_outcomes.sql).
 
-def claimed(call_id: str, form_ids: list[str], *, claimed_at: datetime, deadline: datetime,
-            name: str = "Ada Patient", phone: str = "+15550100", timezone: str = "UTC") -> dict:
-    return {"outcome": "claimed", "call_id": call_id, "claimed_at": claimed_at,
-            "forms": [{"id": form_id, "title": f"Form {n}", "deadline": deadline,
-                       "call_attempts": 1} for n, form_id in enumerate(form_ids, 1)],
-            "patient": {"id": "patient-1", "name": name, "phone": phone, "timezone": timezone}}
+
+def claimed(
+    call_id: str,
+    form_ids: list[str],
+    *,
+    claimed_at: datetime,
+    deadline: datetime,
+    name: str = "Ada Patient",
+    phone: str = "+15550100",
+    timezone: str = "UTC",
+) -> dict:
+    return {
+        "outcome": "claimed",
+        "call_id": call_id,
+        "claimed_at": claimed_at,
+        "forms": [
+            {"id": form_id, "title": f"Form {n}", "deadline": deadline, "call_attempts": 1}
+            for n, form_id in enumerate(form_ids, 1)
+        ],
+        "patient": {"id": "patient-1", "name": name, "phone": phone, "timezone": timezone},
+    }
 
 
-def skipped(reason: str, *, due_in_seconds: float | None = None,
-            open_call: dict | None = None) -> dict:
-    return {"outcome": "skipped", "reason": reason, "due_in_seconds": due_in_seconds,
-            "open_call": open_call}
+def skipped(
+    reason: str, *, due_in_seconds: float | None = None, open_call: dict | None = None
+) -> dict:
+    return {
+        "outcome": "skipped",
+        "reason": reason,
+        "due_in_seconds": due_in_seconds,
+        "open_call": open_call,
+    }
 
 
-def open_call(call_id: str, form_ids: list[str], *, claimed_at: datetime, placed: bool = False,
-              unknown: bool = True) -> dict:
-    return {"call_id": call_id, "claimed_at": claimed_at, "placed": placed, "unknown": unknown,
-            "form_ids": form_ids}
+def open_call(
+    call_id: str,
+    form_ids: list[str],
+    *,
+    claimed_at: datetime,
+    placed: bool = False,
+    unknown: bool = True,
+) -> dict:
+    return {
+        "call_id": call_id,
+        "claimed_at": claimed_at,
+        "placed": placed,
+        "unknown": unknown,
+        "form_ids": form_ids,
+    }
 
 
 def opted_out(cancel: list[tuple[str, str]]) -> dict:
-    return {"outcome": "skipped", "reason": "opted_out",
-            "cancel": [{"form_id": f, "message_id": m} for f, m in cancel]}
+    return {
+        "outcome": "skipped",
+        "reason": "opted_out",
+        "cancel": [{"form_id": f, "message_id": m} for f, m in cancel],
+    }
 
 
 def capped(reason: str, until: datetime, timezone: str = "UTC") -> dict:
@@ -125,26 +163,56 @@ def no_line(retry_after: int | None) -> dict:
     return {"outcome": "no_line", "retry_after": retry_after}
 
 
-def schedule_state(form_id: str, *, deadline: datetime | None, submitted: bool = False,
-                   call_status: str = "pending", message_id: str | None = None,
-                   scheduled_deadline: datetime | None = None, timezone: str = "UTC",
-                   due: bool = False, next_call_at: datetime | None = None,
-                   due_at: datetime | None = None, opted_out: bool = False) -> dict:
+def schedule_state(
+    form_id: str,
+    *,
+    deadline: datetime | None,
+    submitted: bool = False,
+    call_status: str = "pending",
+    message_id: str | None = None,
+    scheduled_deadline: datetime | None = None,
+    timezone: str = "UTC",
+    due: bool = False,
+    next_call_at: datetime | None = None,
+    due_at: datetime | None = None,
+    opted_out: bool = False,
+) -> dict:
     """form_schedule_state's row."""
-    return {"id": form_id, "deadline": deadline, "submitted": submitted,
-            "call_status": call_status, "qstash_message_id": message_id,
-            "scheduled_deadline": scheduled_deadline, "timezone": timezone, "due": due,
-            "next_call_at": next_call_at, "due_at": due_at or deadline, "opted_out": opted_out}
+    return {
+        "id": form_id,
+        "deadline": deadline,
+        "submitted": submitted,
+        "call_status": call_status,
+        "qstash_message_id": message_id,
+        "scheduled_deadline": scheduled_deadline,
+        "timezone": timezone,
+        "due": due,
+        "next_call_at": next_call_at,
+        "due_at": due_at or deadline,
+        "opted_out": opted_out,
+    }
 
 
-def recorded_event(call_id: str, *, ended: bool = False, outcome: str | None = None,
-                   follow_ups: list[dict] = (), cancel: list[tuple[str, str]] = (),
-                   opted_out: bool | None = None) -> dict:
+def recorded_event(
+    call_id: str,
+    *,
+    ended: bool = False,
+    outcome: str | None = None,
+    follow_ups: list[dict] = (),
+    cancel: list[tuple[str, str]] = (),
+    opted_out: bool | None = None,
+) -> dict:
     """record_call_event's answer for a call formcall placed (an opt-out when it cancels)."""
-    return {"status": "recorded", "call_id": call_id, "ended": ended,
-            "duplicate": False, "outcome": outcome, "follow_ups": list(follow_ups),
-            "opted_out": bool(cancel) if opted_out is None else opted_out,
-            "cancel": [{"form_id": f, "message_id": m} for f, m in cancel]}
+    return {
+        "status": "recorded",
+        "call_id": call_id,
+        "ended": ended,
+        "duplicate": False,
+        "outcome": outcome,
+        "follow_ups": list(follow_ups),
+        "opted_out": bool(cancel) if opted_out is None else opted_out,
+        "cancel": [{"form_id": f, "message_id": m} for f, m in cancel],
+    }
 
 
 RECORDED = {"recorded": True}

@@ -15,8 +15,10 @@ MESSAGE_SCHEMAS = ("Call", "ServerMessageStatusUpdate", "ServerMessageEndOfCallR
 
 def ended_reason_enum(schema: str) -> list[str]:
     if not SPEC.is_file():
-        pytest.fail(f"Vapi's OpenAPI spec is missing at {SPEC}: check out the shared reference "
-                    "folder beside the clone (CI does)")
+        pytest.fail(
+            f"Vapi's OpenAPI spec is missing at {SPEC}: check out the shared reference "
+            "folder beside the clone (CI does)"
+        )
     spec = json.loads(SPEC.read_text(encoding="utf-8"))
     return spec["components"]["schemas"][schema]["properties"]["endedReason"]["enum"]
 
@@ -38,41 +40,48 @@ def test_every_value_maps_to_one_known_class():
     assert all(classify(reason) in OUTCOMES for reason in ENDED_REASON_OUTCOME)
 
 
-@pytest.mark.parametrize(("reason", "outcome"), [
-    ("customer-ended-call", "reached"),
-    ("customer-ended-call-during-transfer", "reached"),
-    ("assistant-ended-call", "reached"),
-    ("assistant-ended-call-after-message-spoken", "reached"),
-    ("assistant-said-end-call-phrase", "reached"),
-    ("assistant-forwarded-call", "reached"),
-    ("exceeded-max-duration", "reached"),
-    ("voicemail", "voicemail"),
-    ("customer-did-not-answer", "no_answer"),
-    ("silence-timed-out", "no_answer"),
-    ("customer-busy", "busy"),
-    ("twilio-reported-customer-misdialed", "bad_number"),
-    ("twilio-failed-to-connect-call", "not_connected"),
-    ("vonage-failed-to-connect-call", "not_connected"),
-    ("call.start.error-subscription-concurrency-limit-reached", "not_connected"),
-    ("call.start.error-get-customer", "not_connected"),
-    ("call.in-progress.error-vapifault-worker-died", "not_connected"),
-    ("pipeline-error-openai-llm-failed", "not_connected"),
-    ("manually-canceled", "not_connected"),
-    ("call-deleted", "not_connected"),
-    ("worker-shutdown", "not_connected"),
-])
+@pytest.mark.parametrize(
+    ("reason", "outcome"),
+    [
+        ("customer-ended-call", "reached"),
+        ("customer-ended-call-during-transfer", "reached"),
+        ("assistant-ended-call", "reached"),
+        ("assistant-ended-call-after-message-spoken", "reached"),
+        ("assistant-said-end-call-phrase", "reached"),
+        ("assistant-forwarded-call", "reached"),
+        ("exceeded-max-duration", "reached"),
+        ("voicemail", "voicemail"),
+        ("customer-did-not-answer", "no_answer"),
+        ("silence-timed-out", "no_answer"),
+        ("customer-busy", "busy"),
+        ("twilio-reported-customer-misdialed", "bad_number"),
+        ("twilio-failed-to-connect-call", "not_connected"),
+        ("vonage-failed-to-connect-call", "not_connected"),
+        ("call.start.error-subscription-concurrency-limit-reached", "not_connected"),
+        ("call.start.error-get-customer", "not_connected"),
+        ("call.in-progress.error-vapifault-worker-died", "not_connected"),
+        ("pipeline-error-openai-llm-failed", "not_connected"),
+        ("manually-canceled", "not_connected"),
+        ("call-deleted", "not_connected"),
+        ("worker-shutdown", "not_connected"),
+    ],
+)
 def test_key_values(reason, outcome):
     assert classify(reason) == outcome
 
 
 def test_every_pipeline_and_start_error_is_not_connected_except_international():
     families = ("pipeline-error-", "call.start.error-")
-    classes = {reason: outcome for reason, outcome in ENDED_REASON_OUTCOME.items()
-               if reason.startswith(families)}
+    classes = {
+        reason: outcome
+        for reason, outcome in ENDED_REASON_OUTCOME.items()
+        if reason.startswith(families)
+    }
 
     assert len(classes) > 250
     assert {r for r, o in classes.items() if o != "not_connected"} == {
-        "call.start.error-vapi-number-international"}
+        "call.start.error-vapi-number-international"
+    }
 
 
 @pytest.mark.parametrize("reason", ["customer-teleported", None, ""])

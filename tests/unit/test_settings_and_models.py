@@ -9,9 +9,17 @@ from formcall.models import CallFormRequest
 
 @pytest.fixture(autouse=True)
 def clean_settings(monkeypatch):
-    for name in ("DATABASE_URL", "SUPABASE_URL", "NEXT_PUBLIC_SUPABASE_URL",
-                 "SUPABASE_SERVICE_ROLE_KEY", "VAPI_PRIVATE_KEY", "VAPI_ASSISTANT_ID",
-                 "VAPI_PHONE_NUMBER_ID", "VAPI_BASE_URL", "CRON_SECRET"):
+    for name in (
+        "DATABASE_URL",
+        "SUPABASE_URL",
+        "NEXT_PUBLIC_SUPABASE_URL",
+        "SUPABASE_SERVICE_ROLE_KEY",
+        "VAPI_PRIVATE_KEY",
+        "VAPI_ASSISTANT_ID",
+        "VAPI_PHONE_NUMBER_ID",
+        "VAPI_BASE_URL",
+        "CRON_SECRET",
+    ):
         monkeypatch.delenv(name, raising=False)
     settings.reset()
     yield
@@ -39,8 +47,14 @@ def test_missing_vapi_settings_are_all_named(monkeypatch):
     monkeypatch.setenv("VAPI_BASE_URL", "ftp://nope")
     with pytest.raises(ConfigurationError) as info:
         settings.load(settings.VapiSettings)
-    assert info.value.names == ["CALL_EVENTS_URL", "VAPI_ASSISTANT_ID", "VAPI_BASE_URL",
-                                "VAPI_PHONE_NUMBER_ID", "VAPI_PRIVATE_KEY", "VAPI_WEBHOOK_SECRET"]
+    assert info.value.names == [
+        "CALL_EVENTS_URL",
+        "VAPI_ASSISTANT_ID",
+        "VAPI_BASE_URL",
+        "VAPI_PHONE_NUMBER_ID",
+        "VAPI_PRIVATE_KEY",
+        "VAPI_WEBHOOK_SECRET",
+    ]
 
 
 def test_short_cron_secret_is_refused(monkeypatch):
@@ -64,14 +78,20 @@ def test_settings_are_read_once(monkeypatch):
     assert settings.load(settings.CronSettings) is first
 
 
-@pytest.mark.parametrize("body", [b'{"formId":"6f1c1b9e-2a53-4c1e-9d55-0a5b3f7f2c11"}',
-                                  b'{"formId":"6F1C1B9E-2A53-4C1E-9D55-0A5B3F7F2C11","x":1}'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"formId":"6f1c1b9e-2a53-4c1e-9d55-0a5b3f7f2c11"}',
+        b'{"formId":"6F1C1B9E-2A53-4C1E-9D55-0A5B3F7F2C11","x":1}',
+    ],
+)
 def test_form_request_parses(body):
     assert str(CallFormRequest.parse(body).formId) == "6f1c1b9e-2a53-4c1e-9d55-0a5b3f7f2c11"
 
 
-@pytest.mark.parametrize("body", [b"", b"nope", b"[]", b"{}", b'{"formId": null}',
-                                  b'{"formId": "1"}', b'\xff\xfe'])
+@pytest.mark.parametrize(
+    "body", [b"", b"nope", b"[]", b"{}", b'{"formId": null}', b'{"formId": "1"}', b"\xff\xfe"]
+)
 def test_form_request_refuses(body):
     with pytest.raises(BadRequest):
         CallFormRequest.parse(body)

@@ -38,14 +38,17 @@ def test_body_hash_matches_qstash_format():
     assert verify(token, body=b"")
 
 
-@pytest.mark.parametrize("token_kwargs, verify_kwargs, reason", [
-    ({}, {"body": BODY + b" "}, "body hash mismatch"),
-    ({"url": URL + "api/other"}, {}, "subject is not this endpoint"),
-    ({"now": time.time() - 301 - 10}, {}, "ExpiredSignatureError"),
-    ({"iss": "NotUpstash"}, {}, "InvalidIssuerError"),
-    ({"aud": "someone"}, {}, "InvalidAudienceError"),
-    ({"key": "sig_" + "c" * 28}, {}, "InvalidSignatureError"),
-])
+@pytest.mark.parametrize(
+    "token_kwargs, verify_kwargs, reason",
+    [
+        ({}, {"body": BODY + b" "}, "body hash mismatch"),
+        ({"url": URL + "api/other"}, {}, "subject is not this endpoint"),
+        ({"now": time.time() - 301 - 10}, {}, "ExpiredSignatureError"),
+        ({"iss": "NotUpstash"}, {}, "InvalidIssuerError"),
+        ({"aud": "someone"}, {}, "InvalidAudienceError"),
+        ({"key": "sig_" + "c" * 28}, {}, "InvalidSignatureError"),
+    ],
+)
 def test_refusals_say_why(token_kwargs, verify_kwargs, reason):
     kwargs = {"key": KEY, "url": URL, "body": BODY} | token_kwargs
     with pytest.raises(InvalidSignature, match=reason):
@@ -58,8 +61,11 @@ def test_empty_key_never_verifies_anything():
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
     head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    claims = b64(json.dumps({"iss": "Upstash", "sub": URL, "exp": int(time.time()) + 60,
-                             "body": body_hash(BODY)}).encode())
+    claims = b64(
+        json.dumps(
+            {"iss": "Upstash", "sub": URL, "exp": int(time.time()) + 60, "body": body_hash(BODY)}
+        ).encode()
+    )
     mac = b64(hmac.new(b"", f"{head}.{claims}".encode(), hashlib.sha256).digest())
     token = f"{head}.{claims}.{mac}"
     with pytest.raises(InvalidSignature, match="empty signing key"):
@@ -67,8 +73,9 @@ def test_empty_key_never_verifies_anything():
 
 
 def test_missing_body_claim_is_refused():
-    token = jwt.encode({"iss": "Upstash", "sub": URL, "exp": time.time() + 60}, KEY.encode(),
-                       algorithm="HS256")
+    token = jwt.encode(
+        {"iss": "Upstash", "sub": URL, "exp": time.time() + 60}, KEY.encode(), algorithm="HS256"
+    )
     with pytest.raises(InvalidSignature, match="MissingRequiredClaimError"):
         verify(token)
 
@@ -116,16 +123,21 @@ def test_the_webhook_signature_is_hmac_sha256_of_timestamp_dot_body():
     assert webhook_signature("secret", timestamp="1764580000", body=BODY) == "v1=" + expected
 
 
-@pytest.mark.parametrize("age, accepted", [(0, True), (299, True), (301, False), (-59, True),
-                                           (-61, False)])
+@pytest.mark.parametrize(
+    "age, accepted", [(0, True), (299, True), (301, False), (-59, True), (-61, False)]
+)
 def test_a_webhook_is_accepted_for_five_minutes(age, accepted):
     from formcall.signatures import verify_webhook, webhook_signature
 
     now = 1_764_580_000.0
     stamp = str(int(now - age))
     signature = webhook_signature("secret", timestamp=stamp, body=BODY)
-    check = lambda: verify_webhook(secret="secret", timestamp=stamp,  # noqa: E731
-                                   signatures=[signature], body=BODY, now=now)
+
+    def check():
+        return verify_webhook(
+            secret="secret", timestamp=stamp, signatures=[signature], body=BODY, now=now
+        )
+
     if accepted:
         check()
     else:
@@ -138,5 +150,6 @@ def test_a_webhook_timestamp_must_be_plain_digits(stamp):
     from formcall.signatures import verify_webhook
 
     with pytest.raises(InvalidSignature):
-        verify_webhook(secret="secret", timestamp=stamp, signatures=["v1=00"], body=BODY,
-                       now=time.time())
+        verify_webhook(
+            secret="secret", timestamp=stamp, signatures=["v1=00"], body=BODY, now=time.time()
+        )

@@ -20,8 +20,13 @@ FORM = "11111111-1111-4111-8111-111111111111"
 OTHER = "22222222-2222-4222-8222-222222222222"
 CALL = "33333333-3333-4333-8333-333333333333"
 URL = "https://call-form.example/configured"
-ENDED = CallEvent(vapi_call_id="vapi-1", form_ids=(FORM,), status="ended",
-                  ended_reason="customer-ended-call", outcome="reached")
+ENDED = CallEvent(
+    vapi_call_id="vapi-1",
+    form_ids=(FORM,),
+    status="ended",
+    ended_reason="customer-ended-call",
+    outcome="reached",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -31,11 +36,23 @@ def clean_metrics():
     metrics.reset()
 
 
-def run(event, rpc: ScriptedRpc, *, publisher: FakePublisher | None = None, window=ALL_DAY,
-        rules: CallRules = CallRules(lines=2), source: str = "call-events"):
-    return record_call_event(event, store=FormStore(rpc, rules=rules),
-                             publisher=(publisher or FakePublisher()).factory,
-                             call_form_url=URL, window=window, source=source)
+def run(
+    event,
+    rpc: ScriptedRpc,
+    *,
+    publisher: FakePublisher | None = None,
+    window=ALL_DAY,
+    rules: CallRules = CallRules(lines=2),
+    source: str = "call-events",
+):
+    return record_call_event(
+        event,
+        store=FormStore(rpc, rules=rules),
+        publisher=(publisher or FakePublisher()).factory,
+        call_form_url=URL,
+        window=window,
+        source=source,
+    )
 
 
 def test_a_message_formcall_does_not_follow_is_ignored_without_touching_anything():
@@ -48,8 +65,7 @@ def test_a_message_formcall_does_not_follow_is_ignored_without_touching_anything
 
 
 def test_an_event_for_a_call_formcall_did_not_place_is_ignored():
-    rpc = ScriptedRpc().answer("record_call_event", {"status": "ignored",
-                                                     "reason": "unknown call"})
+    rpc = ScriptedRpc().answer("record_call_event", {"status": "ignored", "reason": "unknown call"})
     publisher = FakePublisher()
 
     result = run(ENDED, rpc, publisher=publisher)
@@ -62,17 +78,30 @@ def test_an_event_for_a_call_formcall_did_not_place_is_ignored():
 
 def test_the_event_reaches_the_sql_function_whole():
     rpc = ScriptedRpc().answer("record_call_event", recorded_event(CALL))
-    event = CallEvent(vapi_call_id="vapi-1", form_ids=(FORM, OTHER), status="in-progress",
-                      started_at=now(), cost=0.25, opt_out=True)
+    event = CallEvent(
+        vapi_call_id="vapi-1",
+        form_ids=(FORM, OTHER),
+        status="in-progress",
+        started_at=now(),
+        cost=0.25,
+        opt_out=True,
+    )
 
-    run(event, rpc, source="lookup", rules=CallRules(follow_up_on=frozenset({"busy"}),
-                                                    max_calls_per_form=4))
+    run(
+        event,
+        rpc,
+        source="lookup",
+        rules=CallRules(follow_up_on=frozenset({"busy"}), max_calls_per_form=4),
+    )
 
     [params] = rpc.params("record_call_event")
     assert params["p_vapi_call_id"] == "vapi-1"
     assert params["p_form_ids"] == [FORM, OTHER]
-    assert (params["p_status"], params["p_outcome"], params["p_opt_out"]) == ("in-progress",
-                                                                              None, True)
+    assert (params["p_status"], params["p_outcome"], params["p_opt_out"]) == (
+        "in-progress",
+        None,
+        True,
+    )
     assert params["p_started_at"] == event.started_at.isoformat()
     assert (params["p_follow_up_on"], params["p_max_calls_per_form"]) == (["busy"], 4)
     assert params["p_source"] == "lookup"
@@ -88,11 +117,15 @@ def test_a_call_under_way_is_recorded_and_frees_no_line():
     assert metrics.counted() == {}
 
 
-@pytest.mark.parametrize("outcome, metric", [("reached", "CallsReached"),
-                                             ("no_answer", "CallsNotReached")])
+@pytest.mark.parametrize(
+    "outcome, metric", [("reached", "CallsReached"), ("no_answer", "CallsNotReached")]
+)
 def test_an_ended_call_is_counted_and_wakes_the_forms_waiting_for_its_line(outcome, metric):
-    rpc = ScriptedRpc().answer("record_call_event", recorded_event(
-        CALL, ended=True, outcome=outcome)).answer("forms_waiting_for_line", ["w1", "w2"])
+    rpc = (
+        ScriptedRpc()
+        .answer("record_call_event", recorded_event(CALL, ended=True, outcome=outcome))
+        .answer("forms_waiting_for_line", ["w1", "w2"])
+    )
     publisher = FakePublisher()
 
     result = run(ENDED, rpc, publisher=publisher)
@@ -106,9 +139,16 @@ def test_an_ended_call_is_counted_and_wakes_the_forms_waiting_for_its_line(outco
 
 
 def test_an_opt_out_cancels_the_patient_messages():
-    rpc = ScriptedRpc().answer("record_call_event", recorded_event(
-        CALL, ended=True, outcome="reached", cancel=[(FORM, "msg_a"), (OTHER, "msg_b")])).answer(
-        "forms_waiting_for_line", [])
+    rpc = (
+        ScriptedRpc()
+        .answer(
+            "record_call_event",
+            recorded_event(
+                CALL, ended=True, outcome="reached", cancel=[(FORM, "msg_a"), (OTHER, "msg_b")]
+            ),
+        )
+        .answer("forms_waiting_for_line", [])
+    )
     publisher = FakePublisher(holds={"msg_a": FORM, "msg_b": OTHER})
 
     result = run(ENDED, rpc, publisher=publisher)
@@ -121,11 +161,17 @@ def test_an_opt_out_cancels_the_patient_messages():
 
 def test_a_failing_cancel_leaves_the_event_recorded_and_follow_ups_published():
     follow_up = {"form_id": OTHER, "next_call_at": now() + timedelta(days=1), "timezone": "UTC"}
-    rpc = ScriptedRpc().answer("record_call_event", recorded_event(
-        CALL, cancel=[(FORM, "msg_a")], follow_ups=[follow_up])).answer(
-        "record_form_scheduled", RECORDED)
-    publisher = FakePublisher(fail={"cancel": TransientFailure("QStash unavailable")},
-                              holds={"msg_a": FORM})
+    rpc = (
+        ScriptedRpc()
+        .answer(
+            "record_call_event",
+            recorded_event(CALL, cancel=[(FORM, "msg_a")], follow_ups=[follow_up]),
+        )
+        .answer("record_form_scheduled", RECORDED)
+    )
+    publisher = FakePublisher(
+        fail={"cancel": TransientFailure("QStash unavailable")}, holds={"msg_a": FORM}
+    )
 
     result = run(CallEvent(vapi_call_id="vapi-1", status="in-progress"), rpc, publisher=publisher)
 
@@ -137,10 +183,20 @@ def test_a_failing_cancel_leaves_the_event_recorded_and_follow_ups_published():
 def test_a_follow_up_is_published_for_the_window_opening_after_its_next_call():
     window, opens = closed_window()
     next_call_at = now() + timedelta(hours=2)
-    rpc = ScriptedRpc().answer("record_call_event", recorded_event(
-        CALL, ended=True, outcome="no_answer",
-        follow_ups=[{"form_id": FORM, "next_call_at": next_call_at, "timezone": "UTC"}])).answer(
-        "forms_waiting_for_line", []).answer("record_form_scheduled", RECORDED)
+    rpc = (
+        ScriptedRpc()
+        .answer(
+            "record_call_event",
+            recorded_event(
+                CALL,
+                ended=True,
+                outcome="no_answer",
+                follow_ups=[{"form_id": FORM, "next_call_at": next_call_at, "timezone": "UTC"}],
+            ),
+        )
+        .answer("forms_waiting_for_line", [])
+        .answer("record_form_scheduled", RECORDED)
+    )
     publisher = FakePublisher()
 
     run(ENDED, rpc, publisher=publisher, window=window)
@@ -149,17 +205,25 @@ def test_a_follow_up_is_published_for_the_window_opening_after_its_next_call():
     assert destination == URL
     assert message.not_before == opens
     assert message.dedup_id == f"call-form-{FORM}-follow-up-{math.ceil(next_call_at.timestamp())}"
-    assert rpc.params("record_form_scheduled") == [{
-        "p_form_id": FORM, "p_message_id": "msg_1", "p_deadline": next_call_at.isoformat(),
-        "p_not_before": opens.isoformat()}]
+    assert rpc.params("record_form_scheduled") == [
+        {
+            "p_form_id": FORM,
+            "p_message_id": "msg_1",
+            "p_deadline": next_call_at.isoformat(),
+            "p_not_before": opens.isoformat(),
+        }
+    ]
     assert metrics.counted()["FollowUpsScheduled"] == 1
 
 
 def test_a_follow_up_already_due_inside_the_window_goes_now_deduplicated_by_its_moment():
     next_call_at = now() - timedelta(minutes=3)
     follow_up = {"form_id": FORM, "next_call_at": next_call_at, "timezone": "Etc/GMT"}
-    rpc = ScriptedRpc().answer("record_call_event", recorded_event(
-        CALL, follow_ups=[follow_up])).answer("record_form_scheduled", RECORDED)
+    rpc = (
+        ScriptedRpc()
+        .answer("record_call_event", recorded_event(CALL, follow_ups=[follow_up]))
+        .answer("record_form_scheduled", RECORDED)
+    )
     publisher = FakePublisher()
     before = now()
 

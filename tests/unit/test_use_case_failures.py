@@ -28,9 +28,14 @@ def b64(data: bytes | str) -> str:
 
 
 def callback(**fields) -> dict:
-    payload = {"sourceBody": b64(json.dumps({"formId": FORM})),
-               "body": b64(json.dumps({"error": "no Vapi line free"})), "status": 503,
-               "retried": 5, "sourceMessageId": "msg_1", "dlqId": "dlq_1"}
+    payload = {
+        "sourceBody": b64(json.dumps({"formId": FORM})),
+        "body": b64(json.dumps({"error": "no Vapi line free"})),
+        "status": 503,
+        "retried": 5,
+        "sourceMessageId": "msg_1",
+        "dlqId": "dlq_1",
+    }
     return {**payload, **fields}
 
 
@@ -43,11 +48,18 @@ def test_a_failed_delivery_is_recorded_with_the_last_answer():
     (form_id, outcome), rpc = record(callback())
 
     assert (form_id, outcome) == (FORM, "failed")
-    assert rpc.params("record_delivery_failed") == [{
-        "p_form_id": FORM,
-        "p_reason": "QStash gave up after 5 retries: last answer HTTP 503 (no Vapi line free)",
-        "p_detail": {"source_message_id": "msg_1", "status": 503, "retried": 5,
-                     "dlq_id": "dlq_1"}}]
+    assert rpc.params("record_delivery_failed") == [
+        {
+            "p_form_id": FORM,
+            "p_reason": "QStash gave up after 5 retries: last answer HTTP 503 (no Vapi line free)",
+            "p_detail": {
+                "source_message_id": "msg_1",
+                "status": 503,
+                "retried": 5,
+                "dlq_id": "dlq_1",
+            },
+        }
+    ]
     assert metrics.counted() == {"DeliveryFailed": 1}
 
 
@@ -57,15 +69,18 @@ def test_the_store_outcome_is_returned():
     assert outcome == "called"
 
 
-@pytest.mark.parametrize("fields", [
-    {"sourceBody": "not base64!"},
-    {"sourceBody": None},
-    {"sourceBody": b64("not json")},
-    {"sourceBody": b64(json.dumps({"formId": "not-a-uuid"}))},
-    {"sourceBody": b64(json.dumps(["a list"]))},
-    {"sourceBody": b64(json.dumps({}))},
-    {"sourceBody": 42},
-])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sourceBody": "not base64!"},
+        {"sourceBody": None},
+        {"sourceBody": b64("not json")},
+        {"sourceBody": b64(json.dumps({"formId": "not-a-uuid"}))},
+        {"sourceBody": b64(json.dumps(["a list"]))},
+        {"sourceBody": b64(json.dumps({}))},
+        {"sourceBody": 42},
+    ],
+)
 def test_a_payload_that_is_not_a_call_form_failure_is_a_bad_request(fields):
     rpc = ScriptedRpc()
 
@@ -77,14 +92,23 @@ def test_a_payload_that_is_not_a_call_form_failure_is_a_bad_request(fields):
     assert rpc.calls == []
 
 
-@pytest.mark.parametrize("body", [b64("<html>bad gateway</html>"), b64(json.dumps(["x"])),
-                                  b64(json.dumps({"other": 1})), b64(json.dumps({"error": ""})),
-                                  None, b64(b"\xff\xfe")])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b64("<html>bad gateway</html>"),
+        b64(json.dumps(["x"])),
+        b64(json.dumps({"other": 1})),
+        b64(json.dumps({"error": ""})),
+        None,
+        b64(b"\xff\xfe"),
+    ],
+)
 def test_a_last_answer_without_an_error_gives_the_status_only(body):
     (_, _), rpc = record(callback(body=body))
 
     assert rpc.params("record_delivery_failed")[0]["p_reason"] == (
-        "QStash gave up after 5 retries: last answer HTTP 503")
+        "QStash gave up after 5 retries: last answer HTTP 503"
+    )
 
 
 def test_a_deeply_nested_last_answer_is_no_error():
@@ -101,19 +125,23 @@ def test_the_error_text_is_bounded_and_has_no_nul():
     assert reason.endswith("(ab" + "x" * 198 + ")")
 
 
-@pytest.mark.parametrize("status, retried, expected", [
-    ("503", "5", "after 0 retries: last answer HTTP None"),
-    (True, True, "after 0 retries: last answer HTTP None"),
-    (None, None, "after 0 retries: last answer HTTP None"),
-    (502, 0, "after 0 retries: last answer HTTP 502"),
-])
+@pytest.mark.parametrize(
+    "status, retried, expected",
+    [
+        ("503", "5", "after 0 retries: last answer HTTP None"),
+        (True, True, "after 0 retries: last answer HTTP None"),
+        (None, None, "after 0 retries: last answer HTTP None"),
+        (502, 0, "after 0 retries: last answer HTTP 502"),
+    ],
+)
 def test_only_integers_are_taken_as_status_and_retries(status, retried, expected):
     (_, _), rpc = record(callback(status=status, retried=retried))
 
     [params] = rpc.params("record_delivery_failed")
     assert expected in params["p_reason"]
-    assert params["p_detail"]["status"] == (status if isinstance(status, int)
-                                            and not isinstance(status, bool) else None)
+    assert params["p_detail"]["status"] == (
+        status if isinstance(status, int) and not isinstance(status, bool) else None
+    )
 
 
 def test_text_fields_are_stored_without_nul_and_bounded_or_dropped_when_not_text():

@@ -8,8 +8,13 @@ import pytest
 
 from formcall.errors import ConfigurationError, DatabaseUnavailable, TransientFailure
 from formcall.models import FollowUp, MessageToCancel
-from formcall.schedule import (cancel_form_messages, cancel_message, publish_follow_ups,
-                               sync_form_schedule, wake_waiting_forms)
+from formcall.schedule import (
+    cancel_form_messages,
+    cancel_message,
+    publish_follow_ups,
+    sync_form_schedule,
+    wake_waiting_forms,
+)
 from formcall.store import CallRules, FormStore
 from tests.support import metrics
 from tests.support.clock import ALL_DAY, closed_window, midday_zone, now
@@ -19,8 +24,14 @@ from tests.support.rpc import RECORDED, ScriptedRpc, schedule_state
 OTHER_FORM = "22222222-2222-4222-8222-222222222222"
 FORM = "11111111-1111-4111-8111-111111111111"
 URL = "https://call-form.example/configured"
-HOSTILE_IDS = ["../v2/schedules/formcall-check-forms", "msg_1/../../x", "msg\x00", "", "a b",
-               "x" * 257]
+HOSTILE_IDS = [
+    "../v2/schedules/formcall-check-forms",
+    "msg_1/../../x",
+    "msg\x00",
+    "",
+    "a b",
+    "x" * 257,
+]
 
 
 @pytest.fixture(autouse=True)
@@ -31,8 +42,9 @@ def clean_metrics():
 
 
 def sync(rpc: ScriptedRpc, publisher: FakePublisher, window=ALL_DAY):
-    return sync_form_schedule(FORM, store=FormStore(rpc), publisher=publisher,
-                              call_form_url=URL, window=window)
+    return sync_form_schedule(
+        FORM, store=FormStore(rpc), publisher=publisher, call_form_url=URL, window=window
+    )
 
 
 def test_a_deleted_form_is_gone():
@@ -44,9 +56,13 @@ def test_a_deleted_form_is_gone():
 
 def test_a_wanted_form_gets_one_message_for_its_deadline():
     deadline = (now() + timedelta(days=2)).replace(microsecond=0)
-    rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(
-        FORM, deadline=deadline, timezone=midday_zone())).answer("record_form_scheduled",
-                                                                 RECORDED)
+    rpc = (
+        ScriptedRpc()
+        .answer(
+            "form_schedule_state", schedule_state(FORM, deadline=deadline, timezone=midday_zone())
+        )
+        .answer("record_form_scheduled", RECORDED)
+    )
     publisher = FakePublisher()
 
     result = sync(rpc, publisher)
@@ -55,9 +71,14 @@ def test_a_wanted_form_gets_one_message_for_its_deadline():
     [(message, destination)] = publisher.published
     assert destination == URL
     assert message.dedup_id == f"call-form-{FORM}-deadline-{int(deadline.timestamp())}"
-    assert rpc.params("record_form_scheduled") == [{
-        "p_form_id": FORM, "p_message_id": "msg_1", "p_deadline": deadline.isoformat(),
-        "p_not_before": result.not_before.isoformat()}]
+    assert rpc.params("record_form_scheduled") == [
+        {
+            "p_form_id": FORM,
+            "p_message_id": "msg_1",
+            "p_deadline": deadline.isoformat(),
+            "p_not_before": result.not_before.isoformat(),
+        }
+    ]
     assert deadline <= result.not_before <= deadline + timedelta(days=1)
     assert metrics.counted() == {"FormsScheduled": 1}
 
@@ -65,8 +86,11 @@ def test_a_wanted_form_gets_one_message_for_its_deadline():
 def test_a_deadline_outside_the_window_is_moved_to_the_opening():
     window, opens = closed_window()
     deadline = now() + timedelta(minutes=30)
-    rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(
-        FORM, deadline=deadline)).answer("record_form_scheduled", RECORDED)
+    rpc = (
+        ScriptedRpc()
+        .answer("form_schedule_state", schedule_state(FORM, deadline=deadline))
+        .answer("record_form_scheduled", RECORDED)
+    )
     publisher = FakePublisher()
 
     result = sync(rpc, publisher, window)
@@ -78,8 +102,11 @@ def test_a_deadline_outside_the_window_is_moved_to_the_opening():
 def test_a_past_deadline_is_scheduled_from_now_not_in_the_past():
     window, opens = closed_window()
     deadline = now() - timedelta(days=10)
-    rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(
-        FORM, deadline=deadline)).answer("record_form_scheduled", RECORDED)
+    rpc = (
+        ScriptedRpc()
+        .answer("form_schedule_state", schedule_state(FORM, deadline=deadline))
+        .answer("record_form_scheduled", RECORDED)
+    )
 
     result = sync(rpc, FakePublisher(), window)
 
@@ -88,9 +115,14 @@ def test_a_past_deadline_is_scheduled_from_now_not_in_the_past():
 
 def test_a_form_due_at_a_later_next_call_gets_a_follow_up_message():
     deadline, due_at = now() - timedelta(days=1), now() + timedelta(hours=5)
-    rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(
-        FORM, deadline=deadline, due_at=due_at, next_call_at=due_at)).answer(
-        "record_form_scheduled", RECORDED)
+    rpc = (
+        ScriptedRpc()
+        .answer(
+            "form_schedule_state",
+            schedule_state(FORM, deadline=deadline, due_at=due_at, next_call_at=due_at),
+        )
+        .answer("record_form_scheduled", RECORDED)
+    )
     publisher = FakePublisher()
 
     sync(rpc, publisher)
@@ -101,8 +133,10 @@ def test_a_form_due_at_a_later_next_call_gets_a_follow_up_message():
 
 def test_a_form_whose_message_matches_is_unchanged():
     deadline = now() + timedelta(days=2)
-    rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(
-        FORM, deadline=deadline, message_id="msg_old", scheduled_deadline=deadline))
+    rpc = ScriptedRpc().answer(
+        "form_schedule_state",
+        schedule_state(FORM, deadline=deadline, message_id="msg_old", scheduled_deadline=deadline),
+    )
     publisher = FakePublisher()
 
     result = sync(rpc, publisher)
@@ -114,10 +148,19 @@ def test_a_form_whose_message_matches_is_unchanged():
 
 def test_a_moved_deadline_is_rescheduled_and_the_old_message_cancelled():
     deadline = now() + timedelta(days=2)
-    rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(
-        FORM, deadline=deadline, message_id="msg_old",
-        scheduled_deadline=deadline - timedelta(days=1))).answer("record_form_scheduled",
-                                                                 RECORDED)
+    rpc = (
+        ScriptedRpc()
+        .answer(
+            "form_schedule_state",
+            schedule_state(
+                FORM,
+                deadline=deadline,
+                message_id="msg_old",
+                scheduled_deadline=deadline - timedelta(days=1),
+            ),
+        )
+        .answer("record_form_scheduled", RECORDED)
+    )
     publisher = FakePublisher(holds={"msg_old": FORM})
 
     result = sync(rpc, publisher)
@@ -129,26 +172,37 @@ def test_a_moved_deadline_is_rescheduled_and_the_old_message_cancelled():
 def test_a_republished_message_with_the_same_id_is_not_cancelled():
     # QStash answers a duplicate (same deduplication id) with the id it already has.
     deadline = now() + timedelta(days=2)
-    rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(
-        FORM, deadline=deadline, message_id="msg_1", scheduled_deadline=None)).answer(
-        "record_form_scheduled", RECORDED)
+    rpc = (
+        ScriptedRpc()
+        .answer(
+            "form_schedule_state",
+            schedule_state(FORM, deadline=deadline, message_id="msg_1", scheduled_deadline=None),
+        )
+        .answer("record_form_scheduled", RECORDED)
+    )
     publisher = FakePublisher()
 
     assert sync(rpc, publisher).action == "rescheduled"
     assert publisher.cancelled == []
 
 
-@pytest.mark.parametrize("fields, reason", [
-    ({"submitted": True}, "submitted"),
-    ({"deadline": None}, "no deadline"),
-    ({"opted_out": True}, "opted out"),
-    ({"call_status": "called"}, "call called"),
-    ({"call_status": "failed"}, "call failed"),
-])
+@pytest.mark.parametrize(
+    "fields, reason",
+    [
+        ({"submitted": True}, "submitted"),
+        ({"deadline": None}, "no deadline"),
+        ({"opted_out": True}, "opted out"),
+        ({"call_status": "called"}, "call called"),
+        ({"call_status": "failed"}, "call failed"),
+    ],
+)
 def test_an_unwanted_form_has_its_message_cancelled(fields, reason):
     state = {"deadline": now() + timedelta(days=1), "message_id": "msg_old", **fields}
-    rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(FORM, **state)).answer(
-        "record_form_unscheduled", RECORDED)
+    rpc = (
+        ScriptedRpc()
+        .answer("form_schedule_state", schedule_state(FORM, **state))
+        .answer("record_form_unscheduled", RECORDED)
+    )
     publisher = FakePublisher(holds={"msg_old": FORM})
 
     result = sync(rpc, publisher)
@@ -156,12 +210,14 @@ def test_an_unwanted_form_has_its_message_cancelled(fields, reason):
     assert (result.action, result.message_id) == ("cancelled", "msg_old")
     assert publisher.cancelled == ["msg_old"] and publisher.published == []
     assert rpc.params("record_form_unscheduled") == [
-        {"p_form_id": FORM, "p_message_id": "msg_old", "p_reason": reason}]
+        {"p_form_id": FORM, "p_message_id": "msg_old", "p_reason": reason}
+    ]
 
 
 def test_an_unwanted_form_without_a_message_is_unchanged():
-    rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(
-        FORM, deadline=now(), submitted=True))
+    rpc = ScriptedRpc().answer(
+        "form_schedule_state", schedule_state(FORM, deadline=now(), submitted=True)
+    )
     publisher = FakePublisher()
 
     assert sync(rpc, publisher).action == "unchanged"
@@ -170,9 +226,14 @@ def test_an_unwanted_form_without_a_message_is_unchanged():
 
 @pytest.mark.parametrize("message_id", HOSTILE_IDS[:3])
 def test_a_stored_id_that_cannot_be_qstash_never_reaches_the_publisher(message_id):
-    rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(
-        FORM, deadline=now(), submitted=True, message_id=message_id)).answer(
-        "record_form_unscheduled", RECORDED)
+    rpc = (
+        ScriptedRpc()
+        .answer(
+            "form_schedule_state",
+            schedule_state(FORM, deadline=now(), submitted=True, message_id=message_id),
+        )
+        .answer("record_form_unscheduled", RECORDED)
+    )
     publisher = FakePublisher()
 
     assert sync(rpc, publisher).action == "cancelled"
@@ -182,10 +243,13 @@ def test_a_stored_id_that_cannot_be_qstash_never_reaches_the_publisher(message_i
 
 
 def test_a_cancel_qstash_refuses_is_not_recorded_as_done():
-    rpc = ScriptedRpc().answer("form_schedule_state", schedule_state(
-        FORM, deadline=now(), submitted=True, message_id="msg_old"))
-    publisher = FakePublisher(fail={"cancel": TransientFailure("QStash unavailable")},
-                              holds={"msg_old": FORM})
+    rpc = ScriptedRpc().answer(
+        "form_schedule_state",
+        schedule_state(FORM, deadline=now(), submitted=True, message_id="msg_old"),
+    )
+    publisher = FakePublisher(
+        fail={"cancel": TransientFailure("QStash unavailable")}, holds={"msg_old": FORM}
+    )
 
     with pytest.raises(TransientFailure):
         sync(rpc, publisher)
@@ -225,8 +289,11 @@ def test_a_delete_webhook_naming_another_forms_message_cancels_nothing():
 
 
 def test_a_delete_webhook_for_a_live_form_cancels_nothing():
-    live = FormStore(ScriptedRpc().answer("form_schedule_state", schedule_state(
-        FORM, deadline=now(), message_id="msg_live")))
+    live = FormStore(
+        ScriptedRpc().answer(
+            "form_schedule_state", schedule_state(FORM, deadline=now(), message_id="msg_live")
+        )
+    )
     publisher = FakePublisher(holds={"msg_live": FORM})
 
     assert cancel_message(FORM, "msg_live", store=live, publisher=publisher).action == "unchanged"
@@ -235,8 +302,11 @@ def test_a_delete_webhook_for_a_live_form_cancels_nothing():
 
 def test_cancel_form_messages_sends_only_qstash_ids():
     publisher = FakePublisher(holds={"msg_a": FORM, "../x": FORM, "msg_b": FORM})
-    messages = [MessageToCancel(FORM, "msg_a"), MessageToCancel(FORM, "../x"),
-                MessageToCancel(FORM, "msg_b")]
+    messages = [
+        MessageToCancel(FORM, "msg_a"),
+        MessageToCancel(FORM, "../x"),
+        MessageToCancel(FORM, "msg_b"),
+    ]
 
     cancel_form_messages(messages, publisher=publisher)
 
@@ -245,9 +315,11 @@ def test_cancel_form_messages_sends_only_qstash_ids():
 
 # Waking forms that wait for a line
 
+
 def wake(rpc: ScriptedRpc, publisher: FakePublisher, rules: CallRules = CallRules(lines=3)):
-    return wake_waiting_forms(store=FormStore(rpc, rules=rules), publisher=publisher.factory,
-                              call_form_url=URL)
+    return wake_waiting_forms(
+        store=FormStore(rpc, rules=rules), publisher=publisher.factory, call_form_url=URL
+    )
 
 
 def test_without_a_line_ledger_nothing_waits():
@@ -281,8 +353,10 @@ def test_waiting_forms_are_woken_now_in_one_batch():
     assert metrics.counted() == {"LineWakeups": 2}
 
 
-@pytest.mark.parametrize("failure", [TransientFailure("QStash unavailable"),
-                                     ConfigurationError(["QSTASH_TOKEN"], "refused")])
+@pytest.mark.parametrize(
+    "failure",
+    [TransientFailure("QStash unavailable"), ConfigurationError(["QSTASH_TOKEN"], "refused")],
+)
 def test_a_wake_up_the_publisher_fails_is_left_to_qstash_retries(failure):
     rpc = ScriptedRpc().answer("forms_waiting_for_line", ["w1"])
 
@@ -302,8 +376,9 @@ def test_publish_follow_ups_records_each_message_on_its_form():
     publisher = FakePublisher()
     follow_ups = [FollowUp(FORM, at, midday_zone()), FollowUp("f2", at, "Not/AZone")]
 
-    count = publish_follow_ups(follow_ups, store=FormStore(rpc), publisher=publisher,
-                               call_form_url=URL, window=ALL_DAY)
+    count = publish_follow_ups(
+        follow_ups, store=FormStore(rpc), publisher=publisher, call_form_url=URL, window=ALL_DAY
+    )
 
     assert count == 2
     assert [p["p_message_id"] for p in rpc.params("record_form_scheduled")] == ["msg_1", "msg_2"]

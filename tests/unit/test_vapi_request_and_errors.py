@@ -1,23 +1,35 @@
 """The create-call body and the one place errors become HTTP answers."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from formcall.errors import (ConfigurationError, DatabaseUnavailable, PermanentFailure,
-                             VapiUnavailable)
+from formcall.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    PermanentFailure,
+    VapiUnavailable,
+)
 from formcall.models import FormOnCall, PatientCall
 from formcall.vapi import call_request, redact, server_override
 from formcall.web import error_reply
 from formcall_dev.vapi_spec import validate
 
-AT = datetime(2026, 12, 1, 9, tzinfo=timezone.utc)
+AT = datetime(2026, 12, 1, 9, tzinfo=UTC)
 CALL = PatientCall(
-    call_id="c-1", patient_id="p-1", patient_name="A" * 60, phone="+15550100002",
-    timezone="UTC", claimed_at=AT,
-    forms=(FormOnCall(id="f-1", title="Consent", deadline=AT, call_attempts=1),
-           FormOnCall(id="f-2", title="Intake", deadline=AT, call_attempts=1)))
+    call_id="c-1",
+    patient_id="p-1",
+    patient_name="A" * 60,
+    phone="+15550100002",
+    timezone="UTC",
+    claimed_at=AT,
+    forms=(
+        FormOnCall(id="f-1", title="Consent", deadline=AT, call_attempts=1),
+        FormOnCall(id="f-2", title="Intake", deadline=AT, call_attempts=1),
+    ),
+)
 HEADER_SERVER = server_override(url="https://events.example/", secret="s" * 24, credential_id=None)
-HMAC_SERVER = server_override(url="https://events.example/", secret="s" * 24,
-                              credential_id="cred-123")
+HMAC_SERVER = server_override(
+    url="https://events.example/", secret="s" * 24, credential_id="cred-123"
+)
 
 
 def test_call_request_covers_every_form_of_the_patient():
@@ -27,8 +39,12 @@ def test_call_request_covers_every_form_of_the_patient():
     overrides = body["assistantOverrides"]
     assert overrides["metadata"] == {"formId": "f-1", "formIds": ["f-1", "f-2"]}
     assert overrides["variableValues"] == {
-        "patientName": "A" * 60, "formTitle": "Consent", "formTitles": "Consent, Intake",
-        "formCount": 2, "deadline": "2026-12-01T09:00:00+00:00"}
+        "patientName": "A" * 60,
+        "formTitle": "Consent",
+        "formTitles": "Consent, Intake",
+        "formCount": 2,
+        "deadline": "2026-12-01T09:00:00+00:00",
+    }
     assert overrides["serverMessages"] == ["status-update", "end-of-call-report"]
 
 
@@ -50,7 +66,9 @@ def test_server_override_authenticates_one_way():
 
 def test_provider_text_loses_numbers_and_names():
     text = "could not dial +1 (555) 010-0002 for Grace Hopper; grace hopper busy"
-    assert redact(text, names=("Grace Hopper",)) == "could not dial [number] for [name]; [name] busy"
+    assert (
+        redact(text, names=("Grace Hopper",)) == "could not dial [number] for [name]; [name] busy"
+    )
 
 
 def test_permanent_failure_is_489_non_retryable():

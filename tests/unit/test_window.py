@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -19,7 +19,7 @@ from formcall.window import (
     zone_for,
 )
 
-UTC = timezone.utc
+UTC = UTC
 NEW_YORK = ZoneInfo("America/New_York")
 LONDON = ZoneInfo("Europe/London")
 LORD_HOWE = ZoneInfo("Australia/Lord_Howe")
@@ -28,10 +28,24 @@ APIA = ZoneInfo("Pacific/Apia")
 # Zones with odd offsets, 30-minute and 2-hour DST, changes at midnight or 00:01 (the local
 # date steps back), Ramadan suspensions, and days skipped or repeated.
 ZONES = [
-    "UTC", "America/New_York", "Europe/London", "Australia/Lord_Howe", "Pacific/Apia",
-    "America/Sao_Paulo", "America/St_Johns", "America/Havana", "America/Santiago",
-    "Asia/Kolkata", "Asia/Kathmandu", "Pacific/Chatham", "Africa/Casablanca", "Asia/Gaza",
-    "Antarctica/Troll", "Europe/Moscow", "Pacific/Kiritimati", "Pacific/Kwajalein",
+    "UTC",
+    "America/New_York",
+    "Europe/London",
+    "Australia/Lord_Howe",
+    "Pacific/Apia",
+    "America/Sao_Paulo",
+    "America/St_Johns",
+    "America/Havana",
+    "America/Santiago",
+    "Asia/Kolkata",
+    "Asia/Kathmandu",
+    "Pacific/Chatham",
+    "Africa/Casablanca",
+    "Asia/Gaza",
+    "Antarctica/Troll",
+    "Europe/Moscow",
+    "Pacific/Kiritimati",
+    "Pacific/Kwajalein",
 ]
 # Zones that skipped a whole local date, so a one-day window may wait nearly two weeks.
 SKIPPED_A_DAY = {"Pacific/Apia", "Pacific/Kiritimati", "Pacific/Kwajalein"}
@@ -48,32 +62,57 @@ def utc(text: str) -> datetime:
 # Parsing
 
 
-@pytest.mark.parametrize("text, days, start, end", [
-    ("09:00-20:00", set(range(7)), time(9), time(20)),
-    ("daily 09:00-20:00", set(range(7)), time(9), time(20)),
-    ("DAILY 09:00-20:00", set(range(7)), time(9), time(20)),
-    ("Mon-Fri 09:00-20:00", {0, 1, 2, 3, 4}, time(9), time(20)),
-    ("Mon,Wed,Fri 08:30-17:00", {0, 2, 4}, time(8, 30), time(17)),
-    ("Sat-Mon 10:00-14:00", {5, 6, 0}, time(10), time(14)),
-    ("sun-tue 10:00-14:00", {6, 0, 1}, time(10), time(14)),
-    ("Mon-Wed,Fri 10:00-14:00", {0, 1, 2, 4}, time(10), time(14)),
-    ("Tue-Mon 10:00-14:00", set(range(7)), time(10), time(14)),
-    ("Thu 10:00-14:00", {3}, time(10), time(14)),
-    ("09:00:30-20:00", set(range(7)), time(9, 0, 30), time(20)),
-    ("  mon , fri  9:00 - 20:00:59 \n", {0, 4}, time(9), time(20, 0, 59)),
-    ("00:00-23:59:59", set(range(7)), time(0), time(23, 59, 59)),
-])
+@pytest.mark.parametrize(
+    "text, days, start, end",
+    [
+        ("09:00-20:00", set(range(7)), time(9), time(20)),
+        ("daily 09:00-20:00", set(range(7)), time(9), time(20)),
+        ("DAILY 09:00-20:00", set(range(7)), time(9), time(20)),
+        ("Mon-Fri 09:00-20:00", {0, 1, 2, 3, 4}, time(9), time(20)),
+        ("Mon,Wed,Fri 08:30-17:00", {0, 2, 4}, time(8, 30), time(17)),
+        ("Sat-Mon 10:00-14:00", {5, 6, 0}, time(10), time(14)),
+        ("sun-tue 10:00-14:00", {6, 0, 1}, time(10), time(14)),
+        ("Mon-Wed,Fri 10:00-14:00", {0, 1, 2, 4}, time(10), time(14)),
+        ("Tue-Mon 10:00-14:00", set(range(7)), time(10), time(14)),
+        ("Thu 10:00-14:00", {3}, time(10), time(14)),
+        ("09:00:30-20:00", set(range(7)), time(9, 0, 30), time(20)),
+        ("  mon , fri  9:00 - 20:00:59 \n", {0, 4}, time(9), time(20, 0, 59)),
+        ("00:00-23:59:59", set(range(7)), time(0), time(23, 59, 59)),
+    ],
+)
 def test_parse_accepts(text, days, start, end):
     assert parse_window(text) == CallWindow(frozenset(days), start, end)
 
 
-@pytest.mark.parametrize("text", [
-    "", "   ", "garbage", "09:00", "09:00-", "-20:00", "9-20", "09.00-20.00",
-    "20:00-09:00", "09:00-09:00", "22:00-02:00", "24:00-25:00", "09:00-24:00", "09:60-10:00",
-    "09:00:60-10:00", "Mo 09:00-10:00", "Monday 09:00-10:00", "Mon,,Fri 09:00-10:00",
-    "Mon-Fri-Sat 09:00-10:00", "daily,Mon 09:00-10:00", "09:00-20:00 Mon",
-    "Mon-Fri09:00-20:00", "Mon-Fri 09:00-20:00.5", "\u0660\u0669:00-20:00",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "garbage",
+        "09:00",
+        "09:00-",
+        "-20:00",
+        "9-20",
+        "09.00-20.00",
+        "20:00-09:00",
+        "09:00-09:00",
+        "22:00-02:00",
+        "24:00-25:00",
+        "09:00-24:00",
+        "09:60-10:00",
+        "09:00:60-10:00",
+        "Mo 09:00-10:00",
+        "Monday 09:00-10:00",
+        "Mon,,Fri 09:00-10:00",
+        "Mon-Fri-Sat 09:00-10:00",
+        "daily,Mon 09:00-10:00",
+        "09:00-20:00 Mon",
+        "Mon-Fri09:00-20:00",
+        "Mon-Fri 09:00-20:00.5",
+        "\u0660\u0669:00-20:00",
+    ],
+)
 def test_parse_rejects(text):
     with pytest.raises(ValueError, match="call window"):
         parse_window(text)
@@ -84,23 +123,29 @@ def test_default_window_is_nine_to_eight_every_day():
     assert str(DEFAULT_WINDOW) == "daily 09:00-20:00"
 
 
-@pytest.mark.parametrize("text, canonical", [
-    ("Mon-Fri 09:00-20:00", "Mon-Fri 09:00-20:00"),
-    ("Fri,Wed,Mon 08:30-17:00", "Mon,Wed,Fri 08:30-17:00"),
-    ("Sun,Sat,Mon 10:00-14:00", "Sat-Mon 10:00-14:00"),
-    ("Sat,Sun 10:00:05-14:00", "Sat,Sun 10:00:05-14:00"),
-])
+@pytest.mark.parametrize(
+    "text, canonical",
+    [
+        ("Mon-Fri 09:00-20:00", "Mon-Fri 09:00-20:00"),
+        ("Fri,Wed,Mon 08:30-17:00", "Mon,Wed,Fri 08:30-17:00"),
+        ("Sun,Sat,Mon 10:00-14:00", "Sat-Mon 10:00-14:00"),
+        ("Sat,Sun 10:00:05-14:00", "Sat,Sun 10:00:05-14:00"),
+    ],
+)
 def test_str_is_canonical(text, canonical):
     assert str(parse_window(text)) == canonical
 
 
-@pytest.mark.parametrize("days, start, end", [
-    (frozenset(), time(9), time(20)),
-    (frozenset({7}), time(9), time(20)),
-    (frozenset({0}), time(20), time(9)),
-    (frozenset({0}), time(9, 0, 0, 1), time(20)),
-    (frozenset({0}), time(9, tzinfo=UTC), time(20)),
-])
+@pytest.mark.parametrize(
+    "days, start, end",
+    [
+        (frozenset(), time(9), time(20)),
+        (frozenset({7}), time(9), time(20)),
+        (frozenset({0}), time(20), time(9)),
+        (frozenset({0}), time(9, 0, 0, 1), time(20)),
+        (frozenset({0}), time(9, tzinfo=UTC), time(20)),
+    ],
+)
 def test_window_rejects_what_parse_could_not_write(days, start, end):
     with pytest.raises(ValueError):
         CallWindow(days, start, end)
@@ -123,11 +168,30 @@ def test_zone_for_valid_name():
     assert zone_for("UTC") == (ZoneInfo("UTC"), True)
 
 
-@pytest.mark.parametrize("name", [
-    None, "", "   ", "Mars/Olympus_Mons", "america/new_york", "America", "America/",
-    "../etc/passwd", "/etc/localtime", "/usr/share/zoneinfo/UTC", "America/../Europe/London",
-    "zone.tab", "tzdata.zi", "localtime", "a\x00b", "\ud800", "x" * 5000, "a/" * 3000, ".",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        None,
+        "",
+        "   ",
+        "Mars/Olympus_Mons",
+        "america/new_york",
+        "America",
+        "America/",
+        "../etc/passwd",
+        "/etc/localtime",
+        "/usr/share/zoneinfo/UTC",
+        "America/../Europe/London",
+        "zone.tab",
+        "tzdata.zi",
+        "localtime",
+        "a\x00b",
+        "\ud800",
+        "x" * 5000,
+        "a/" * 3000,
+        ".",
+    ],
+)
 def test_zone_for_bad_name_falls_back_to_utc(name):
     assert zone_for(name) == (ZoneInfo("UTC"), False)
 
@@ -156,8 +220,10 @@ def test_new_york_at_three_opens_at_nine_that_day():
 
 def test_open_now_gives_none():
     assert next_opening(local(NEW_YORK, "2024-06-05T09:00"), NEW_YORK, DEFAULT_WINDOW) is None
-    assert next_opening(local(NEW_YORK, "2024-06-05T19:59:59.999999"), NEW_YORK,
-                        DEFAULT_WINDOW) is None
+    assert (
+        next_opening(local(NEW_YORK, "2024-06-05T19:59:59.999999"), NEW_YORK, DEFAULT_WINDOW)
+        is None
+    )
 
 
 def test_end_is_excluded():
@@ -318,18 +384,30 @@ def offset_changes(key: str, year: int) -> tuple[datetime, ...]:
     return tuple(found)
 
 
-clock_times = st.builds(time, st.integers(0, 23), st.sampled_from([0, 1, 15, 29, 30, 45, 59]),
-                        st.sampled_from([0, 0, 0, 1, 59]))
+clock_times = st.builds(
+    time,
+    st.integers(0, 23),
+    st.sampled_from([0, 1, 15, 29, 30, 45, 59]),
+    st.sampled_from([0, 0, 0, 1, 59]),
+)
 
 
 @st.composite
 def windows(draw, start: time | None = None) -> CallWindow:
-    days = draw(st.one_of(st.just(frozenset(range(7))), st.just(frozenset(range(5))),
-                          st.frozensets(st.integers(0, 6), min_size=1)))
+    days = draw(
+        st.one_of(
+            st.just(frozenset(range(7))),
+            st.just(frozenset(range(5))),
+            st.frozensets(st.integers(0, 6), min_size=1),
+        )
+    )
     if start is None:
         start = draw(clock_times)
-    length = draw(st.one_of(st.sampled_from([1, 60, 1800, 3600, 5400, 7200, 11 * 3600]),
-                            st.integers(1, 86399)))
+    length = draw(
+        st.one_of(
+            st.sampled_from([1, 60, 1800, 3600, 5400, 7200, 11 * 3600]), st.integers(1, 86399)
+        )
+    )
     end_moment = datetime.combine(datetime(2000, 1, 1), start) + timedelta(seconds=length)
     end = end_moment.time() if end_moment.day == 1 else time(23, 59, 59)
     if end <= start:
@@ -377,10 +455,12 @@ def cases(draw) -> tuple[datetime, ZoneInfo, CallWindow]:
 
 def swallowed_by_a_gap(day: date, zone: ZoneInfo, window: CallWindow) -> bool:
     """Whether the clocks skipped every wall time of the window on the local date `day`."""
+
     def skipped(wall: datetime) -> bool:
         # A skipped wall time does not survive the round trip through UTC.
-        return wall.replace(tzinfo=zone).astimezone(UTC).astimezone(zone).replace(
-            tzinfo=None) != wall
+        return (
+            wall.replace(tzinfo=zone).astimezone(UTC).astimezone(zone).replace(tzinfo=None) != wall
+        )
 
     start = datetime.combine(day, window.start)
     return skipped(start) and skipped(datetime.combine(day, window.end) - timedelta(microseconds=1))
@@ -391,9 +471,11 @@ def longest_wait(at: datetime, zone: ZoneInfo, window: CallWindow) -> timedelta:
     two weeks and a day when an allowed day within that week's reach lost the whole window to a
     clock change or the zone skipped a date."""
     today = at.astimezone(zone).date()
-    lost = any((today + timedelta(days=ahead)).weekday() in window.days
-               and swallowed_by_a_gap(today + timedelta(days=ahead), zone, window)
-               for ahead in range(9))
+    lost = any(
+        (today + timedelta(days=ahead)).weekday() in window.days
+        and swallowed_by_a_gap(today + timedelta(days=ahead), zone, window)
+        for ahead in range(9)
+    )
     return timedelta(days=15 if lost or zone.key in SKIPPED_A_DAY else 8)
 
 
@@ -418,8 +500,13 @@ def probes(at: datetime, opening: datetime, zone: ZoneInfo, window: CallWindow):
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 # A Sunday-only window wholly inside New York's 1990 spring-forward gap: the opening is 8 days on.
-@example((datetime(1990, 3, 31, 6, 59, 58, tzinfo=UTC), NEW_YORK,
-          CallWindow(frozenset({6}), time(2, 59, 59), time(3))))
+@example(
+    (
+        datetime(1990, 3, 31, 6, 59, 58, tzinfo=UTC),
+        NEW_YORK,
+        CallWindow(frozenset({6}), time(2, 59, 59), time(3)),
+    )
+)
 def test_next_opening_is_the_first_open_instant(case):
     at, zone, window = case
     opening = next_opening(at, zone, window)

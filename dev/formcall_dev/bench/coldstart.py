@@ -18,7 +18,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -78,37 +78,72 @@ def _events(info, conn) -> dict[str, dict]:
     """One realistic first request per function, signed or authenticated as in production."""
     creds = info.credentials
     patient = create_patient(conn)
-    due = create_form(conn, patient_id=patient, deadline=datetime.now(timezone.utc), silent=True)
-    ahead = create_form(conn, patient_id=patient, silent=True,
-                        deadline=datetime.now(timezone.utc) + timedelta(days=1))
+    due = create_form(conn, patient_id=patient, deadline=datetime.now(UTC), silent=True)
+    ahead = create_form(
+        conn,
+        patient_id=patient,
+        silent=True,
+        deadline=datetime.now(UTC) + timedelta(days=1),
+    )
 
     def signed(path: str, body: dict) -> dict:
-        event = http_event(method="POST", path=path, body=json.dumps(body), domain=DOMAIN,
-                           headers={"content-type": "application/json",
-                                    "upstash-message-id": "msg_" + uuid.uuid4().hex,
-                                    "upstash-retried": "0"})
+        event = http_event(
+            method="POST",
+            path=path,
+            body=json.dumps(body),
+            domain=DOMAIN,
+            headers={
+                "content-type": "application/json",
+                "upstash-message-id": "msg_" + uuid.uuid4().hex,
+                "upstash-retried": "0",
+            },
+        )
         return sign_event(event, key=creds["QSTASH_CURRENT_SIGNING_KEY"])
 
     def webhook(body: str) -> dict:
-        return http_event(method="POST", path="/api/webhooks/forms", domain=DOMAIN, body=body,
-                          headers=webhook_headers(body, secret=creds["WEBHOOK_SECRET"]))
+        return http_event(
+            method="POST",
+            path="/api/webhooks/forms",
+            domain=DOMAIN,
+            body=body,
+            headers=webhook_headers(body, secret=creds["WEBHOOK_SECRET"]),
+        )
 
-    failure = {"status": 489, "retried": 5, "sourceMessageId": "msg_" + uuid.uuid4().hex,
-               "sourceBody": _b64(json.dumps({"formId": due})), "body": _b64('{"error":"x"}')}
+    failure = {
+        "status": 489,
+        "retried": 5,
+        "sourceMessageId": "msg_" + uuid.uuid4().hex,
+        "sourceBody": _b64(json.dumps({"formId": due})),
+        "body": _b64('{"error":"x"}'),
+    }
     row = {"id": ahead, "deadline": None, "submitted_at": None}
     return {
         "call_form": lambda: signed("/api/jobs/call-form", {"formId": due}),
         "check_forms": lambda: signed("/api/cron/check-forms", {}),
-        "setup": lambda: http_event(method="GET", path="/api/setup-qstash", domain=DOMAIN,
-                                    query={"secret": creds["CRON_SECRET"]}),
-        "schedule_form": lambda: webhook(json.dumps({"type": "INSERT", "table": "forms",
-                                                     "schema": "public", "record": row,
-                                                     "old_record": None})),
+        "setup": lambda: http_event(
+            method="GET",
+            path="/api/setup-qstash",
+            domain=DOMAIN,
+            query={"secret": creds["CRON_SECRET"]},
+        ),
+        "schedule_form": lambda: webhook(
+            json.dumps(
+                {
+                    "type": "INSERT",
+                    "table": "forms",
+                    "schema": "public",
+                    "record": row,
+                    "old_record": None,
+                }
+            )
+        ),
         "failure_callback": lambda: signed("/api/jobs/failed", failure),
         "reset": lambda: conn.execute(
             "update forms set call_status = 'pending', call_attempts = 0, vapi_call_id = null,"
             " called_at = null, claimed_at = null, qstash_message_id = null,"
-            " scheduled_deadline = null where id in (%s, %s)", (due, ahead)),
+            " scheduled_deadline = null where id in (%s, %s)",
+            (due, ahead),
+        ),
     }
 
 
@@ -124,8 +159,13 @@ def run_once(name: str, event: dict, env: dict[str, str], *, baseline: bool) -> 
     code = CHILD.format(eager=EAGER_IMPORTS if baseline else "", root=str(REPO_ROOT), name=name)
     try:
         env = {**env, "BENCH_SPAWNED_AT": repr(time.time())}
-        done = subprocess.run([sys.executable, "-c", code, handle.name], env=env,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", code, handle.name],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.unlink(handle.name)
     if done.returncode != 0:
@@ -155,9 +195,14 @@ def sam_build(work: Path) -> tuple[Path | None, float | None, str]:
         return None, None, "no SAM CLI (set SAM_CLI)"
     build = work / "sam-build"
     started = time.perf_counter()
-    done = subprocess.run([sam, "build", "--build-dir", str(build), "--cache-dir",
-                           str(work / "sam-cache")], cwd=REPO_ROOT, capture_output=True,
-                          text=True, env={**os.environ, "SAM_CLI_TELEMETRY": "0"}, timeout=600)
+    done = subprocess.run(
+        [sam, "build", "--build-dir", str(build), "--cache-dir", str(work / "sam-cache")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SAM_CLI_TELEMETRY": "0"},
+        timeout=600,
+    )
     if done.returncode != 0:
         return None, None, f"sam build failed: {done.stderr[-500:]}"
     return build, time.perf_counter() - started, "sam build (this run)"
@@ -165,11 +210,14 @@ def sam_build(work: Path) -> tuple[Path | None, float | None, str]:
 
 def bench_coldstart(work: Path, sizes) -> dict:
     results: dict[str, dict] = {}
-    with BenchStack(work / "coldstart") as info, \
-            psycopg.connect(info.dsn, autocommit=True) as conn:
+    with BenchStack(work / "coldstart") as info, psycopg.connect(info.dsn, autocommit=True) as conn:
         # The URLs stay the stack's (loopback): the signed subjects are the events' own URLs.
-        env = {**os.environ, **info.env(), "POWERTOOLS_SERVICE_NAME": "formcall",
-               "POWERTOOLS_METRICS_NAMESPACE": "formcall"}
+        env = {
+            **os.environ,
+            **info.env(),
+            "POWERTOOLS_SERVICE_NAME": "formcall",
+            "POWERTOOLS_METRICS_NAMESPACE": "formcall",
+        }
         env.pop("FORMCALL_SECRET_ARN", None)
         events = _events(info, conn)
         for name in sizes.cold_functions:
@@ -178,20 +226,32 @@ def bench_coldstart(work: Path, sizes) -> dict:
                 # Alternate, so drift on a shared machine hits both alike.
                 for kind in ("function", "baseline"):
                     events["reset"]()
-                    runs[kind].append(run_once(name, events[name](), env,
-                                               baseline=kind == "baseline"))
+                    runs[kind].append(
+                        run_once(name, events[name](), env, baseline=kind == "baseline")
+                    )
             statuses = {r["status"] for rs in runs.values() for r in rs}
-            summary = {kind: {key: median(r[key] for r in rs) for key in
-                              ("first_answer_ms", "import_ms", "request_ms", "peak_rss_mb")}
-                       for kind, rs in runs.items()}
-            summary["ratio"] = (summary["function"]["first_answer_ms"]
-                                / summary["baseline"]["first_answer_ms"])
+            summary = {
+                kind: {
+                    key: median(r[key] for r in rs)
+                    for key in ("first_answer_ms", "import_ms", "request_ms", "peak_rss_mb")
+                }
+                for kind, rs in runs.items()
+            }
+            summary["ratio"] = (
+                summary["function"]["first_answer_ms"] / summary["baseline"]["first_answer_ms"]
+            )
             summary["statuses"] = sorted(statuses)
             results[name] = summary
-    build, build_s, source = (sam_build(work) if sizes.sam_build
-                              else (REPO_ROOT / ".aws-sam" / "build", None,
-                                    "the last `make build` (.aws-sam/build)"))
+    build, build_s, source = (
+        sam_build(work)
+        if sizes.sam_build
+        else (REPO_ROOT / ".aws-sam" / "build", None, "the last `make build` (.aws-sam/build)")
+    )
     layer = layer_size(build) if build else None
-    return {"functions": results, "runs": sizes.cold_runs, "layer": layer,
-            "layer_source": source if layer else f"not measured: {source}",
-            "sam_build_s": build_s}
+    return {
+        "functions": results,
+        "runs": sizes.cold_runs,
+        "layer": layer,
+        "layer_source": source if layer else f"not measured: {source}",
+        "sam_build_s": build_s,
+    }

@@ -11,7 +11,7 @@ against the same fake Vapi answering create-call after VAPI_LATENCY seconds:
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -30,12 +30,17 @@ def inline_sweep(dsn: str, info) -> dict:
     """The seed's check-forms: every overdue form called inline, one after another."""
     store = FormStore(PostgresRpc(dsn))
     creds = info.credentials
-    vapi = VapiClient(base_url=info.vapi_url, api_key=creds["VAPI_PRIVATE_KEY"],
-                      assistant_id=creds["VAPI_ASSISTANT_ID"],
-                      phone_number_id=creds["VAPI_PHONE_NUMBER_ID"],
-                      server=server_override(url=info.functions_url + "/api/webhooks/vapi",
-                                             secret=creds.get("VAPI_WEBHOOK_SECRET", "x" * 16),
-                                             credential_id=None))
+    vapi = VapiClient(
+        base_url=info.vapi_url,
+        api_key=creds["VAPI_PRIVATE_KEY"],
+        assistant_id=creds["VAPI_ASSISTANT_ID"],
+        phone_number_id=creds["VAPI_PHONE_NUMBER_ID"],
+        server=server_override(
+            url=info.functions_url + "/api/webhooks/vapi",
+            secret=creds.get("VAPI_WEBHOOK_SECRET", "x" * 16),
+            credential_id=None,
+        ),
+    )
     placed = failed = 0
     started = time.perf_counter()
     after = None
@@ -64,8 +69,12 @@ def reset_backlog(conn, forms: int) -> None:
         conn.execute("delete from forms")
         conn.execute("delete from calls")
         conn.execute("delete from patients")
-        create_forms_one_patient_each(conn, count=forms, title="Backlog form",
-                                      deadline=datetime.now(timezone.utc) - timedelta(hours=2))
+        create_forms_one_patient_each(
+            conn,
+            count=forms,
+            title="Backlog form",
+            deadline=datetime.now(UTC) - timedelta(hours=2),
+        )
 
 
 def called(conn) -> int:
@@ -76,9 +85,15 @@ def bench_seed_design(work: Path, sizes, *, sweep: tuple[float, int] | None = No
     """`sweep`: (seconds, forms) of the largest sweep of benchmark 3, when it ran."""
     forms, latency = sizes.backlog_forms, sizes.vapi_latency
     inline, fanout = [], []
-    with BenchStack(work / "seed-design", vapi_concurrency=LINES, vapi_call_seconds=CALL_SECONDS,
-                    extra_env={"VAPI_CALLS_PER_MINUTE": str(round(LINES * 60 / CALL_SECONDS))}
-                    ) as info, psycopg.connect(info.dsn, autocommit=True) as conn:
+    with (
+        BenchStack(
+            work / "seed-design",
+            vapi_concurrency=LINES,
+            vapi_call_seconds=CALL_SECONDS,
+            extra_env={"VAPI_CALLS_PER_MINUTE": str(round(LINES * 60 / CALL_SECONDS))},
+        ) as info,
+        psycopg.connect(info.dsn, autocommit=True) as conn,
+    ):
         for _ in range(sizes.backlog_runs):
             for design in ("inline", "fanout"):  # alternate, so drift hits both alike
                 reset_backlog(conn, forms)
@@ -91,17 +106,27 @@ def bench_seed_design(work: Path, sizes, *, sweep: tuple[float, int] | None = No
                     continue
                 started = time.perf_counter()
                 answer, sweep_s = trigger_sweep(info)
-                wait_until(lambda: called(conn) == forms, timeout=60 + forms * latency * 2,
-                           interval=0.05)
-                fanout.append({"seconds": sweep_s, "drain_s": time.perf_counter() - started,
-                               "placed": called(conn), "enqueued": answer["enqueued"]})
+                wait_until(
+                    lambda: called(conn) == forms, timeout=60 + forms * latency * 2, interval=0.05
+                )
+                fanout.append(
+                    {
+                        "seconds": sweep_s,
+                        "drain_s": time.perf_counter() - started,
+                        "placed": called(conn),
+                        "enqueued": answer["enqueued"],
+                    }
+                )
         stats = fake_vapi(info, "GET", "/stats")
     inline_per_form = median(r["seconds"] for r in inline) / forms
     fanout_sweep = median(r["seconds"] for r in fanout)
     # check-forms' cost per form: from benchmark 3's largest sweep when it ran, else this backlog.
     per_form = sweep[0] / sweep[1] if sweep else fanout_sweep / forms
     return {
-        "forms": forms, "latency_s": latency, "lines": LINES, "call_seconds": CALL_SECONDS,
+        "forms": forms,
+        "latency_s": latency,
+        "lines": LINES,
+        "call_seconds": CALL_SECONDS,
         "runs": sizes.backlog_runs,
         "inline_drain_s": median(r["drain_s"] for r in inline),
         "fanout_drain_s": median(r["drain_s"] for r in fanout),
@@ -111,7 +136,8 @@ def bench_seed_design(work: Path, sizes, *, sweep: tuple[float, int] | None = No
         "inline_overhead_per_form_s": inline_per_form - latency,
         "inline_max_backlog": int(LAMBDA_LIMIT_S / inline_per_form),
         "fanout_sweep_per_form_s": per_form,
-        "fanout_per_form_source": f"the {sweep[1]:,}-form sweep of benchmark 3" if sweep
+        "fanout_per_form_source": f"the {sweep[1]:,}-form sweep of benchmark 3"
+        if sweep
         else f"this {forms}-form backlog",
         "fanout_max_backlog": int(LAMBDA_LIMIT_S / per_form),
         "inline_placed": min(r["placed"] for r in inline),

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -55,31 +55,61 @@ open(sys.argv[2], "w").write(json.dumps({{"cpu_ms": cpu[{warmup}:], "wall_ms": w
 
 def bench_warm(work: Path, sizes) -> dict:
     total = sizes.warm_requests + WARMUP
-    with BenchStack(work / "warm", vapi_concurrency=1000, vapi_call_seconds=0) as info, \
-            psycopg.connect(info.dsn, autocommit=True) as conn:
+    with (
+        BenchStack(work / "warm", vapi_concurrency=1000, vapi_call_seconds=0) as info,
+        psycopg.connect(info.dsn, autocommit=True) as conn,
+    ):
         with conn.transaction():
             conn.execute("set local session_replication_role = replica")
             forms = create_forms_one_patient_each(
-                conn, count=total, title="Warm form",
-                deadline=datetime.now(timezone.utc) - timedelta(minutes=1))
+                conn,
+                count=total,
+                title="Warm form",
+                deadline=datetime.now(UTC) - timedelta(minutes=1),
+            )
         domain = "warm.lambda-url.us-east-1.on.aws"
-        events = [sign_event(http_event(
-            method="POST", path="/api/jobs/call-form", body=json.dumps({"formId": form}),
-            domain=domain, headers={"content-type": "application/json",
-                                    "upstash-message-id": "msg_" + uuid.uuid4().hex,
-                                    "upstash-retried": "0"}),
-            key=info.credentials["QSTASH_CURRENT_SIGNING_KEY"]) for form in forms]
+        events = [
+            sign_event(
+                http_event(
+                    method="POST",
+                    path="/api/jobs/call-form",
+                    body=json.dumps({"formId": form}),
+                    domain=domain,
+                    headers={
+                        "content-type": "application/json",
+                        "upstash-message-id": "msg_" + uuid.uuid4().hex,
+                        "upstash-retried": "0",
+                    },
+                ),
+                key=info.credentials["QSTASH_CURRENT_SIGNING_KEY"],
+            )
+            for form in forms
+        ]
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
             json.dump(events, handle)
         output = Path(handle.name).with_suffix(".out.json")
-        env = {**os.environ, **info.env(), "POWERTOOLS_SERVICE_NAME": "formcall",
-               "POWERTOOLS_METRICS_NAMESPACE": "formcall"}
+        env = {
+            **os.environ,
+            **info.env(),
+            "POWERTOOLS_SERVICE_NAME": "formcall",
+            "POWERTOOLS_METRICS_NAMESPACE": "formcall",
+        }
         env.pop("FORMCALL_SECRET_ARN", None)
         try:
             done = subprocess.run(
-                [sys.executable, "-c", CHILD.format(root=str(REPO_ROOT), warmup=WARMUP),
-                 handle.name, str(output)], env=env, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, text=True, timeout=900)
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD.format(root=str(REPO_ROOT), warmup=WARMUP),
+                    handle.name,
+                    str(output),
+                ],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=900,
+            )
             if done.returncode != 0:
                 raise RuntimeError(f"warm run failed: {done.stderr[-2000:]}")
             result = json.loads(output.read_text())
@@ -88,7 +118,13 @@ def bench_warm(work: Path, sizes) -> dict:
             output.unlink(missing_ok=True)
         placed = fake_vapi(info, "GET", "/stats")["placed"]
     cpu, wall = result["cpu_ms"], result["wall_ms"]
-    return {"requests": len(cpu), "cpu_median_ms": median(cpu), "cpu_p99_ms": percentile(cpu, 99),
-            "wall_median_ms": median(wall), "wall_p99_ms": percentile(wall, 99),
-            "called": sum(1 for s in result["statuses"] if s == 200), "placed": placed,
-            "cpu_ms": cpu}
+    return {
+        "requests": len(cpu),
+        "cpu_median_ms": median(cpu),
+        "cpu_p99_ms": percentile(cpu, 99),
+        "wall_median_ms": median(wall),
+        "wall_p99_ms": percentile(wall, 99),
+        "called": sum(1 for s in result["statuses"] if s == 200),
+        "placed": placed,
+        "cpu_ms": cpu,
+    }

@@ -52,9 +52,15 @@ class NewForm:
             ZoneInfo(zone)
         except (ZoneInfoNotFoundError, ValueError):
             raise InvalidInput(
-                f"unknown time zone {zone!r} (an IANA name, e.g. America/New_York)") from None
-        return cls(full_name=full_name, phone=phone, timezone=zone, title=title,
-                   due_in_seconds=parse_due_seconds(fields.get("due_in_seconds", "")))
+                f"unknown time zone {zone!r} (an IANA name, e.g. America/New_York)"
+            ) from None
+        return cls(
+            full_name=full_name,
+            phone=phone,
+            timezone=zone,
+            title=title,
+            due_in_seconds=parse_due_seconds(fields.get("due_in_seconds", "")),
+        )
 
 
 def parse_due_seconds(value: str) -> int:
@@ -71,38 +77,53 @@ def parse_due_seconds(value: str) -> int:
 async def create_test_form(conn: AsyncConnection, new: NewForm) -> str:
     """Insert a patient and one form due in N seconds, in one transaction; returns the form id."""
     async with conn.transaction():
-        patient = await (await conn.execute(
-            "insert into public.patients (full_name, phone, timezone) values (%s, %s, %s)"
-            " returning id", (new.full_name, new.phone, new.timezone))).fetchone()
-        form = await (await conn.execute(
-            "insert into public.forms (patient_id, title, deadline)"
-            " values (%s, %s, now() + make_interval(secs => %s)) returning id::text",
-            (patient[0], new.title, new.due_in_seconds))).fetchone()
+        patient = await (
+            await conn.execute(
+                "insert into public.patients (full_name, phone, timezone) values (%s, %s, %s)"
+                " returning id",
+                (new.full_name, new.phone, new.timezone),
+            )
+        ).fetchone()
+        form = await (
+            await conn.execute(
+                "insert into public.forms (patient_id, title, deadline)"
+                " values (%s, %s, now() + make_interval(secs => %s)) returning id::text",
+                (patient[0], new.title, new.due_in_seconds),
+            )
+        ).fetchone()
     return form[0]
 
 
 async def submit_form(conn: AsyncConnection, form_id: str) -> None:
     """Mark the form submitted now, as the patient's submission would."""
-    row = await (await conn.execute(
-        "update public.forms set submitted_at = now() where id = %s and submitted_at is null"
-        " returning id", (form_id,))).fetchone()
+    row = await (
+        await conn.execute(
+            "update public.forms set submitted_at = now() where id = %s and submitted_at is null"
+            " returning id",
+            (form_id,),
+        )
+    ).fetchone()
     if row is None:
         await _explain_missing(conn, form_id, "it is already submitted")
 
 
 async def move_deadline(conn: AsyncConnection, form_id: str, due_in_seconds: int) -> None:
     """Set the form's deadline to N seconds from now."""
-    row = await (await conn.execute(
-        "update public.forms set deadline = now() + make_interval(secs => %s)"
-        " where id = %s and submitted_at is null returning id",
-        (due_in_seconds, form_id))).fetchone()
+    row = await (
+        await conn.execute(
+            "update public.forms set deadline = now() + make_interval(secs => %s)"
+            " where id = %s and submitted_at is null returning id",
+            (due_in_seconds, form_id),
+        )
+    ).fetchone()
     if row is None:
         await _explain_missing(conn, form_id, "it is submitted: its deadline no longer matters")
 
 
 async def _explain_missing(conn: AsyncConnection, form_id: str, conflict: str) -> None:
-    exists = await (await conn.execute("select 1 from public.forms where id = %s",
-                                       (form_id,))).fetchone()
+    exists = await (
+        await conn.execute("select 1 from public.forms where id = %s", (form_id,))
+    ).fetchone()
     if exists is None:
         raise NotFound(f"no form {form_id}")
     raise Conflict(f"form {form_id} was not changed: {conflict}")

@@ -57,11 +57,15 @@ class ConsoleConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ConsoleConfig:
         """The settings the dev stack gives its components (stack.py)."""
-        return cls(dsn=env["FORMCALL_DEV_DSN"], qstash_url=env["QSTASH_URL"],
-                   qstash_token=env["QSTASH_TOKEN"], check_forms_url=env["CHECK_FORMS_URL"],
-                   cron_secret=env["CRON_SECRET"],
-                   vapi_url=None if env.get("FORMCALL_DEV_REAL_VAPI") else env["VAPI_BASE_URL"],
-                   vapi_key=env["VAPI_PRIVATE_KEY"])
+        return cls(
+            dsn=env["FORMCALL_DEV_DSN"],
+            qstash_url=env["QSTASH_URL"],
+            qstash_token=env["QSTASH_TOKEN"],
+            check_forms_url=env["CHECK_FORMS_URL"],
+            cron_secret=env["CRON_SECRET"],
+            vapi_url=None if env.get("FORMCALL_DEV_REAL_VAPI") else env["VAPI_BASE_URL"],
+            vapi_key=env["VAPI_PRIVATE_KEY"],
+        )
 
 
 class LocalOnly:
@@ -81,12 +85,15 @@ class LocalOnly:
             origin = headers.get("origin")
             if host not in LOCAL_HOSTS:
                 response: Response = PlainTextResponse(
-                    "the console answers on 127.0.0.1 only", status_code=400)
+                    "the console answers on 127.0.0.1 only", status_code=400
+                )
                 return await response(scope, receive, send)
             if scope["method"] not in ("GET", "HEAD") and (
-                    headers.get("sec-fetch-site") == "cross-site"
-                    or (origin is not None
-                        and urllib.parse.urlsplit(origin).hostname not in LOCAL_HOSTS)):
+                headers.get("sec-fetch-site") == "cross-site"
+                or (
+                    origin is not None and urllib.parse.urlsplit(origin).hostname not in LOCAL_HOSTS
+                )
+            ):
                 response = PlainTextResponse("cross-site request refused", status_code=403)
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
@@ -94,12 +101,16 @@ class LocalOnly:
 
 # --- template helpers
 
+
 def _time(value: Any, precise: bool = False) -> str:
     moment = parse_time(value)
     if moment is None:
         return ""
-    text = moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if precise else \
-        moment.strftime("%Y-%m-%d %H:%M:%S")
+    text = (
+        moment.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        if precise
+        else moment.strftime("%Y-%m-%d %H:%M:%S")
+    )
     return text + " UTC"
 
 
@@ -130,6 +141,7 @@ def _templates() -> Jinja2Templates:
 
 # --- the app
 
+
 def create_app(config: ConsoleConfig) -> Starlette:
     templates = _templates()
     state: dict[str, Any] = {}
@@ -139,8 +151,11 @@ def create_app(config: ConsoleConfig) -> Starlette:
         async with httpx.AsyncClient(timeout=10) as http:
             state["http"] = http
             state["qstash"] = LocalQStash(http, url=config.qstash_url, token=config.qstash_token)
-            state["vapi"] = (FakeVapiAdmin(http, url=config.vapi_url, key=config.vapi_key)
-                             if config.vapi_url else None)
+            state["vapi"] = (
+                FakeVapiAdmin(http, url=config.vapi_url, key=config.vapi_key)
+                if config.vapi_url
+                else None
+            )
             yield
 
     def db() -> Any:
@@ -148,15 +163,19 @@ def create_app(config: ConsoleConfig) -> Starlette:
 
     def render(request: Request, name: str, context: dict, status: int = 200) -> Response:
         return templates.TemplateResponse(
-            request, name, {"refresh_ms": config.refresh_ms, **context}, status_code=status)
+            request, name, {"refresh_ms": config.refresh_ms, **context}, status_code=status
+        )
 
     # --- pages, and the live fragments they refresh themselves from
 
     async def forms(request: Request, template: str) -> Response:
         async with await db() as conn:
             view = await views.forms_view(
-                conn, state["qstash"], status=request.query_params.get("status") or None,
-                outcome=request.query_params.get("outcome") or None)
+                conn,
+                state["qstash"],
+                status=request.query_params.get("status") or None,
+                outcome=request.query_params.get("outcome") or None,
+            )
         return render(request, template, view)
 
     async def form_journey(request: Request, template: str) -> Response:
@@ -171,8 +190,9 @@ def create_app(config: ConsoleConfig) -> Starlette:
     async def act_page(request: Request) -> Response:
         async with await db() as conn:
             pending = await queries.pending_forms(conn)
-        return render(request, "act.html",
-                      {"pending": pending, **await views.calls_view(state["vapi"])})
+        return render(
+            request, "act.html", {"pending": pending, **await views.calls_view(state["vapi"])}
+        )
 
     async def act_calls(request: Request) -> Response:
         return render(request, "_calls.html", await views.calls_view(state["vapi"]))
@@ -196,15 +216,23 @@ def create_app(config: ConsoleConfig) -> Starlette:
         if state["vapi"] is None:
             raise actions.Conflict("the stack uses the real Vapi: its calls cannot be held")
         await state["vapi"].hold(fields["hold"] == "on")
-        return _back(fields, "/act", "new calls now ring until you play the patient"
-                     if fields["hold"] == "on" else "new calls now end by themselves")
+        return _back(
+            fields,
+            "/act",
+            "new calls now ring until you play the patient"
+            if fields["hold"] == "on"
+            else "new calls now end by themselves",
+        )
 
     async def create_form(request: Request) -> Response:
         new = actions.NewForm.parse(await _fields(request))
         async with await db() as conn:
             form_id = await actions.create_test_form(conn, new)
-        return RedirectResponse(f"/forms/{form_id}?notice=" + urllib.parse.quote(
-            f"created a form due in {new.due_in_seconds} s"), status_code=303)
+        return RedirectResponse(
+            f"/forms/{form_id}?notice="
+            + urllib.parse.quote(f"created a form due in {new.due_in_seconds} s"),
+            status_code=303,
+        )
 
     async def submit_form(request: Request) -> Response:
         fields, form_id = await _fields(request), _form_id(request)
@@ -221,8 +249,9 @@ def create_app(config: ConsoleConfig) -> Starlette:
 
     async def sweep(request: Request) -> Response:
         fields = await _fields(request)
-        answer = await trigger_sweep(state["http"], url=config.check_forms_url,
-                                     cron_secret=config.cron_secret)
+        answer = await trigger_sweep(
+            state["http"], url=config.check_forms_url, cron_secret=config.cron_secret
+        )
         summary = ", ".join(f"{k} {answer.get(k)}" for k in ("found", "enqueued", "failed"))
         return _back(fields, "/act", f"sweep ran: {summary}")
 
@@ -243,10 +272,15 @@ def create_app(config: ConsoleConfig) -> Starlette:
 
     def error_page(status: int):
         async def handle(request: Request, exc: Exception) -> Response:
-            message = str(exc) if not isinstance(exc, psycopg.OperationalError) else \
-                "the database is not reachable"
-            return render(request, "error.html", {"status": status, "message": message},
-                          status=status)
+            message = (
+                str(exc)
+                if not isinstance(exc, psycopg.OperationalError)
+                else "the database is not reachable"
+            )
+            return render(
+                request, "error.html", {"status": status, "message": message}, status=status
+            )
+
         return handle
 
     async def refused(request: Request, exc: Exception) -> Response:
@@ -277,18 +311,29 @@ def create_app(config: ConsoleConfig) -> Starlette:
         Route("/act/hold", hold_calls, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        actions.InvalidInput: error_page(400), actions.NotFound: error_page(404),
-        actions.Conflict: error_page(409), Refused: refused, Unavailable: error_page(503),
-        psycopg.OperationalError: error_page(503), HTTPException: http_error})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            actions.InvalidInput: error_page(400),
+            actions.NotFound: error_page(404),
+            actions.Conflict: error_page(409),
+            Refused: refused,
+            Unavailable: error_page(503),
+            psycopg.OperationalError: error_page(503),
+            HTTPException: http_error,
+        },
+    )
     app.add_middleware(LocalOnly)
     return app
 
 
 def page(handler, template: str):
     """A route for a whole page or its live fragment: the same view, another template."""
+
     async def endpoint(request: Request) -> Response:
         return await handler(request, template)
+
     return endpoint
 
 

@@ -13,21 +13,45 @@ MESSAGE_KEYS = ("message_id", "previous_message_id", "source_message_id", "unver
 
 # What each formcall audit event means, and whether it is good news, a wait, or a failure.
 EVENT_TONES = {
-    "scheduled": "info", "rescheduled": "info", "cancelled": "info", "delivered": "info",
-    "claimed": "info", "called": "ok", "skipped": "warn", "deferred": "warn",
-    "released": "warn", "failed": "bad", "delivery_failed": "bad", "outcome_unknown": "bad",
-    "extra_call": "bad", "call_ended": "info", "follow_up_scheduled": "warn",
-    "capped": "warn", "opted_out": "bad",
+    "scheduled": "info",
+    "rescheduled": "info",
+    "cancelled": "info",
+    "delivered": "info",
+    "claimed": "info",
+    "called": "ok",
+    "skipped": "warn",
+    "deferred": "warn",
+    "released": "warn",
+    "failed": "bad",
+    "delivery_failed": "bad",
+    "outcome_unknown": "bad",
+    "extra_call": "bad",
+    "call_ended": "info",
+    "follow_up_scheduled": "warn",
+    "capped": "warn",
+    "opted_out": "bad",
 }
 QSTASH_STATES = {
-    "CREATED": ("published", "info"), "ACTIVE": ("delivering", "info"),
-    "DELIVERED": ("delivered", "ok"), "ERROR": ("attempt failed", "warn"),
-    "RETRY": ("retry scheduled", "warn"), "FAILED": ("gave up: moved to the DLQ", "bad"),
-    "CANCEL_REQUESTED": ("cancel requested", "info"), "CANCELED": ("cancelled", "info"),
+    "CREATED": ("published", "info"),
+    "ACTIVE": ("delivering", "info"),
+    "DELIVERED": ("delivered", "ok"),
+    "ERROR": ("attempt failed", "warn"),
+    "RETRY": ("retry scheduled", "warn"),
+    "FAILED": ("gave up: moved to the DLQ", "bad"),
+    "CANCEL_REQUESTED": ("cancel requested", "info"),
+    "CANCELED": ("cancelled", "info"),
 }
 # Event fields that are the event's identity or too noisy to show.
-_QSTASH_HIDDEN = {"time", "messageId", "state", "url", "scheduleId", "label", "responseHeader",
-                  "header"}
+_QSTASH_HIDDEN = {
+    "time",
+    "messageId",
+    "state",
+    "url",
+    "scheduleId",
+    "label",
+    "responseHeader",
+    "header",
+}
 
 
 @dataclass(frozen=True)
@@ -76,17 +100,18 @@ def _form_ids_of(body: Any) -> set[str]:
 
 def calls_of_form(form_id: str, call_ids: set[str], calls: list[dict]) -> list[dict]:
     """The fake Vapi's calls for this form: by their metadata, or by a call id formcall recorded."""
-    return [call for call in calls
-            if call.get("id") in call_ids or form_id in _form_ids_of(call)]
+    return [call for call in calls if call.get("id") in call_ids or form_id in _form_ids_of(call)]
 
 
 def requests_of_form(form_id: str, requests: list[dict]) -> list[dict]:
-    return [r for r in requests
-            if r.get("form_id") == form_id or form_id in _form_ids_of(r.get("body"))]
+    return [
+        r for r in requests if r.get("form_id") == form_id or form_id in _form_ids_of(r.get("body"))
+    ]
 
 
 def dead_letters_of_form(form_id: str, ids: list[str], dlq: list[dict]) -> list[dict]:
     """DLQ entries of the form's messages, or whose body is a call-form request for the form."""
+
     def body_form(entry: dict) -> str | None:
         try:
             body = json.loads(entry.get("body") or "")
@@ -94,13 +119,15 @@ def dead_letters_of_form(form_id: str, ids: list[str], dlq: list[dict]) -> list[
             return None
         return body.get("formId") if isinstance(body, dict) else None
 
-    return [entry for entry in dlq
-            if entry.get("messageId") in ids or body_form(entry) == form_id]
+    return [entry for entry in dlq if entry.get("messageId") in ids or body_form(entry) == form_id]
 
 
 def _describe(detail: dict, hidden: set[str] = frozenset()) -> str:
-    return ", ".join(f"{key} {value}" for key, value in detail.items()
-                     if key not in hidden and value not in (None, "", {}, []))
+    return ", ".join(
+        f"{key} {value}"
+        for key, value in detail.items()
+        if key not in hidden and value not in (None, "", {}, [])
+    )
 
 
 def audit_entries(events: list[dict]) -> list[Entry]:
@@ -111,10 +138,16 @@ def audit_entries(events: list[dict]) -> list[Entry]:
         if event["event"] == "call_ended":
             # How the call ended is the point of this event: the class, then Vapi's words.
             reason = f"{detail.get('outcome')} ({detail.get('ended_reason')})"
-        entries.append(Entry(at=parse_time(event["created_at"]), source="formcall",
-                             what=event["event"].replace("_", " "),
-                             detail=_describe(detail, {"reason", "error"}),
-                             tone=EVENT_TONES.get(event["event"], "info"), reason=reason))
+        entries.append(
+            Entry(
+                at=parse_time(event["created_at"]),
+                source="formcall",
+                what=event["event"].replace("_", " "),
+                detail=_describe(detail, {"reason", "error"}),
+                tone=EVENT_TONES.get(event["event"], "info"),
+                reason=reason,
+            )
+        )
     return entries
 
 
@@ -129,9 +162,16 @@ def qstash_entries(events: list[dict]) -> list[Entry]:
         if event.get("responseBody"):
             # The endpoint's own answer says why (call-form's JSON error, a missing setting).
             reason += f": {str(event['responseBody'])[:300]}"
-        entries.append(Entry(at=at, source="QStash", what=f"{what} · {event.get('messageId')}",
-                             detail=_describe(event, _QSTASH_HIDDEN | {"error", "responseBody"}),
-                             tone=tone, reason=reason))
+        entries.append(
+            Entry(
+                at=at,
+                source="QStash",
+                what=f"{what} · {event.get('messageId')}",
+                detail=_describe(event, _QSTASH_HIDDEN | {"error", "responseBody"}),
+                tone=tone,
+                reason=reason,
+            )
+        )
     return entries
 
 
@@ -143,22 +183,50 @@ def vapi_entries(requests: list[dict], calls: list[dict]) -> list[Entry]:
             continue
         outcome = request.get("outcome")
         if outcome == "placed":
-            entries.append(Entry(at=at, source="Vapi", what="call created",
-                                 detail=f"call {request.get('call_id')}", tone="ok"))
+            entries.append(
+                Entry(
+                    at=at,
+                    source="Vapi",
+                    what="call created",
+                    detail=f"call {request.get('call_id')}",
+                    tone="ok",
+                )
+            )
         elif outcome == "blocked":
-            entries.append(Entry(at=at, source="Vapi", what="call blocked", tone="warn",
-                                 detail=f"call {request.get('call_id')}",
-                                 reason="all lines busy (concurrency limit)"))
+            entries.append(
+                Entry(
+                    at=at,
+                    source="Vapi",
+                    what="call blocked",
+                    tone="warn",
+                    detail=f"call {request.get('call_id')}",
+                    reason="all lines busy (concurrency limit)",
+                )
+            )
         else:
-            entries.append(Entry(at=at, source="Vapi", what="call refused", tone="bad",
-                                 detail=f"HTTP {request.get('status')}",
-                                 reason=str(request.get("reason") or "")))
+            entries.append(
+                Entry(
+                    at=at,
+                    source="Vapi",
+                    what="call refused",
+                    tone="bad",
+                    detail=f"HTTP {request.get('status')}",
+                    reason=str(request.get("reason") or ""),
+                )
+            )
     for call in calls:
         ended = parse_time(call.get("endedAt"))
         if call.get("status") == "ended" and ended is not None:
-            entries.append(Entry(at=ended, source="Vapi", what="call ended",
-                                 detail=f"call {call.get('id')}", tone="info",
-                                 reason=str(call.get("endedReason") or "")))
+            entries.append(
+                Entry(
+                    at=ended,
+                    source="Vapi",
+                    what="call ended",
+                    detail=f"call {call.get('id')}",
+                    tone="info",
+                    reason=str(call.get("endedReason") or ""),
+                )
+            )
     return entries
 
 

@@ -35,8 +35,9 @@ async def _call(http: httpx.AsyncClient, service: str, method: str, url: str, **
     if answer.status_code >= 500:
         raise Unavailable(f"{service} answered HTTP {answer.status_code}")
     if answer.status_code >= 400:
-        raise Refused(answer.status_code, f"{service} answered HTTP {answer.status_code}: "
-                      f"{answer.text[:300]}")
+        raise Refused(
+            answer.status_code, f"{service} answered HTTP {answer.status_code}: {answer.text[:300]}"
+        )
     if not answer.content:
         return None
     try:
@@ -53,8 +54,9 @@ class LocalQStash:
         self._headers = {"Authorization": f"Bearer {token}"}
 
     async def _get(self, path: str, **params) -> Any:
-        return await _call(self.http, "QStash", "GET", self.url + path, params=params,
-                     headers=self._headers)
+        return await _call(
+            self.http, "QStash", "GET", self.url + path, params=params, headers=self._headers
+        )
 
     async def schedules(self) -> list[dict]:
         return await self._get("/v2/schedules")
@@ -73,8 +75,9 @@ class LocalQStash:
         return (await self._get("/v2/events", messageIds=message_ids, count="1000"))["events"]
 
     async def delete_dlq(self, dlq_id: str) -> None:
-        await _call(self.http, "QStash", "DELETE", f"{self.url}/v2/dlq/{dlq_id}",
-                    headers=self._headers)
+        await _call(
+            self.http, "QStash", "DELETE", f"{self.url}/v2/dlq/{dlq_id}", headers=self._headers
+        )
 
     async def retry_dlq(self, dlq_id: str) -> str:
         """Publish the dead letter again, as it was first published, then drop it from the DLQ.
@@ -84,10 +87,14 @@ class LocalQStash:
         swallowed as a duplicate of the message that failed.
         """
         message = await self._get(f"/v2/dlq/{dlq_id}")
-        answer = await _call(self.http, "QStash", "POST",
-                             f"{self.url}/v2/publish/{message['url']}",
-                             content=_dead_letter_body(message),
-                             headers={**self._headers, **republish_headers(message)})
+        answer = await _call(
+            self.http,
+            "QStash",
+            "POST",
+            f"{self.url}/v2/publish/{message['url']}",
+            content=_dead_letter_body(message),
+            headers={**self._headers, **republish_headers(message)},
+        )
         await self.delete_dlq(dlq_id)
         return answer["messageId"]
 
@@ -100,8 +107,10 @@ def _dead_letter_body(message: dict) -> bytes:
 
 def republish_headers(message: dict) -> dict[str, str]:
     """The publish headers that recreate a QStash message (a DLQ entry) as it was published."""
-    headers = {"Upstash-Method": message.get("method", "POST"),
-               "Upstash-Retries": str(message.get("maxRetries", 3))}
+    headers = {
+        "Upstash-Method": message.get("method", "POST"),
+        "Upstash-Retries": str(message.get("maxRetries", 3)),
+    }
     try:
         json.loads(message.get("body") or "")
         headers["Content-Type"] = "application/json"
@@ -109,16 +118,21 @@ def republish_headers(message: dict) -> dict[str, str]:
         pass
     for name, values in (message.get("header") or {}).items():
         headers[f"Upstash-Forward-{name}"] = ", ".join(values)
-    for kind, prefix in (("callback", "Upstash-Callback"),
-                         ("failureCallback", "Upstash-Failure-Callback")):
+    for kind, prefix in (
+        ("callback", "Upstash-Callback"),
+        ("failureCallback", "Upstash-Failure-Callback"),
+    ):
         if message.get(kind):
             headers[prefix] = message[kind]
             for name, values in (message.get(kind + "Header") or {}).items():
                 headers[f"{prefix}-Forward-{name}"] = ", ".join(values)
     if message.get("flowControlKey"):
         headers["Upstash-Flow-Control-Key"] = message["flowControlKey"]
-        value = [f"{name}={message[name]}" for name in ("parallelism", "rate")
-                 if message.get(name) is not None]
+        value = [
+            f"{name}={message[name]}"
+            for name in ("parallelism", "rate")
+            if message.get(name) is not None
+        ]
         if message.get("rate") is not None:
             value.append(f"period={message.get('period', 1)}s")
         headers["Upstash-Flow-Control-Value"] = ", ".join(value)
@@ -137,31 +151,51 @@ class FakeVapiAdmin:
         self._headers = {"Authorization": f"Bearer {key}"}
 
     async def calls(self) -> list[dict]:
-        return await _call(self.http, "the fake Vapi", "GET", f"{self.url}/_fake/calls",
-                           headers=self._headers)
+        return await _call(
+            self.http, "the fake Vapi", "GET", f"{self.url}/_fake/calls", headers=self._headers
+        )
 
     async def requests(self) -> list[dict]:
-        return await _call(self.http, "the fake Vapi", "GET", f"{self.url}/_fake/requests",
-                           headers=self._headers)
+        return await _call(
+            self.http, "the fake Vapi", "GET", f"{self.url}/_fake/requests", headers=self._headers
+        )
 
     async def holding(self) -> bool:
         """Whether new calls ring until a patient is played (the fake's `hold` setting)."""
-        stats = await _call(self.http, "the fake Vapi", "GET", f"{self.url}/_fake/stats",
-                            headers=self._headers)
+        stats = await _call(
+            self.http, "the fake Vapi", "GET", f"{self.url}/_fake/stats", headers=self._headers
+        )
         return bool(stats.get("hold"))
 
     async def hold(self, on: bool) -> None:
-        await _call(self.http, "the fake Vapi", "POST", f"{self.url}/_fake/configure",
-                    json={"hold": on}, headers=self._headers)
+        await _call(
+            self.http,
+            "the fake Vapi",
+            "POST",
+            f"{self.url}/_fake/configure",
+            json={"hold": on},
+            headers=self._headers,
+        )
 
     async def end_call(self, call_id: str, outcome: str) -> Any:
         """Play the patient: end a call that way; the fake Vapi then sends its reports."""
-        return await _call(self.http, "the fake Vapi", "POST",
-                           f"{self.url}/_fake/calls/{call_id}/end", json={"outcome": outcome},
-                           headers=self._headers)
+        return await _call(
+            self.http,
+            "the fake Vapi",
+            "POST",
+            f"{self.url}/_fake/calls/{call_id}/end",
+            json={"outcome": outcome},
+            headers=self._headers,
+        )
 
 
 async def trigger_sweep(http: httpx.AsyncClient, *, url: str, cron_secret: str) -> dict:
     """Run check-forms now, as the manual trigger does (GET with the CRON_SECRET bearer)."""
-    return await _call(http, "check-forms", "GET", url, timeout=120,
-                       headers={"Authorization": f"Bearer {cron_secret}"})
+    return await _call(
+        http,
+        "check-forms",
+        "GET",
+        url,
+        timeout=120,
+        headers={"Authorization": f"Bearer {cron_secret}"},
+    )
