@@ -167,6 +167,7 @@ def run_mode(data_dir: Path, *, mode: str, forms: int, lines: int, compression: 
         "missed": sum(1 for f in ids if f not in first), "calls": len(calls),
         "called": statuses.get("called", 0), "failed": statuses.get("failed", 0),
         "calls_per_minute": per_minute, "real_calls_per_minute": real_per_minute,
+        "max_call_seconds": env["VAPI_MAX_CALL_SECONDS"],
         # What flow control lets start, per real minute: compressed, and as it would be live.
         "flow_per_minute": flow["rate"] * 60 / flow["period"] / compression,
         "real_flow_per_minute": real_flow["rate"] * 60 / real_flow["period"],
@@ -198,9 +199,11 @@ def run_drill(data_dir: Path, *, kind: str, forms: int, lines: int,
             # Half the account's lines (fewer for a handful of forms) busy with calls formcall
             # does not know of, the clinic's inbound calls say: Vapi answers concurrencyBlocked
             # and queues formcall's calls until a line frees.
-            _configure_calls(info, lines=max(1, min(lines // 2, forms // 2)), time_scale=1,
-                             seed=5, blocked_behaviour="queue", durations=short)
+            vapi_lines = max(1, min(lines // 2, forms // 2))
+            _configure_calls(info, lines=vapi_lines, time_scale=1, seed=5,
+                             blocked_behaviour="queue", durations=short)
         else:
+            vapi_lines = lines
             _configure_calls(info, lines=lines, time_scale=1, seed=5, durations=short)
             rule = ({"status": 502, "place": True} if kind == "created_502"
                     else {"delay": timeout_s + 2})  # created, answered after call-form gave up
@@ -214,7 +217,8 @@ def run_drill(data_dir: Path, *, kind: str, forms: int, lines: int,
         statuses = dict(conn.execute("select call_status, count(*) from forms group by 1"
                                      ).fetchall())
     return {
-        "kind": kind, "forms": forms, "lines": lines, "finished": finished,
+        "kind": kind, "forms": forms, "lines": lines, "vapi_lines": vapi_lines,
+        "finished": finished,
         "second_calls": _second_calls(found), "calls": len(_line_calls(found)),
         "create_requests": len(requests), "queued": found["queued"], "refused": found["refused"],
         "resolved": len(resolution), "resolution_p50_s": median(resolution),

@@ -489,7 +489,8 @@ def section_lines(r: dict) -> str:
         f" {_s(rate['real_flow_per_minute'], 2)} live: the compression costs the rate mode"
         f" {max(0.0, 1 - rate['flow_per_minute'] / rate['real_flow_per_minute']) * 100:.0f} % of"
         " its start rate, which the comparison should be read with. (b) is the ledger with the"
-        f" product's settings (VAPI_MAX_CALL_SECONDS = 660 compressed,"
+        f" product's settings (VAPI_MAX_CALL_SECONDS = 660 compressed:"
+        f" {ledger['max_call_seconds']},"
         f" VAPI_CALLS_PER_MINUTE = {ledger['calls_per_minute']}).",
         "",
         _table(["mode", "drain (s)", "limit (s)", "drain / limit", "lateness p50 (s)",
@@ -512,9 +513,10 @@ def section_lines(r: dict) -> str:
         f"*Drills* on the ledger, in real (uncompressed) seconds, {p['drill_forms']} forms each,"
         f" {p['lines']} lines, calls of 2-4 s. *Created, then 502*: Vapi creates every call"
         " and answers 502. *concurrencyBlocked, queued*: half the account's lines are busy with"
-        " calls formcall does not know of (the fake has 5 lines, formcall counts 10), so Vapi"
-        " answers `concurrencyBlocked` with `status: queued` and starts the call when a line"
-        " frees. *Timeout after sending*: Vapi creates the call and answers after call-form gave"
+        " calls formcall does not know of (the fake has"
+        f" {drills['blocked_queued']['vapi_lines']} lines, formcall counts {p['lines']}), so"
+        " Vapi answers `concurrencyBlocked` with `status: queued` and starts the call when a"
+        " line frees. *Timeout after sending*: Vapi creates the call and answers after call-form gave"
         f" up (VAPI_TIMEOUT_SECONDS = {p['timeout_s']:g} s here; production's default is 15 s,"
         " which adds its difference to the resolution times). Second calls: calls beyond the"
         " first for a form, as the fake Vapi saw them. Resolution: the form's first claim to"
