@@ -28,7 +28,7 @@ from rich.text import Text
 
 from formcall import settings
 from formcall.errors import ConfigurationError
-from formcall.secrets import MAX_AGE, SECRET_ARN, SECRET_SETTINGS, parse_secret
+from formcall.secrets import MAX_AGE, SECRET_ARN, SECRET_ARNS, SECRET_SETTINGS, parse_secret
 
 SCHEDULE_ID = "formcall-check-forms"
 SCHEDULE_CRON = "0 * * * *"
@@ -41,7 +41,7 @@ MODELS: tuple[type[BaseModel], ...] = (
     settings.CheckFormsUrlSettings, settings.WebhookSettings, settings.CallPolicySettings,
 )
 # Every name doctor takes from the environment (beside the models' fields).
-EXTRA_NAMES = (SECRET_ARN, MAX_AGE, "NEXT_PUBLIC_SUPABASE_URL", "SETUP_URL")
+EXTRA_NAMES = (SECRET_ARN, SECRET_ARNS, MAX_AGE, "NEXT_PUBLIC_SUPABASE_URL", "SETUP_URL")
 
 # template.yaml parameters and outputs -> the settings they become in the functions.
 PARAMETERS = {
@@ -54,7 +54,7 @@ PARAMETERS = {
 OUTPUTS = {
     "CallFormUrl": "CALL_FORM_URL", "CheckFormsUrl": "CHECK_FORMS_URL",
     "FailureCallbackUrl": "FAILURE_CALLBACK_URL", "SetupUrl": "SETUP_URL",
-    "SecretArn": SECRET_ARN,
+    "SecretArn": SECRET_ARN, "SecretArns": SECRET_ARNS,
 }
 
 # Each function's URL, how to knock without credentials, and the outputs that hold it.
@@ -70,7 +70,7 @@ WHY_401 = {
     "setup": "without ?secret= or the bearer CRON_SECRET",
     "call-form": "without an Upstash-Signature",
     "check-forms": "without the bearer CRON_SECRET",
-    "schedule-form": "without the WEBHOOK_SECRET",
+    "schedule-form": "without a signed X-Formcall-Signature",
     "failure-callback": "without an Upstash-Signature",
 }
 
@@ -80,7 +80,8 @@ WHERE = {
     "QSTASH_CURRENT_SIGNING_KEY": "Upstash console, QStash, Signing keys: the current key",
     "QSTASH_NEXT_SIGNING_KEY": "Upstash console, QStash, Signing keys: the next key",
     "CRON_SECRET": "any random string of 16+ characters (the template generates one)",
-    "WEBHOOK_SECRET": "any random string of 16+ characters; the Supabase webhook sends the same",
+    "WEBHOOK_SECRET": ("16+ random characters (the template generates one); the same value in "
+                       "Supabase Vault as formcall_webhook_secret"),
     "VAPI_PRIVATE_KEY": "Vapi dashboard, API Keys: the private key",
     "VAPI_ASSISTANT_ID": "Vapi dashboard, Assistants: the id (stack parameter VapiAssistantId)",
     "VAPI_PHONE_NUMBER_ID": "Vapi dashboard, Phone Numbers: the id (parameter VapiPhoneNumberId)",
@@ -146,7 +147,7 @@ def find_target(*, stack_json: str | None, data_dir: Path, read_secret: bool = T
         if not target.urls:
             raise DoctorError("nothing to check: give --stack-json (a deployed stack), start the "
                               "local stack (`formcall dev --serve`) or export its settings")
-    if read_secret and target.values.get(SECRET_ARN):
+    if read_secret and (target.values.get(SECRET_ARN) or target.values.get(SECRET_ARNS)):
         _merge_secret(target)
     return target
 
@@ -185,17 +186,20 @@ def target_from_stack(stack: dict) -> Target:
 
 
 def _merge_secret(target: Target) -> None:
-    """Read the formcall secret (as the functions do); its values win over everything else."""
+    """Read the formcall secrets (as the functions do); their values win over everything else."""
     import boto3
 
-    arn = target.values[SECRET_ARN]
-    target.secret_arn = arn
+    arns = [a.strip() for a in [target.values.get(SECRET_ARN, ""),
+                                *target.values.get(SECRET_ARNS, "").split(",")] if a.strip()]
+    target.secret_arn = ",".join(arns)
     fix = ""
+    merged: dict[str, str] = {}
     try:
-        region = arn.split(":")[3] if arn.startswith("arn:") else None
-        client = boto3.client("secretsmanager", region_name=region or None)
-        text = client.get_secret_value(SecretId=arn).get("SecretString")
-        values = parse_secret(json.loads(text or ""))
+        for arn in arns:
+            region = arn.split(":")[3] if arn.startswith("arn:") else None
+            client = boto3.client("secretsmanager", region_name=region or None)
+            text = client.get_secret_value(SecretId=arn).get("SecretString")
+            merged.update(parse_secret(json.loads(text or "")))
     except ConfigurationError as exc:
         problem = exc.public_message.removeprefix("configuration error: ")
         fix = _secret_fix(arn, "a JSON object of strings, one key per setting")
@@ -205,11 +209,11 @@ def _merge_secret(target: Target) -> None:
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code") or type(exc).__name__
         problem = f"the formcall secret cannot be read ({code})"
-        fix = ("check the ARN (stack output SecretArn) and that your AWS credentials may call "
+        fix = ("check the ARN (stack output SecretArns) and that your AWS credentials may call "
                "secretsmanager:GetSecretValue on it, in its region")
     else:
-        target.values.update(values)
-        target.from_secret = set(values)
+        target.values.update(merged)
+        target.from_secret = set(merged)
         return
     target.secret_error = Finding(SECRET_ARN, False, problem, fix)
 

@@ -75,3 +75,13 @@ def sign_event_files(paths: list[Path], *, key: str, url: str | None = None) -> 
         path.write_text(json.dumps(sign_event(event, key=key, url=url), indent=2) + "\n")
         changed.append(path)
     return changed
+
+
+def webhook_headers(body: str | bytes, *, secret: str, now: float | None = None) -> dict[str, str]:
+    """The headers the signed-webhooks trigger sends with `body` (tests and hand-made webhooks)."""
+    from formcall.signatures import webhook_signature
+
+    raw = body.encode() if isinstance(body, str) else body
+    stamp = str(int(time.time() if now is None else now))
+    return {"content-type": "application/json", "x-formcall-timestamp": stamp,
+            "x-formcall-signature": webhook_signature(secret, timestamp=stamp, body=raw)}

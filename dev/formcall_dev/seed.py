@@ -40,3 +40,14 @@ def form_events(conn, form_id: str) -> list[str]:
     rows = conn.execute("select event from form_call_events where form_id = %s order by id",
                         (form_id,)).fetchall()
     return [r[0] for r in rows]
+
+
+def create_forms_one_patient_each(conn, *, count: int, title: str, deadline: datetime) -> list[str]:
+    """`count` forms, each of its own patient (formcall calls a patient once for all due forms)."""
+    rows = conn.execute(
+        "with p as (insert into patients (full_name, phone)"
+        "           select 'Patient ' || g, '+1555' || lpad(g::text, 7, '0')"
+        "             from generate_series(1, %s) g returning id)"
+        " insert into forms (patient_id, title, deadline) select id, %s, %s from p returning id",
+        (count, title, deadline)).fetchall()
+    return [str(r[0]) for r in rows]

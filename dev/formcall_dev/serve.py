@@ -36,8 +36,7 @@ def build(name: str):
     if name == "webhooks":
         from formcall_dev.webhooks import forward
 
-        forward(env["FORMCALL_DEV_DSN"], url=env["FORMCALL_DEV_WEBHOOK_URL"],
-                secret=env["WEBHOOK_SECRET"])
+        forward(env["FORMCALL_DEV_DSN"])
         raise SystemExit(0)
     if name == "functions":
         from formcall_dev.functions_server import create_app

@@ -122,7 +122,6 @@ class Stack:
         creds = _credentials(self.data_dir)
         self.postgres, dsn = start_embedded_postgres(self.data_dir / "pgdata")
         apply_migrations(dsn)
-        webhooks.install(dsn)
         ports = {name: free_port() for name in ("qstash", "vapi", "functions")}
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         if self.real_vapi:
@@ -133,6 +132,7 @@ class Stack:
         if self.call_window:
             info.call_window = self.call_window
         self.info = info
+        webhooks.install(dsn, url=info.schedule_form_url, secret=creds["WEBHOOK_SECRET"])
         env = self._env()
         components = ["qstash", "functions"] + ([] if self.real_vapi else ["vapi"])
         try:
@@ -156,7 +156,6 @@ class Stack:
                 "FORMCALL_DEV_QSTASH_TIME_SCALE": str(self.qstash_time_scale),
                 "FORMCALL_DEV_VAPI_CALL_SECONDS": str(self.vapi_call_seconds),
                 "FORMCALL_DEV_VAPI_CONCURRENCY": str(self.vapi_concurrency),
-                "FORMCALL_DEV_WEBHOOK_URL": self.info.schedule_form_url,
                 "VAPI_MAX_CONCURRENCY": str(self.vapi_concurrency),
                 # The fake's lines free up after vapi_call_seconds: the rate that keeps them busy.
                 "VAPI_CALLS_PER_MINUTE": str(int(self.vapi_concurrency * 60

@@ -1,20 +1,20 @@
-"""schedule-form: Supabase Database Webhooks for `forms` keep each form's one-time call message current."""
+"""schedule-form: the signed webhooks of `forms` keep each form's one-time call message current."""
 
 from formcall import clients, settings
 from formcall.schedule import cancel_message, sync_form_schedule
 from formcall.models import WebhookPayload
-from formcall.web import Incoming, Reply, create_app, lambda_handler, require_webhook_secret
+from formcall.web import Incoming, Reply, create_app, lambda_handler, require_signed_webhook
 
 
 def handle(request: Incoming) -> Reply:
-    require_webhook_secret(request)
+    require_signed_webhook(request)
     payload = WebhookPayload.parse(request.body)
     form_id = payload.form_id()
     if payload.schedule_unchanged():
         return Reply({"status": "unchanged", "formId": form_id})
     if payload.type == "DELETE":
-        result = cancel_message((payload.old_record or {}).get("qstash_message_id"),
-                                publisher=clients.publisher())
+        result = cancel_message(form_id, (payload.old_record or {}).get("qstash_message_id"),
+                                store=clients.store(), publisher=clients.publisher())
     else:
         result = sync_form_schedule(
             form_id, store=clients.store(), publisher=clients.publisher(),

@@ -12,7 +12,7 @@ from formcall.errors import TransientFailure
 from formcall.models import CallEvent, RecordedEvent
 from formcall.observability import count, logger
 from formcall.ports import Publisher
-from formcall.schedule import cancel_form_messages, publish_follow_ups
+from formcall.schedule import cancel_form_messages, publish_follow_ups, wake_waiting_forms
 from formcall.store import FormStore
 from formcall.window import CallWindow
 
@@ -37,10 +37,13 @@ def record_call_event(event: CallEvent | None, *, store: FormStore,
         count("CallsReached" if result.outcome == "reached" else "CallsNotReached")
         logger.info("call ended", extra={"call_id": result.call_id, "outcome": result.outcome,
                                          "ended_reason": event.ended_reason, "source": source})
-    if result.cancel:
+        # Its line is free: the oldest form waiting for one goes now.
+        wake_waiting_forms(store=store, publisher=publisher, call_form_url=call_form_url)
+    if result.opted_out:
         count("PatientsOptedOut")
         logger.info("patient opted out; their calls are stopped",
-                    extra={"call_id": result.call_id, "forms": len(result.cancel)})
+                    extra={"call_id": result.call_id, "messages": len(result.cancel)})
+    if result.cancel:
         try:
             cancel_form_messages(result.cancel, publisher=publisher())
         except TransientFailure as exc:

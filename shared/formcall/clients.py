@@ -39,10 +39,11 @@ def _built_from(*models: type) -> Callable[[Callable[[], C]], Callable[[], C]]:
     return decorate
 
 
-@_built_from(settings.DatabaseSettings, settings.CallRulesSettings)
+@_built_from(settings.DatabaseSettings, settings.CallRulesSettings, settings.CallPolicySettings)
 def store() -> FormStore:
     config = settings.load(settings.DatabaseSettings)
     rules = settings.load(settings.CallRulesSettings)
+    policy = settings.load(settings.CallPolicySettings)
     if config.DATABASE_URL is not None:
         rpc = PostgresRpc(config.DATABASE_URL.get_secret_value())
     else:
@@ -50,7 +51,9 @@ def store() -> FormStore:
     return FormStore(rpc, rules=CallRules(
         max_attempts=rules.MAX_CALL_ATTEMPTS, max_calls_per_form=rules.MAX_CALLS_PER_FORM,
         follow_up_on=rules.FOLLOW_UP_ON, follow_up_delay_seconds=rules.FOLLOW_UP_DELAY_SECONDS,
-        max_per_day=rules.PATIENT_MAX_CALLS_PER_DAY, max_per_week=rules.PATIENT_MAX_CALLS_PER_WEEK))
+        max_per_day=rules.PATIENT_MAX_CALLS_PER_DAY, max_per_week=rules.PATIENT_MAX_CALLS_PER_WEEK,
+        lines=policy.ledger_lines(), max_call_seconds=policy.VAPI_MAX_CALL_SECONDS,
+        lease_seconds=rules.CLAIM_LEASE_SECONDS))
 
 
 @_built_from(settings.VapiSettings)

@@ -70,3 +70,14 @@ class CallOutcomeUnknown(Exception):
 
 class PayloadTooLarge(FormcallError):
     status = 413
+
+
+class Replayed(FormcallError):
+    """A signed QStash token used a second time: a captured request played again.
+
+    409, not 489: QStash signs every attempt afresh, so it never meets this answer for its own
+    retries; and were it ever to, a retryable answer brings a fresh token, where 489 would
+    dead-letter the message and fail the form.
+    """
+
+    status = 409

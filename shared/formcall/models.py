@@ -77,6 +77,10 @@ class Claim:
     timezone: str = "UTC"
     # skipped because the patient opted out: the messages of their forms to cancel.
     cancel: tuple[MessageToCancel, ...] = ()
+    # no_line: seconds until the line ledger expects a line to free at the latest.
+    retry_after: int | None = None
+    # skipped in_progress: the call that holds the form (to reconcile when it is stale).
+    open_call: StaleCall | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,8 @@ class RecordedEvent:
     duplicate: bool = False
     outcome: str | None = None
     follow_ups: tuple[FollowUp, ...] = ()
+    # The patient opted out with this event: their waiting forms' messages to cancel.
+    opted_out: bool = False
     cancel: tuple[MessageToCancel, ...] = ()
 
 
@@ -148,11 +154,13 @@ class ScheduleState:
 
 @dataclass(frozen=True)
 class StaleCall:
-    """A claim whose Vapi answer was never recorded."""
+    """A claim whose Vapi answer was never recorded (or not yet)."""
 
     call_id: str
     claimed_at: datetime
     form_ids: tuple[str, ...]
+    placed: bool = False
+    unknown: bool = True
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,25 @@ class QStashPublisher:
             raise TransientFailure("QStash unavailable", cause=type(exc).__name__) from exc
         return True
 
+    def form_of_message(self, message_id: str) -> str | None:
+        """The formId a message QStash still holds will deliver; None once gone (or not ours)."""
+        import json
+
+        from qstash.errors import QStashError
+
+        try:
+            with _qstash_errors(passthrough=QStashError):
+                message = self._client.message.get(message_id)
+        except QStashError as exc:
+            if "status: 404" in str(exc):
+                return None
+            raise TransientFailure("QStash unavailable", cause=type(exc).__name__) from exc
+        try:
+            form_id = json.loads(message.body or "").get("formId")
+        except (ValueError, AttributeError):
+            return None
+        return form_id if isinstance(form_id, str) else None
+
     def upsert_schedule(self, *, schedule_id: str, destination: str, cron: str) -> dict:
         with _qstash_errors():
             self._client.schedule.create(destination=destination, cron=cron,

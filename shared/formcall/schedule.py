@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+from formcall.errors import FormcallError
 from formcall.messages import call_message, deadline_message, now, opening
 from formcall.observability import count, logger
 from formcall.ports import Publisher
@@ -73,22 +74,45 @@ def _is_message_id(value: object) -> bool:
     return isinstance(value, str) and _MESSAGE_ID.fullmatch(value) is not None
 
 
-def _cancel(message_id: str, *, publisher: Publisher, form_id: str) -> None:
-    """Cancel a message, unless its id cannot be QStash's (then there is nothing to cancel)."""
-    if _is_message_id(message_id):
-        publisher.cancel(message_id)
-    else:
+def _cancel(message_id: str, *, publisher: Publisher, form_id: str) -> bool:
+    """Cancel a message only if it is this form's: QStash's copy of it must name the form.
+
+    The id comes from the form's row (or, for a deleted form, the webhook's old record); a row
+    pointed at another patient's message must never cancel it. Returns whether it cancelled.
+    """
+    if not _is_message_id(message_id):
         logger.warning("not a QStash message id; nothing cancelled", extra={"form_id": form_id})
+        return False
+    owner = publisher.form_of_message(message_id)
+    if owner is None:
+        return False  # already delivered, cancelled or never QStash's: nothing to cancel
+    if owner != form_id:
+        logger.warning("message belongs to another form; not cancelled",
+                       extra={"form_id": form_id, "message_id": message_id})
+        count("ForeignMessageNotCancelled")
+        return False
+    publisher.cancel(message_id)
+    return True
 
 
-def cancel_message(message_id: object, *, publisher: Publisher) -> ScheduleResult:
-    """A deleted form: cancel the message its last row pointed at (the id is the webhook's)."""
+def cancel_message(form_id: str, message_id: object, *, store: FormStore,
+                   publisher: Publisher) -> ScheduleResult:
+    """A deleted form: cancel the message its last row pointed at (the id is the webhook's).
+
+    Only if the form is really gone (a DELETE webhook for a live form is not believed) and the
+    message is really this form's.
+    """
     if not message_id:
         return ScheduleResult("gone")
+    if store.schedule_state(form_id) is not None:
+        logger.warning("delete webhook for a form that exists; nothing cancelled",
+                       extra={"form_id": form_id})
+        return ScheduleResult("unchanged")
     if not _is_message_id(message_id):
         logger.warning("deleted form's message id is not a QStash message id; nothing cancelled")
         return ScheduleResult("gone")
-    publisher.cancel(message_id)
+    if not _cancel(message_id, publisher=publisher, form_id=form_id):
+        return ScheduleResult("gone")
     count("FormsCancelled")
     return ScheduleResult("cancelled", message_id)
 
@@ -102,6 +126,27 @@ def cancel_form_messages(messages: Iterable[MessageToCancel], *, publisher: Publ
     if cancelled:
         count("FormsCancelled", cancelled)
     return cancelled
+
+
+def wake_waiting_forms(*, store: FormStore, publisher: Callable[[], Publisher],
+                       call_form_url: str) -> int:
+    """A line freed: publish call-form messages for the oldest forms waiting for one, now.
+
+    Best effort: a form not woken here still has its QStash retry and the sweep.
+    """
+    try:
+        waiting = store.forms_waiting_for_line()
+        if not waiting:
+            return 0
+        at = now()
+        woken = publisher().enqueue_calls(
+            [call_message(form_id, reason="line", moment=at) for form_id in waiting],
+            destination=call_form_url)
+    except FormcallError as exc:
+        logger.warning("waiting forms not woken", extra={"error": exc.public_message})
+        return 0
+    count("LineWakeups", woken)
+    return woken
 
 
 def publish_follow_ups(follow_ups: Iterable[FollowUp], *, store: FormStore, publisher: Publisher,

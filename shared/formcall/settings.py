@@ -128,6 +128,10 @@ class CallRulesSettings(BaseModel):
     PATIENT_MAX_CALLS_PER_WEEK: int = Field(default=3, ge=1, le=350)
     # A placed call without a reported end after this long is looked up in Vapi by the sweep.
     CALL_OUTCOME_TIMEOUT_SECONDS: int = Field(default=1800, ge=0, le=7 * 86_400)
+    # A claim whose Vapi answer is unknown is looked up in Vapi's call list this long after it
+    # was taken (and released when Vapi has no such call): longer than call-form's own timeout
+    # (30 s), so the claimant is certainly done sending.
+    CLAIM_LEASE_SECONDS: int = Field(default=60, ge=0, le=3600)
 
     @model_validator(mode="before")
     @classmethod
@@ -183,6 +187,13 @@ class CallPolicySettings(BaseModel):
     # lines x 60 / a typical call's seconds (10 lines, one-minute calls: 10 per minute).
     VAPI_MAX_CONCURRENCY: int = Field(default=10, ge=1, le=1000)
     VAPI_CALLS_PER_MINUTE: int = Field(default=10, ge=1, le=100_000)
+    # The line ledger: formcall's calls hold lines from claim to end (call-events), at most
+    # VAPI_MAX_CONCURRENCY less the lines kept free for the clinic's inbound calls.
+    VAPI_LINE_LEDGER: bool = True
+    VAPI_RESERVED_LINES: int = Field(default=0, ge=0, le=999)
+    # The longest a call holds a line without a reported end: Vapi's default maximum call
+    # duration (600 s) plus a margin.
+    VAPI_MAX_CALL_SECONDS: int = Field(default=660, ge=10, le=43_260)
     # Where QStash reports a call-form message that failed for good (the failure-callback URL).
     FAILURE_CALLBACK_URL: str | None = Field(default=None, pattern=_URL)
 
@@ -190,6 +201,20 @@ class CallPolicySettings(BaseModel):
     @classmethod
     def _blank_is_unset(cls, values: dict) -> dict:
         return {k: (None if v == "" else v) for k, v in values.items()}
+
+    @model_validator(mode="after")
+    def _a_line_left(self) -> CallPolicySettings:
+        if self.VAPI_RESERVED_LINES >= self.VAPI_MAX_CONCURRENCY:
+            raise ConfigurationError(["VAPI_RESERVED_LINES", "VAPI_MAX_CONCURRENCY"],
+                                     "VAPI_RESERVED_LINES must leave at least one of "
+                                     "VAPI_MAX_CONCURRENCY's lines for formcall")
+        return self
+
+    def ledger_lines(self) -> int | None:
+        """The lines formcall may hold, or None without the ledger (flow control only)."""
+        if not self.VAPI_LINE_LEDGER:
+            return None
+        return self.VAPI_MAX_CONCURRENCY - self.VAPI_RESERVED_LINES
 
 
 class PublicUrlSettings(BaseModel):

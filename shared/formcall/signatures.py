@@ -1,7 +1,9 @@
-"""QStash request signatures (`Upstash-Signature`): an HS256 JWT over the destination and body.
+"""Request signatures: QStash's (`Upstash-Signature`, an HS256 JWT over destination and body)
+and formcall's database webhooks (`X-Formcall-Signature`, HMAC-SHA256 of timestamp and body).
 
-Verified with PyJWT directly rather than qstash's Receiver, whose `url=None` skips the subject
-check, whose clock tolerance does nothing and whose bytes bodies raise the wrong error.
+QStash's are verified with PyJWT directly rather than qstash's Receiver, whose `url=None` skips
+the subject check, whose clock tolerance does nothing and whose bytes bodies raise the wrong
+error. The webhook signature is made in SQL (supabase/migrations/*_signed_webhooks.sql).
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import time
 from collections.abc import Iterable, Sequence
 
 import jwt
+
+
+# QStash's token lifetime: `exp` is `iat` + 300 s (qstash.md, section 6). A token issued longer
+# ago than that (beyond the clock tolerance) is refused, whatever its `exp` says.
+TOKEN_LIFETIME = 300
 
 
 class InvalidSignature(Exception):
@@ -67,6 +74,23 @@ def verify_signature(token: str | None, *, body: bytes, urls: Iterable[str], key
     raise InvalidSignature(" / ".join(reasons) or "no signing key")
 
 
+def replay_window(claims: dict, *, now: float, leeway: int) -> tuple[str, float]:
+    """The token's `jti` and until when (unix seconds) it could still be accepted.
+
+    Refuses a token without a string `jti` or an integer `iat`, or issued more than
+    TOKEN_LIFETIME (plus `leeway`) ago: QStash's tokens always carry both, and the jti must be
+    remembered for as long as the token is good, which the issue time bounds.
+    """
+    jti, issued = claims.get("jti"), claims.get("iat")
+    if not isinstance(jti, str) or not jti or len(jti) > 256:
+        raise InvalidSignature("missing or malformed jti")
+    if isinstance(issued, bool) or not isinstance(issued, int):
+        raise InvalidSignature("missing or malformed iat")
+    if issued + TOKEN_LIFETIME + leeway < now:
+        raise InvalidSignature("issued longer ago than QStash's token lifetime")
+    return jti, min(float(claims["exp"]), issued + TOKEN_LIFETIME) + leeway
+
+
 def sign(*, key: str, url: str, body: bytes, now: float | None = None, ttl: int = 300,
          **claims: object) -> str:
     """Make a QStash-format token (local QStash stand-ins, tests and `formcall sign-event`)."""
@@ -75,3 +99,32 @@ def sign(*, key: str, url: str, body: bytes, now: float | None = None, ttl: int 
                "jti": f"jwt_{secrets.token_hex(12)}",
                "body": body_hash(body) + "=", **claims}
     return jwt.encode(payload, key.encode(), algorithm="HS256")
+
+
+# A signed database webhook older than this is refused; one from the future by more than the
+# clock tolerance too.
+WEBHOOK_MAX_AGE = 300
+WEBHOOK_CLOCK_TOLERANCE = 60
+
+
+def webhook_signature(secret: str, *, timestamp: str, body: bytes) -> str:
+    """`v1=` + hex HMAC-SHA256(secret, f"{timestamp}.{body}"), as the webhook trigger signs."""
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "v1=" + mac.hexdigest()
+
+
+def verify_webhook(*, secret: str, timestamp: str | None, signatures: Sequence[str], body: bytes,
+                   now: float) -> None:
+    """Raise InvalidSignature unless exactly one signature, fresh and made with `secret`."""
+    if not secret:
+        raise InvalidSignature("empty webhook secret")
+    if len(signatures) != 1:
+        raise InvalidSignature("not exactly one X-Formcall-Signature")
+    if not timestamp or not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
+        raise InvalidSignature("missing or malformed X-Formcall-Timestamp")
+    age = now - int(timestamp)
+    if age > WEBHOOK_MAX_AGE or age < -WEBHOOK_CLOCK_TOLERANCE:
+        raise InvalidSignature("webhook timestamp outside the accepted window")
+    expected = webhook_signature(secret, timestamp=timestamp, body=body)
+    if not hmac.compare_digest(signatures[0].strip().encode(), expected.encode()):
+        raise InvalidSignature("webhook signature mismatch")

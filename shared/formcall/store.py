@@ -141,6 +141,11 @@ class CallRules:
     follow_up_delay_seconds: int = 86400
     max_per_day: int = 1
     max_per_week: int = 3
+    # The line ledger: how many lines formcall may hold (None: no ledger), and for how long a
+    # call without a reported end still holds one.
+    lines: int | None = None
+    max_call_seconds: int = 660
+    lease_seconds: int = 60
 
 
 class FormStore:
@@ -153,7 +158,9 @@ class FormStore:
     def claim(self, form_id: str, *, delivery: dict[str, Any] | None = None) -> Claim:
         params: dict[str, Any] = {"p_form_id": form_id, "p_max_attempts": self.rules.max_attempts,
                                   "p_max_per_day": self.rules.max_per_day,
-                                  "p_max_per_week": self.rules.max_per_week}
+                                  "p_max_per_week": self.rules.max_per_week,
+                                  "p_lines": self.rules.lines,
+                                  "p_max_call_seconds": self.rules.max_call_seconds}
         if delivery is not None:
             params["p_delivery"] = Jsonb(delivery)
         result = self._rpc("claim_form_call", params)
@@ -167,11 +174,18 @@ class FormStore:
                 forms=tuple(FormOnCall(id=f["id"], title=f["title"], deadline=_ts(f["deadline"]),
                                        call_attempts=f["call_attempts"])
                             for f in result["forms"]))
+        open_call = result.get("open_call")
         return Claim(outcome=result["outcome"], call=call, reason=result.get("reason"),
                      due_in_seconds=result.get("due_in_seconds"),
                      until=_maybe_ts(result.get("until")),
                      timezone=result.get("timezone") or "UTC",
-                     cancel=_cancels(result.get("cancel")))
+                     cancel=_cancels(result.get("cancel")),
+                     retry_after=result.get("retry_after"),
+                     open_call=StaleCall(
+                         call_id=open_call["call_id"], claimed_at=_ts(open_call["claimed_at"]),
+                         form_ids=tuple(open_call["form_ids"] or ()),
+                         placed=open_call["placed"], unknown=open_call["unknown"])
+                     if open_call else None)
 
     def record_placed(self, call_id: str, vapi_call_id: str, *, status: str | None = None) -> bool:
         return self._rpc("record_call_placed", {"p_call_id": call_id,
@@ -207,7 +221,7 @@ class FormStore:
             follow_ups=tuple(FollowUp(form_id=f["form_id"], next_call_at=_ts(f["next_call_at"]),
                                       timezone=f["timezone"])
                              for f in result.get("follow_ups") or []),
-            cancel=_cancels(result.get("cancel")))
+            opted_out=bool(result.get("opted_out")), cancel=_cancels(result.get("cancel")))
 
     def schedule_state(self, form_id: str) -> ScheduleState | None:
         row = self._rpc("form_schedule_state", {"p_form_id": form_id})
@@ -255,7 +269,19 @@ class FormStore:
         return [StaleCall(call_id=r["call_id"], claimed_at=_ts(r["claimed_at"]),
                           form_ids=tuple(r["form_ids"] or ())) for r in rows]
 
+    def forms_waiting_for_line(self) -> list[str]:
+        """The oldest forms waiting for a line, as many as lines are free (none without a ledger)."""
+        if self.rules.lines is None:
+            return []
+        return self._rpc("forms_waiting_for_line", {
+            "p_lines": self.rules.lines, "p_max_call_seconds": self.rules.max_call_seconds})
+
     def calls_awaiting_outcome(self, *, timeout_seconds: int, limit: int = 100) -> list[OpenCall]:
         rows = self._rpc("find_calls_awaiting_outcome", {"p_timeout_seconds": timeout_seconds,
                                                          "p_limit": limit})
         return [OpenCall(call_id=r["call_id"], vapi_call_id=r["vapi_call_id"]) for r in rows]
+
+    def accept_qstash_token(self, jti: str, *, expires_at: datetime) -> bool:
+        """Record a QStash token's first use; False if its jti was already used (a replay)."""
+        params = {"p_jti": jti, "p_expires_at": expires_at.isoformat()}
+        return self._rpc("accept_qstash_token", params)["accepted"]

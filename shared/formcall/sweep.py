@@ -10,45 +10,31 @@ from formcall.errors import ConfigurationError, VapiUnavailable
 from formcall.messages import now, opening, sweep_message
 from formcall.models import OverdueForm, SweepReport
 from formcall.observability import count, logger
+from formcall.reconcile import reconcile_claim
 from formcall.ports import Caller, Publisher
 from formcall.store import FormStore
 from formcall.vapi_webhooks import call_event_from_record, ended_without_record
 from formcall.window import CallWindow
 
-# A claim older than this with no recorded outcome is reconciled against Vapi's call list.
-# It is longer than any Lambda invocation (15 min), so the claimant is certainly gone.
-CLAIM_LEASE_SECONDS = 900
 CHECK_FORMS_SCHEDULE_ID = "formcall-check-forms"
 CHECK_FORMS_CRON = "0 * * * *"
 PAGE_SIZE = 100
 
 
 def reconcile_stale_calls(*, store: FormStore, vapi: Caller,
-                          lease_seconds: int = CLAIM_LEASE_SECONDS) -> dict[str, int]:
-    """Resolve claims whose Vapi answer was never recorded: found in Vapi -> placed, absent -> released."""
+                          lease_seconds: int | None = None) -> dict[str, int]:
+    """Claims whose Vapi answer was never recorded, past their lease: found -> placed, absent -> released."""
     outcome = {"found": 0, "released": 0, "unresolved": 0}
-    at = now()
-    for stale in store.stale_calls(lease_seconds=lease_seconds):
-        if not stale.form_ids:  # its forms are gone (deleted): nothing to call about
-            store.release(stale.call_id, "the call's forms were deleted")
-            continue
+    lease = store.rules.lease_seconds if lease_seconds is None else lease_seconds
+    for stale in store.stale_calls(lease_seconds=lease):
         try:
-            found = vapi.find_call_for_form(
-                stale.form_ids[0], created_after=stale.claimed_at - timedelta(minutes=1),
-                created_before=at)
+            result, _ = reconcile_claim(stale, store=store, vapi=vapi)
         except VapiUnavailable as exc:
             outcome["unresolved"] += 1
             logger.error("could not reconcile a stale call", extra={"call_id": stale.call_id,
                                                                    "error": exc.public_message})
             continue
-        if found:
-            store.record_placed(stale.call_id, found["id"], status=found.get("status"))
-            outcome["found"] += 1
-        else:
-            store.release(stale.call_id, "no call found in Vapi after an unknown outcome")
-            outcome["released"] += 1
-        logger.warning("stale call reconciled", extra={"call_id": stale.call_id,
-                                                       "found": bool(found)})
+        outcome[result] += 1
     return outcome
 
 

@@ -23,6 +23,9 @@ _LIST_PAGE = 1000
 SERVER_MESSAGES = ["status-update", "end-of-call-report"]
 # Vapi retries a failed delivery of a server message only with a backoff plan.
 BACKOFF_PLAN = {"type": "exponential", "maxRetries": 5, "baseDelaySeconds": 2}
+# How Vapi ends a call it created while every line was taken.
+CONCURRENCY_BLOCKED = "call.start.error-subscription-concurrency-limit-reached"
+LIVE = ("scheduled", "queued", "ringing", "in-progress", "forwarding")
 # A provider's error text can quote the number dialled: anything like a phone number goes.
 _PHONE_LIKE = re.compile(r"\+?\d[\d\s().-]{5,}\d")
 
@@ -115,8 +118,9 @@ class VapiClient:
     def create_call(self, call: PatientCall) -> tuple[str, str | None]:
         """Place the call; returns Vapi's call id and status.
 
-        Raises VapiUnavailable (no call placed, retry), VapiRejected (permanent) or
-        CallOutcomeUnknown (the request may have been accepted).
+        Raises VapiUnavailable (no call placed, retry), VapiBusy (created, but ended for want
+        of a line: no call), VapiRejected (permanent) or CallOutcomeUnknown (a call may exist:
+        a 5xx is a failure after validation, a timeout or a dropped connection after sending).
         """
         body = call_request(call, assistant_id=self._assistant_id,
                             phone_number_id=self._phone_number_id, server=self._server)
@@ -136,17 +140,35 @@ class VapiClient:
                 raise CallOutcomeUnknown(f"HTTP {status} without a call id") from exc
             limits = answer.get("subscriptionLimits") or {}
             if limits.get("concurrencyBlocked"):
-                # Created but never placed: Vapi ends it at once. Safe to try again shortly;
-                # the spread keeps blocked deliveries from all coming back in the same second.
-                raise VapiBusy("Vapi concurrency limit reached",
-                               retry_after=random.randint(3, 8), call_id=call_id)
+                return self._blocked(call_id)
             return call_id, answer.get("status")
-        if status == 429 or status >= 500:
+        if status == 429:
             raise VapiUnavailable(f"Vapi answered HTTP {status}", retry_after=_retry_after(response))
+        if status >= 500:
+            raise CallOutcomeUnknown(f"Vapi answered HTTP {status}")
         # The answer and the logs get the status only; the stored detail has no patient data.
         raise VapiRejected(f"Vapi rejected the call: HTTP {status}",
                            stored=redact(f"HTTP {status}: {_error_text(response)}",
                                          names=(call.patient_name,)))
+
+    def _blocked(self, call_id: str) -> tuple[str, str | None]:
+        """A call created while every line was busy: ended at once (no call), or queued (it is one).
+
+        Vapi's guide says a blocked dial waits for a free line, its example answer says
+        "queued": only the call itself tells which, so it is looked up.
+        """
+        try:
+            call = self.get_call(call_id)
+        except VapiUnavailable as exc:
+            raise CallOutcomeUnknown(f"concurrency-blocked call not looked up: {exc}") from exc
+        status = (call or {}).get("status")
+        if call is None or (status == "ended" and call.get("endedReason") == CONCURRENCY_BLOCKED):
+            # Never placed. Safe to try again shortly; the spread keeps blocked deliveries
+            # from all coming back in the same second.
+            raise VapiBusy("Vapi concurrency limit reached",
+                           retry_after=random.randint(3, 8), call_id=call_id)
+        # Queued for a line, or already under way (or over): the form's call.
+        return call_id, status if status in LIVE else None
 
     def get_call(self, vapi_call_id: str) -> dict[str, Any] | None:
         """Vapi's record of a call (GET /call/{id}); None when Vapi has no such call."""

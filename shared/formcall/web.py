@@ -10,6 +10,7 @@ import hmac
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from starlette.applications import Starlette
@@ -20,10 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from formcall import settings
-from formcall.errors import FormcallError, PayloadTooLarge, TransientFailure, Unauthorized
+from formcall import clients, settings
+from formcall.errors import (FormcallError, PayloadTooLarge, Replayed, TransientFailure,
+                             Unauthorized)
 from formcall.observability import logger
-from formcall.signatures import InvalidSignature, verify_signature
+from formcall.signatures import InvalidSignature, replay_window, verify_signature, verify_webhook
+from formcall.store import FormStore
 
 # QStash messages to formcall are tiny; anything bigger is not ours.
 MAX_BODY_BYTES = 64 * 1024
@@ -65,9 +68,6 @@ def error_reply(exc: Exception) -> Reply:
 def _endpoint(handler: Handler):
     async def endpoint(request: Request) -> JSONResponse:
         started = time.perf_counter()
-        message_id = request.headers.get("upstash-message-id")
-        if message_id:
-            logger.set_correlation_id(message_id)
         try:
             body = await request.body()
             if len(body) > MAX_BODY_BYTES:
@@ -125,23 +125,45 @@ def lambda_handler(app: Starlette):
     return handler
 
 
-def verify_qstash(incoming: Incoming, *, public_url: str | None = None) -> dict:
-    """Check Upstash-Signature against this endpoint's URL (derived, or configured) and the raw body."""
+def verify_qstash(incoming: Incoming, *, public_url: str | None = None,
+                  store: FormStore | None = None) -> dict:
+    """Check Upstash-Signature against this endpoint's URL (derived, or configured) and the raw body.
+
+    Then accept the token once: a valid token used again (a captured delivery replayed) is
+    refused with 409 before anything is read or written, so replays cannot spend a form's
+    attempts. QStash's own retries carry fresh tokens and pass.
+    """
     config = settings.load(settings.ReceiverSettings)
     tokens = incoming.headers.getlist("upstash-signature")
     if len(tokens) > 1:
         raise Unauthorized("invalid signature")
     try:
-        return verify_signature(
+        claims = verify_signature(
             tokens[0] if tokens else None, body=incoming.body,
             urls=[incoming.url, public_url or ""],
             keys=[config.QSTASH_CURRENT_SIGNING_KEY.get_secret_value(),
                   config.QSTASH_NEXT_SIGNING_KEY.get_secret_value()],
             leeway=config.QSTASH_CLOCK_TOLERANCE,
         )
+        jti, good_until = replay_window(claims, now=time.time(),
+                                        leeway=config.QSTASH_CLOCK_TOLERANCE)
     except InvalidSignature as exc:
         logger.warning("signature refused", extra={"reason": str(exc)})
         raise Unauthorized("invalid signature") from None
+    store = store or clients.store()
+    if not store.accept_qstash_token(jti, expires_at=datetime.fromtimestamp(good_until,
+                                                                           timezone.utc)):
+        logger.warning("replayed QStash token refused")
+        raise Replayed("replayed token")
+    _authenticated(incoming)
+    return claims
+
+
+def _authenticated(incoming: Incoming) -> None:
+    """Only an authenticated request's message id becomes the log correlation id."""
+    message_id = incoming.headers.get("upstash-message-id")
+    if message_id:
+        logger.set_correlation_id(message_id[:128])
 
 
 def _require_secret(expected: str, offered: list[str]) -> None:
@@ -161,7 +183,18 @@ def require_cron_secret(incoming: Incoming, *, allow_query: bool = False) -> Non
     _require_secret(expected, _bearer(incoming) + query)
 
 
-def require_webhook_secret(incoming: Incoming) -> None:
-    """Accept the WEBHOOK_SECRET as `Authorization: Bearer …` or `X-Webhook-Secret: …`."""
-    expected = settings.load(settings.WebhookSettings).WEBHOOK_SECRET.get_secret_value()
-    _require_secret(expected, _bearer(incoming) + incoming.headers.getlist("x-webhook-secret"))
+def require_signed_webhook(incoming: Incoming) -> None:
+    """Accept a database webhook signed with WEBHOOK_SECRET within the last 5 minutes.
+
+    The trigger (supabase/migrations/*_signed_webhooks.sql) sends `X-Formcall-Timestamp` and
+    `X-Formcall-Signature: v1=<hex HMAC-SHA256 of "{timestamp}.{body}">`; the secret itself
+    never travels, so a captured webhook is good for minutes, not forever.
+    """
+    secret = settings.load(settings.WebhookSettings).WEBHOOK_SECRET.get_secret_value()
+    try:
+        verify_webhook(secret=secret, timestamp=incoming.headers.get("x-formcall-timestamp"),
+                       signatures=incoming.headers.getlist("x-formcall-signature"),
+                       body=incoming.body, now=time.time())
+    except InvalidSignature as exc:
+        logger.warning("webhook refused", extra={"reason": str(exc)})
+        raise Unauthorized("unauthorized") from None

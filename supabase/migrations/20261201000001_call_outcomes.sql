@@ -17,6 +17,8 @@ alter table public.patients add column opted_out_at timestamptz;
 alter table public.forms
   add column call_outcome text,
   add column next_call_at timestamptz,
+  -- Since when the form waits for one of Vapi's lines (the line ledger): the oldest goes first.
+  add column line_wait_at timestamptz,
   drop constraint forms_call_status_known,
   add constraint forms_call_status_known
     check (call_status in ('pending', 'calling', 'called', 'failed', 'opted_out')),
@@ -27,6 +29,10 @@ alter table public.forms
 -- One row per call formcall claims. It is inserted by the claim, before Vapi is asked, so the
 -- caps count it from that instant (no race lets one more call through); it is deleted again when
 -- no call was placed (released or rejected). vapi_call_id is set once Vapi answered.
+--
+-- It is also the line ledger: a call holds one of Vapi's lines from its claim until its end is
+-- known (outcome set) or p_max_call_seconds pass (the longest a call can last), whichever is
+-- first.
 create table public.calls (
   id uuid primary key default gen_random_uuid(),
   patient_id uuid not null references public.patients (id) on delete cascade,
@@ -138,15 +144,30 @@ drop function public.find_stale_calls(int, int);
 -- data, and exactly one of any number of concurrent deliveries claims. The call covers every
 -- form of the patient that is due, in deadline order.
 --
--- Answers: claimed (the call and its forms), capped (until when), skipped (reason; an opted-out
--- patient's forms end 'opted_out' and their messages are returned for cancelling), failed
--- (attempts exhausted), not_found.
+-- With p_lines (the line ledger) a claim also needs one of p_lines free lines: the ledger's
+-- lock makes the count and the new call one step, so no race takes one line too many.
+--
+-- Answers: claimed (the call and its forms), capped (until when), no_line (retry_after: the
+-- ledger's earliest expected release), skipped (reason; an opted-out patient's forms end
+-- 'opted_out' and their messages are returned for cancelling; in_progress comes with the open
+-- call, so a caller can reconcile a stale one), failed (attempts exhausted), not_found.
+create or replace function public.lines_in_use(p_max_call_seconds int)
+returns int
+language sql
+stable
+as $$
+  select count(*)::int from public.calls
+   where outcome is null and created_at > now() - make_interval(secs => p_max_call_seconds)
+$$;
+
 create or replace function public.claim_form_call(
   p_form_id uuid,
   p_max_attempts int default 5,
   p_max_per_day int default 1,
   p_max_per_week int default 3,
-  p_delivery jsonb default null
+  p_delivery jsonb default null,
+  p_lines int default null,
+  p_max_call_seconds int default 660
 )
 returns jsonb
 language plpgsql
@@ -220,9 +241,20 @@ begin
   if reason is not null then
     insert into public.form_call_events (form_id, event, detail)
       values (f.id, 'skipped', jsonb_build_object('reason', reason));
-    return jsonb_build_object('outcome', 'skipped', 'reason', reason,
-                              'due_in_seconds',
-                              extract(epoch from greatest(f.deadline, f.next_call_at) - now()));
+    return jsonb_build_object(
+      'outcome', 'skipped', 'reason', reason,
+      'due_in_seconds', extract(epoch from greatest(f.deadline, f.next_call_at) - now()),
+      'open_call', (select jsonb_build_object(
+                      'call_id', c.id, 'claimed_at', c.created_at,
+                      'placed', c.vapi_call_id is not null,
+                      'unknown', coalesce(f.last_call_error like 'outcome unknown:%', false),
+                      'form_ids', (select jsonb_agg(cf2.form_id order by f2.deadline, f2.id)
+                                     from public.call_forms cf2
+                                     join public.forms f2 on f2.id = cf2.form_id
+                                    where cf2.call_id = c.id))
+                      from public.calls c join public.call_forms cf on cf.call_id = c.id
+                     where reason = 'in_progress' and cf.form_id = f.id and c.outcome is null
+                     order by c.created_at desc limit 1));
   end if;
 
   -- The caps, over every call of the patient (any form); then one call at a time.
@@ -251,11 +283,29 @@ begin
                               'timezone', p.timezone);
   end if;
 
+  if p_lines is not null then
+    perform pg_advisory_xact_lock(72150102);  -- the ledger: one claim counts at a time
+    if public.lines_in_use(p_max_call_seconds) >= p_lines then
+      update public.forms set line_wait_at = now() where id = f.id and line_wait_at is null;
+      if found then
+        insert into public.form_call_events (form_id, event, detail)
+          values (f.id, 'waiting_for_line', jsonb_build_object('lines', p_lines));
+      end if;
+      return jsonb_build_object(
+        'outcome', 'no_line',
+        'retry_after', (select greatest(1, ceil(extract(epoch from
+                          min(created_at) + make_interval(secs => p_max_call_seconds) - now())))
+                          from public.calls
+                         where outcome is null
+                           and created_at > now() - make_interval(secs => p_max_call_seconds)));
+    end if;
+  end if;
+
   insert into public.calls (patient_id) values (p.id) returning id into call_id;
   with taken as (
     update public.forms
        set call_status = 'calling', call_attempts = call_attempts + 1, claimed_at = now(),
-           next_call_at = null
+           next_call_at = null, line_wait_at = null
      where patient_id = p.id and call_status = 'pending' and submitted_at is null
        and deadline is not null and greatest(deadline, next_call_at) <= now()
        and call_attempts < p_max_attempts
@@ -429,6 +479,7 @@ declare
   p public.patients;
   progress constant text[] := array['queued', 'ringing', 'in-progress', 'forwarding', 'ended'];
   ended boolean := false;
+  opted_out boolean := false;
   cancelled jsonb := '[]'::jsonb;
   follow_ups jsonb;
 begin
@@ -520,6 +571,7 @@ begin
   end if;
 
   if p_opt_out and p.opted_out_at is null then
+    opted_out := true;
     update public.patients set opted_out_at = now() where id = p.id;
     with stopped as (
       update public.forms
@@ -551,7 +603,62 @@ begin
   return jsonb_build_object('status', 'recorded', 'call_id', c.id, 'ended', ended,
                             'duplicate', p_outcome is not null and not ended,
                             'outcome', c.outcome, 'follow_ups', follow_ups,
-                            'cancel', cancelled);
+                            'opted_out', opted_out, 'cancel', cancelled);
+end
+$$;
+
+-- Forms waiting for a line, oldest first, as many as lines are free now: a freed line starts
+-- the next waiting form at once (its caller publishes their messages).
+create or replace function public.forms_waiting_for_line(p_lines int, p_max_call_seconds int)
+returns jsonb
+language sql
+stable
+as $$
+  select coalesce(jsonb_agg(w.id order by w.line_wait_at, w.id), '[]'::jsonb)
+    from (
+      select f.id, f.line_wait_at
+        from public.forms f
+       where f.line_wait_at is not null and f.call_status = 'pending'
+         and f.submitted_at is null and greatest(f.deadline, f.next_call_at) <= now()
+       order by f.line_wait_at, f.id
+       limit greatest(p_lines - public.lines_in_use(p_max_call_seconds), 0)
+    ) w
+$$;
+
+create index forms_line_wait_idx on public.forms (line_wait_at, id)
+  where line_wait_at is not null and call_status = 'pending';
+
+-- QStash gave up on a call-form message. As before (20261129000003), but a form waiting for a
+-- line is not failed: its turn comes when a line frees (and the sweep is the safety net).
+create or replace function public.record_delivery_failed(p_form_id uuid, p_reason text,
+                                                         p_detail jsonb)
+returns jsonb
+language plpgsql
+as $$
+declare
+  f public.forms;
+begin
+  select * into f from public.forms where id = p_form_id for update;
+  if not found then
+    return jsonb_build_object('outcome', 'not_found');
+  end if;
+  if exists (select 1 from public.form_call_events e
+              where e.form_id = f.id and e.event in ('failed', 'delivery_failed')
+                and e.detail->>'source_message_id' = p_detail->>'source_message_id') then
+    return jsonb_build_object('outcome', f.call_status, 'duplicate', true);
+  end if;
+  if f.call_status = 'pending' and f.line_wait_at is null then
+    update public.forms
+       set call_status = 'failed', claimed_at = null, last_call_error = p_reason
+     where id = f.id;
+    insert into public.form_call_events (form_id, event, detail)
+      values (f.id, 'failed', p_detail || jsonb_build_object('error', p_reason));
+    return jsonb_build_object('outcome', 'failed');
+  end if;
+  insert into public.form_call_events (form_id, event, detail)
+    values (f.id, 'delivery_failed', p_detail || jsonb_build_object(
+      'error', p_reason, 'waiting_for_line', f.line_wait_at is not null));
+  return jsonb_build_object('outcome', f.call_status);
 end
 $$;
 
@@ -650,7 +757,8 @@ begin
   foreach fn in array array[
     'formcall_zone(text)',
     'patient_next_call_at(timestamptz[], timestamptz, text, int, int)',
-    'claim_form_call(uuid, int, int, int, jsonb)',
+    'claim_form_call(uuid, int, int, int, jsonb, int, int)', 'lines_in_use(int)',
+    'forms_waiting_for_line(int, int)',
     'record_call_placed(uuid, text, text)', 'release_call(uuid, text, boolean)',
     'record_call_failed(uuid, text)', 'record_call_unknown(uuid, text)',
     'record_call_event(text, text[], text, text, text, timestamptz, timestamptz, double precision, boolean, text[], int, int, text)',

@@ -138,7 +138,9 @@ def stack_env(env, monkeypatch, local_qstash, function_server):
               # Flow control is tested on its own; here it must not slow the sweep tests.
               "VAPI_MAX_CONCURRENCY": "100", "VAPI_CALLS_PER_MINUTE": "60000",
               "CALL_FORM_URL": f"{function_server}/api/jobs/call-form",
-              "CHECK_FORMS_URL": f"{function_server}/api/cron/check-forms"}
+              "CHECK_FORMS_URL": f"{function_server}/api/cron/check-forms",
+              # The fake Vapi's reports reach call-events: calls end, lines free up.
+              "CALL_EVENTS_URL": f"{function_server}/api/webhooks/vapi"}
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     clients.reset()

@@ -17,7 +17,7 @@ from conftest import qstash_message
 from helpers import EVENTS_DOMAIN, call_form_event, invoke
 
 from formcall import clients
-from formcall_dev.events import http_event
+from formcall_dev.events import http_event, webhook_headers
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 from formcall_dev.vapi_spec import validate
@@ -388,8 +388,7 @@ def _insert_webhook(conn, form_id):
     body = json.dumps({"type": "INSERT", "table": "forms", "schema": "public", "record": record,
                        "old_record": None}, default=str)
     return http_event(method="POST", path="/api/webhooks/forms", body=body,
-                      headers={"content-type": "application/json",
-                               "x-webhook-secret": "w" * 32}, domain=EVENTS_DOMAIN)
+                      headers=webhook_headers(body, secret="w" * 32), domain=EVENTS_DOMAIN)
 
 
 def test_a_lost_report_is_recorded_by_the_sweep_from_vapis_record(rules, vapi, conn, keys,

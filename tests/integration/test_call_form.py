@@ -251,17 +251,14 @@ def test_vapi_rejection_is_recorded_and_permanent(env, vapi, conn, due_form, key
     assert "5550100001" not in logged and "Lovelace" not in logged
 
 
-@pytest.mark.parametrize("status", [500, 502, 429])
-def test_transient_vapi_failure_then_retry_calls_once(env, vapi, conn, due_form, keys, status):
-    vapi.add_rule(form_id=due_form, status=status, times=1,
-                  headers={"Retry-After": "7"} if status == 429 else None)
+def test_rate_limited_vapi_then_retry_calls_once(env, vapi, conn, due_form, keys):
+    # 429 is a refusal before anything was created: released, QStash retries.
+    vapi.add_rule(form_id=due_form, status=429, times=1, headers={"Retry-After": "7"})
     first = invoke("call_form", call_form_event(due_form, key=keys.current_key))
-    assert first.status == 503
-    if status == 429:
-        assert first.headers["retry-after"] == "7"
+    assert first.status == 503 and first.headers["retry-after"] == "7"
     row = form_row(conn, due_form)
     assert row["call_status"] == "pending"
-    assert row["last_call_error"] == f"Vapi answered HTTP {status}"
+    assert row["last_call_error"] == "Vapi answered HTTP 429"
 
     retry = invoke("call_form", call_form_event(due_form, key=keys.current_key))
     assert retry.status == 200 and retry.body["status"] == "called"
@@ -269,6 +266,46 @@ def test_transient_vapi_failure_then_retry_calls_once(env, vapi, conn, due_form,
     assert form_row(conn, due_form)["call_attempts"] == 2
     assert form_events(conn, due_form) == ["delivered", "claimed", "released",
                                           "delivered", "claimed", "called"]
+
+
+def _lease_over(conn):
+    """As if the claim's lease (CLAIM_LEASE_SECONDS) had passed."""
+    conn.execute("update calls set created_at = created_at - interval '2 minutes'"
+                 " where vapi_call_id is null")
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+@pytest.mark.parametrize("created", [True, False], ids=["call-created", "no-call"])
+def test_a_vapi_5xx_never_places_a_second_call(stack_env, vapi, conn, due_form, keys, status,
+                                               created):
+    # Vapi's spec: a 5xx is a failure after validation; the call may exist.
+    vapi.add_rule(form_id=due_form, status=status, times=1, place=created)
+    first = invoke("call_form", call_form_event(due_form, key=keys.current_key))
+    assert (first.status, first.body["status"]) == (202, "unknown")
+    row = form_row(conn, due_form)
+    assert row["call_status"] == "calling"
+    assert row["last_call_error"] == f"outcome unknown: Vapi answered HTTP {status}"
+    # A reconcile message is queued for when the claim's lease is over.
+    assert conn.execute("select count(*) from calls where vapi_call_id is null").fetchone()[0] == 1
+
+    # Within the lease a delivery is told to come back (it never calls).
+    early = invoke("call_form", call_form_event(due_form, key=keys.current_key))
+    assert early.status == 503 and int(early.headers["retry-after"]) >= 1
+    assert len(vapi.requests) == 1
+
+    # After it, Vapi's list decides: the call exists -> recorded; none -> released and called.
+    _lease_over(conn)
+    later = invoke("call_form", call_form_event(due_form, key=keys.current_key))
+    assert later.status == 200
+    placed = vapi.placed_calls()
+    assert len(placed) == 1  # never a second call
+    row = form_row(conn, due_form)
+    assert (row["call_status"], row["vapi_call_id"]) == ("called", placed[0]["id"])
+    if created:
+        assert (later.body["status"], later.body["reason"]) == ("skipped", "already_called")
+        assert len(vapi.requests) == 1
+    else:
+        assert later.body["status"] == "called" and len(vapi.requests) == 2
 
 
 def test_concurrency_blocked_call_comes_back_in_a_fresh_message(stack_env, vapi, conn, due_form,
@@ -329,9 +366,9 @@ def test_unknown_outcome_is_never_retried_blindly(env, vapi, conn, due_form, key
     assert row["call_status"] == "calling"
     assert row["last_call_error"].startswith("outcome unknown")
 
-    # QStash's retry (or a duplicate) cannot claim it again.
+    # QStash's retry (or a duplicate) cannot claim it again: it is told to come back later.
     again = invoke("call_form", call_form_event(due_form, key=keys.current_key))
-    assert again.body["reason"] == "in_progress"
+    assert again.status == 503 and again.body["error"] == "call outcome not known yet"
     placed = vapi.calls_for_form(due_form)
     assert len(placed) == 1
 
@@ -342,6 +379,7 @@ def test_unknown_outcome_is_never_retried_blindly(env, vapi, conn, due_form, key
     assert (row["call_status"], row["vapi_call_id"]) == ("called", placed[0]["id"])
     assert form_events(conn, due_form) == ["delivered", "claimed", "outcome_unknown",
                                           "delivered", "skipped", "called"]
+    assert len(vapi.requests) == 1
 
 
 def test_claim_that_never_reached_vapi_is_released_by_reconciliation(env, vapi, conn, due_form,
@@ -359,12 +397,12 @@ def test_claim_that_never_reached_vapi_is_released_by_reconciliation(env, vapi, 
 def test_attempts_are_capped_and_the_form_fails(env, vapi, conn, due_form, keys, monkeypatch):
     monkeypatch.setenv("MAX_CALL_ATTEMPTS", "2")
     clients.reset()
-    vapi.add_rule(form_id=due_form, status=503)
+    vapi.add_rule(form_id=due_form, status=429)
     for _ in range(2):
         assert invoke("call_form", call_form_event(due_form, key=keys.current_key)).status == 503
     final = invoke("call_form", call_form_event(due_form, key=keys.current_key))
     assert final.status == 489
     row = form_row(conn, due_form)
     assert row["call_status"] == "failed"
-    assert row["last_call_error"] == "gave up after 2 attempts; last error: Vapi answered HTTP 503"
+    assert row["last_call_error"] == "gave up after 2 attempts; last error: Vapi answered HTTP 429"
     assert len(vapi.requests) == 2

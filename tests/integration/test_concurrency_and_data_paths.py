@@ -115,3 +115,31 @@ def test_supabase_rpc_stand_in_refuses_a_wrong_key(supabase_server):
     answer = httpx.post(f"{supabase_server}/rest/v1/rpc/find_overdue_forms", json={},
                         headers={"apikey": "wrong", "Authorization": "Bearer wrong"})
     assert answer.status_code == 401
+
+
+def test_call_reports_are_recorded_over_both_data_paths(data_path, vapi, conn, keys,
+                                                        function_server, monkeypatch):
+    """call-events' SQL (arrays, numbers, times) over Supabase RPC as over direct Postgres."""
+    monkeypatch.setenv("FOLLOW_UP_DELAY_SECONDS", "3600")
+    monkeypatch.setenv("QSTASH_URL", "http://127.0.0.1:9")  # no follow-up publish reaches out
+    clients.reset()
+    patient = create_patient(conn)
+    form = create_form(conn, patient_id=patient, deadline=datetime.now(timezone.utc) - timedelta(1))
+    conn.execute("select claim_form_call(%s)", (form,))
+    body = json.dumps({"message": {
+        "type": "end-of-call-report", "endedReason": "customer-ended-call",
+        "startedAt": "2026-12-01T09:00:00.000Z", "endedAt": "2026-12-01T09:01:30.500Z",
+        "cost": 0.0731, "artifact": {}, "analysis": {"structuredData": {"optOut": False}},
+        "call": {"id": "vapi-data-path", "assistantOverrides": {"metadata": {
+            "formId": form, "formIds": [form]}}}}})
+    answer = httpx.post(f"{function_server}/api/webhooks/vapi", content=body,
+                        headers={"content-type": "application/json",
+                                 "x-vapi-secret": keys.vapi_webhook_secret})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outcome"] == "reached"
+    call = conn.execute("select vapi_call_id, outcome, cost, started_at, ended_at from calls"
+                        ).fetchone()
+    assert call[:2] == ("vapi-data-path", "reached") and float(call[2]) == 0.0731
+    assert (call[4] - call[3]).total_seconds() == 90.5
+    assert (form_row(conn, form)["call_status"], form_row(conn, form)["call_outcome"]) == (
+        "called", "reached")

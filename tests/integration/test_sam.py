@@ -32,9 +32,20 @@ FUNCTIONS = {
     "CallEventsFunction": ("call_events", "POST", "/api/webhooks/vapi", 30),
 }
 
-# The secret settings: in the formcall secret (Secrets Manager), never in function configuration.
+# The secret settings: in the formcall secrets (Secrets Manager), never in function configuration.
 SECRET_SETTINGS = set(formcall_secrets.SECRET_SETTINGS)
-SECRET_ARN = {"Fn::If": ["CreateSecret", {"Ref": "FormcallSecret"}, {"Ref": "ExistingSecretArn"}]}
+SECRET_GROUPS = dict(formcall_secrets.SECRET_GROUPS)
+# Which secrets each function may read: exactly what it uses (issue 14, finding 7).
+FUNCTION_SECRETS = {
+    "SetupFunction": ["QStashTokenSecret", "CronSecret"],
+    "CheckFormsFunction": ["DatabaseSecret", "QStashTokenSecret", "SigningKeysSecret",
+                           "CronSecret", "VapiKeySecret", "VapiWebhookSecret"],
+    "CallFormFunction": ["DatabaseSecret", "SigningKeysSecret", "QStashTokenSecret",
+                         "VapiKeySecret", "VapiWebhookSecret"],
+    "CallEventsFunction": ["DatabaseSecret", "VapiWebhookSecret", "QStashTokenSecret"],
+    "ScheduleFormFunction": ["DatabaseSecret", "WebhookSecret", "QStashTokenSecret"],
+    "FailureCallbackFunction": ["DatabaseSecret", "SigningKeysSecret"],
+}
 DATABASE = {"SUPABASE_URL"}
 VAPI = {"VAPI_ASSISTANT_ID", "VAPI_PHONE_NUMBER_ID", "VAPI_BASE_URL"}
 POLICY = {"CALL_WINDOW", "VAPI_MAX_CONCURRENCY", "VAPI_CALLS_PER_MINUTE", "FAILURE_CALLBACK_URL"}
@@ -42,24 +53,39 @@ POLICY = {"CALL_WINDOW", "VAPI_MAX_CONCURRENCY", "VAPI_CALLS_PER_MINUTE", "FAILU
 CALLER = {"VAPI_SERVER_CREDENTIAL_ID", "CALL_EVENTS_URL"}
 CAPS = {"PATIENT_MAX_CALLS_PER_DAY", "PATIENT_MAX_CALLS_PER_WEEK"}
 FOLLOW_UPS = {"FOLLOW_UP_ON", "MAX_CALLS_PER_FORM", "FOLLOW_UP_DELAY_SECONDS"}
-# Each function gets only the plain settings it reads (every function also gets the secret).
+LEDGER = {"VAPI_LINE_LEDGER", "VAPI_RESERVED_LINES", "VAPI_MAX_CALL_SECONDS"}
+# Each function gets only the plain settings it reads, and the ARNs of its secrets.
 ENVIRONMENT = {
-    "CallFormFunction": DATABASE | VAPI | CALLER | {"QSTASH_URL", "CALL_FORM_URL_PARAMETER"}
-    | POLICY | CAPS,
-    "CheckFormsFunction": {"QSTASH_URL"} | DATABASE | VAPI | CALLER | {"CALL_FORM_URL"} | POLICY
-    | FOLLOW_UPS | {"CALL_OUTCOME_TIMEOUT_SECONDS"},
+    "CallFormFunction": DATABASE | VAPI | CALLER | {"QSTASH_URL", "CALL_FORM_URL",
+                                                    "CALL_FORM_URL_PARAMETER"}
+    | POLICY | CAPS | LEDGER | {"CLAIM_LEASE_SECONDS"},
+    "CheckFormsFunction": {"QSTASH_URL", "CHECK_FORMS_URL"} | DATABASE | VAPI | CALLER
+    | {"CALL_FORM_URL"} | POLICY | FOLLOW_UPS | {"CALL_OUTCOME_TIMEOUT_SECONDS"} | LEDGER
+    | {"CLAIM_LEASE_SECONDS"},
     "SetupFunction": {"QSTASH_URL", "CHECK_FORMS_URL"},
     "ScheduleFormFunction": {"QSTASH_URL"} | DATABASE | {"CALL_FORM_URL"} | POLICY,
-    "FailureCallbackFunction": DATABASE,
+    "FailureCallbackFunction": DATABASE | {"FAILURE_CALLBACK_URL"},
     "CallEventsFunction": DATABASE | {"QSTASH_URL", "VAPI_SERVER_CREDENTIAL_ID",
-                                      "CALL_FORM_URL_PARAMETER"} | POLICY | FOLLOW_UPS,
+                                      "CALL_FORM_URL_PARAMETER"} | POLICY | FOLLOW_UPS | LEDGER,
 }
+ENVIRONMENT = {name: names | {"FORMCALL_SECRET_ARNS"} for name, names in ENVIRONMENT.items()}
 GLOBAL_ENVIRONMENT = {
     "POWERTOOLS_SERVICE_NAME": "formcall",
     "POWERTOOLS_METRICS_NAMESPACE": "formcall",
     "POWERTOOLS_LOG_LEVEL": "INFO",
-    "FORMCALL_SECRET_ARN": SECRET_ARN,
     "FORMCALL_SECRET_MAX_AGE": {"Ref": "SecretMaxAgeSeconds"},
+}
+# Where each function's own URL is the edge's (UseEdge) or else absent/its Function URL.
+EDGE_PATHS = {"CALL_FORM_URL": "/api/jobs/call-form", "CHECK_FORMS_URL": "/api/cron/check-forms",
+              "FAILURE_CALLBACK_URL": "/api/jobs/failed"}
+CONCURRENCY = {
+    # function: (parameter, condition, default)
+    "CallFormFunction": ("CallFormReservedConcurrency", "ReserveCallForm", 20),
+    "FailureCallbackFunction": ("FailureCallbackReservedConcurrency", "ReserveFailureCallback", 5),
+    "CheckFormsFunction": ("CheckFormsMaxConcurrency", "CapCheckForms", 2),
+    "ScheduleFormFunction": ("ScheduleFormMaxConcurrency", "CapScheduleForm", 10),
+    "SetupFunction": ("SetupMaxConcurrency", "CapSetup", 1),
+    "CallEventsFunction": ("CallEventsReservedConcurrency", "ReserveCallEvents", 20),
 }
 # The metric names formcall emits (formcall.call_form, formcall.sweep, formcall.failures, formcall.schedule); alarms and the dashboard use only these.
 METRICS = {
@@ -67,7 +93,7 @@ METRICS = {
     "CallsDeferred", "FormsFound", "FormsEnqueued", "EnqueueFailed", "DeliveryFailed",
     "OverdueOverAnHour", "SweepSucceeded", "FormsScheduled", "FormsCancelled",
     "CallsCapped", "CallsEnded", "CallsReached", "CallsNotReached", "CallEventsIgnored",
-    "PatientsOptedOut", "FollowUpsScheduled",
+    "PatientsOptedOut", "FollowUpsScheduled", "CallsWaitingForLine", "LineWakeups",
 }
 # call-form's own URL: one SSM parameter, read by call-form and call-events only.
 CALL_FORM_URL_READ = {"Statement": [{
@@ -276,22 +302,39 @@ def test_functions_learn_each_others_urls(template):
     def env(name: str) -> dict:
         return resources[name]["Properties"]["Environment"]["Variables"]
 
-    def url(function: str) -> dict:
-        return {"Fn::GetAtt": [f"{function}Url", "FunctionUrl"]}
+    def url(function: str, setting: str) -> dict:
+        # The edge's URL when there is an edge, else the other function's own URL.
+        edge = {"Fn::Sub": f"https://${{EdgeDomainName}}{EDGE_PATHS[setting]}"}
+        return {"Fn::If": ["UseEdge", edge, {"Fn::GetAtt": [f"{function}Url", "FunctionUrl"]}]}
 
-    assert env("SetupFunction")["CHECK_FORMS_URL"] == url("CheckFormsFunction")
+    assert env("SetupFunction")["CHECK_FORMS_URL"] == url("CheckFormsFunction", "CHECK_FORMS_URL")
     for name in ("CheckFormsFunction", "ScheduleFormFunction"):
-        assert env(name)["CALL_FORM_URL"] == url("CallFormFunction")
+        assert env(name)["CALL_FORM_URL"] == url("CallFormFunction", "CALL_FORM_URL")
     for name in ("CallFormFunction", "CheckFormsFunction"):
-        assert env(name)["CALL_EVENTS_URL"] == url("CallEventsFunction")
+        assert env(name)["CALL_EVENTS_URL"] == {"Fn::GetAtt": ["CallEventsFunctionUrl",
+                                                               "FunctionUrl"]}
     # call-form's own URL, for itself and for call-events, through an SSM parameter.
     parameter = resources["CallFormUrlParameter"]["Properties"]
-    assert parameter["Value"] == url("CallFormFunction")
+    assert parameter["Value"] == url("CallFormFunction", "CALL_FORM_URL")
     for name in ("CallFormFunction", "CallEventsFunction"):
         assert env(name)["CALL_FORM_URL_PARAMETER"] == parameter["Name"]
         assert CALL_FORM_URL_READ in resources[name]["Properties"]["Policies"]
     for name in ("CallFormFunction", "CheckFormsFunction", "ScheduleFormFunction"):
-        assert env(name)["FAILURE_CALLBACK_URL"] == url("FailureCallbackFunction")
+        assert env(name)["FAILURE_CALLBACK_URL"] == url("FailureCallbackFunction",
+                                                        "FAILURE_CALLBACK_URL")
+
+
+@pytest.mark.sam
+@pytest.mark.parametrize("name, setting", [("CallFormFunction", "CALL_FORM_URL"),
+                                           ("CheckFormsFunction", "CHECK_FORMS_URL"),
+                                           ("FailureCallbackFunction", "FAILURE_CALLBACK_URL")])
+def test_behind_the_edge_a_function_verifies_the_edge_url_as_subject(template, name, setting):
+    # QStash signs the URL it was given: behind CloudFront that is the edge's, so the function
+    # accepts it as the subject (PublicUrlSettings); without an edge it needs none.
+    variables = template["Resources"][name]["Properties"]["Environment"]["Variables"]
+    assert variables[setting] == {"Fn::If": [
+        "UseEdge", {"Fn::Sub": f"https://${{EdgeDomainName}}{EDGE_PATHS[setting]}"},
+        {"Ref": "AWS::NoValue"}]}
 
 
 @pytest.mark.sam
@@ -317,7 +360,9 @@ def test_plain_settings_come_from_parameters(template):
         if isinstance(ref, dict) and "Ref" in ref
     }
 
-    assert used | {"ExistingSecretArn", "AlarmTopicArn"} == set(parameters)
+    limits = {p for p, _, _ in CONCURRENCY.values()} | {"CallEventsReservedConcurrency"}
+    edge = {"EdgeDomainName", "EdgeCertificateArn", "EdgeRateLimit"}
+    assert used | {"AlarmTopicArn", "LogRetentionDays"} | limits | edge == set(parameters)
     assert parameters["QStashUrl"]["Default"] == "https://qstash.upstash.io"
     assert parameters["VapiBaseUrl"]["Default"] == "https://api.vapi.ai"
     from formcall.settings import CallPolicySettings
@@ -328,27 +373,89 @@ def test_plain_settings_come_from_parameters(template):
             parameters["VapiCallsPerMinute"]["Default"]) == (defaults["VAPI_MAX_CONCURRENCY"],
                                                            defaults["VAPI_CALLS_PER_MINUTE"])
     assert parameters["SecretMaxAgeSeconds"]["Default"] == formcall_secrets.DEFAULT_MAX_AGE
-    assert parameters["ExistingSecretArn"]["Default"] == ""
     assert parameters["AlarmTopicArn"]["Default"] == ""
 
 
 @pytest.mark.sam
-def test_the_secret_is_created_unless_an_existing_one_is_given(template):
-    secret = template["Resources"]["FormcallSecret"]
-    generated = secret["Properties"]["GenerateSecretString"]
-    placeholder = json.loads(generated["SecretStringTemplate"])
+def test_each_secret_holds_one_concern_and_every_setting_has_one(template):
+    resources = template["Resources"]
+    for name, keys in SECRET_GROUPS.items():
+        secret = resources[name]
+        assert secret["Type"] == "AWS::SecretsManager::Secret", name
+        assert secret["DeletionPolicy"] == secret["UpdateReplacePolicy"] == "Retain"
+        props = secret["Properties"]
+        if "GenerateSecretString" in props:  # formcall's own shared secrets: generated
+            generated = props["GenerateSecretString"]
+            assert json.loads(generated["SecretStringTemplate"]) == {}
+            assert [generated["GenerateStringKey"]] == list(keys)
+            assert generated["PasswordLength"] >= 16 and generated["ExcludePunctuation"] is True
+        else:  # the providers' keys: empty for the operator to fill
+            assert json.loads(props["SecretString"]) == dict.fromkeys(keys, "")
+    generated = {name for name in SECRET_GROUPS if "GenerateSecretString" in
+                 resources[name]["Properties"]}
+    assert generated == {"CronSecret", "WebhookSecret", "VapiWebhookSecret"}
+    assert sorted(k for keys in SECRET_GROUPS.values() for k in keys) == sorted(SECRET_SETTINGS)
+    assert template["Outputs"]["SecretArns"]["Value"] == {
+        "Fn::Join": [",", [{"Ref": name} for name in SECRET_GROUPS]]}
 
-    assert template["Conditions"]["CreateSecret"] == {
-        "Fn::Equals": [{"Ref": "ExistingSecretArn"}, ""]}
-    assert secret["Type"] == "AWS::SecretsManager::Secret"
-    assert secret["Condition"] == "CreateSecret"
-    assert secret["DeletionPolicy"] == secret["UpdateReplacePolicy"] == "Retain"
-    # Every secret setting, empty for the operator to fill, but CRON_SECRET: generated.
-    assert set(placeholder) | {generated["GenerateStringKey"]} == SECRET_SETTINGS
-    assert set(placeholder.values()) == {""}
-    assert generated["GenerateStringKey"] == "CRON_SECRET"
-    assert generated["PasswordLength"] >= 16 and generated["ExcludePunctuation"] is True
-    assert template["Outputs"]["SecretArn"]["Value"] == SECRET_ARN
+
+@pytest.mark.sam
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_each_function_is_given_the_arns_of_exactly_its_secrets(template, name):
+    props = template["Resources"][name]["Properties"]
+    assert props["Environment"]["Variables"]["FORMCALL_SECRET_ARNS"] == {
+        "Fn::Join": [",", [{"Ref": secret} for secret in FUNCTION_SECRETS[name]]]}
+    assert props["Policies"] == [{"AWSSecretsManagerGetSecretValuePolicy": {
+        "SecretArn": {"Ref": secret}}} for secret in FUNCTION_SECRETS[name]]
+
+
+@pytest.mark.sam
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_each_function_has_its_concurrency_bounded_and_its_logs_kept(template, name):
+    parameter, condition, default = CONCURRENCY[name]
+    props = template["Resources"][name]["Properties"]
+    parameters = template["Parameters"]
+
+    assert props["ReservedConcurrentExecutions"] == {
+        "Fn::If": [condition, {"Ref": parameter}, {"Ref": "AWS::NoValue"}]}
+    assert parameters[parameter]["Default"] == default and parameters[parameter]["MinValue"] == -1
+    assert template["Conditions"][condition] == {
+        "Fn::Not": [{"Fn::Equals": [{"Ref": parameter}, -1]}]}
+    group = props["LoggingConfig"]["LogGroup"]["Ref"]
+    assert template["Resources"][group] == {"Type": "AWS::Logs::LogGroup", "Properties": {
+        "RetentionInDays": {"Ref": "LogRetentionDays"}}}
+    assert parameters["LogRetentionDays"]["Default"] == 90
+    assert parameters["CallEventsReservedConcurrency"]["Default"] == 20
+
+
+@pytest.mark.sam
+def test_edge_protection_is_opt_in_cloudfront_with_a_waf_rate_rule(template):
+    resources, conditions = template["Resources"], template["Conditions"]
+    acl, distribution = resources["EdgeWebAcl"], resources["EdgeDistribution"]
+
+    assert template["Parameters"]["EdgeDomainName"]["Default"] == ""
+    assert conditions["UseEdge"] == {"Fn::And": [
+        {"Fn::Not": [{"Fn::Equals": [{"Ref": "EdgeDomainName"}, ""]}]},
+        {"Fn::Not": [{"Fn::Equals": [{"Ref": "EdgeCertificateArn"}, ""]}]}]}
+    assert acl["Condition"] == distribution["Condition"] == "UseEdge"
+    assert acl["Properties"]["Scope"] == "CLOUDFRONT"
+    (rule,) = acl["Properties"]["Rules"]
+    assert rule["Action"] == {"Block": {}}
+    assert rule["Statement"]["RateBasedStatement"] == {
+        "Limit": {"Ref": "EdgeRateLimit"}, "EvaluationWindowSec": 300, "AggregateKeyType": "IP"}
+    config = distribution["Properties"]["DistributionConfig"]
+    assert config["WebACLId"] == {"Fn::GetAtt": ["EdgeWebAcl", "Arn"]}
+    assert config["Aliases"] == [{"Ref": "EdgeDomainName"}]
+    routes = {b["PathPattern"]: b["TargetOriginId"] for b in config["CacheBehaviors"]}
+    assert routes == {path: name for name, path in [
+        ("call-form", "/api/jobs/call-form"), ("check-forms", "/api/cron/check-forms"),
+        ("setup", "/api/setup-qstash"), ("schedule-form", "/api/webhooks/forms"),
+        ("failure-callback", "/api/jobs/failed")]}
+    for behavior in [config["DefaultCacheBehavior"], *config["CacheBehaviors"]]:
+        # Nothing cached, every header but Host forwarded (signatures reach the function).
+        assert behavior["CachePolicyId"] == "4135ea2d-6df8-44a3-9df3-4b5a84be39ad"
+        assert behavior["OriginRequestPolicyId"] == "b689b0a8-53d0-40ab-baf2-68738e2966ac"
+        assert "POST" in behavior["AllowedMethods"]
 
 
 def sam_translate(template_path: Path) -> dict:
@@ -384,7 +491,7 @@ print(json.dumps(transform(template, {}, Policies())))
 
 
 @pytest.mark.sam
-def test_each_function_may_read_the_one_secret_and_nothing_else():
+def test_each_function_may_read_only_its_own_secrets_after_the_transform():
     translated = sam_translate(TEMPLATE)["Resources"]
 
     for name in FUNCTIONS:
@@ -395,9 +502,17 @@ def test_each_function_may_read_the_one_secret_and_nothing_else():
                       for statement in policy["PolicyDocument"]["Statement"]]
         assert statements == [{
             "Action": ["secretsmanager:GetSecretValue"], "Effect": "Allow",
-            "Resource": {"Fn::Sub": ["${secretArn}", {"secretArn": SECRET_ARN}]},
-        }, *(CALL_FORM_URL_READ["Statement"] if name in ("CallFormFunction", "CallEventsFunction")
-             else [])], name
+            "Resource": {"Fn::Sub": ["${secretArn}", {"secretArn": {"Ref": secret}}]},
+        } for secret in FUNCTION_SECRETS[name]] + (
+            CALL_FORM_URL_READ["Statement"] if name in ("CallFormFunction", "CallEventsFunction")
+            else []), name
+        function = translated[name]["Properties"]
+        assert function["ReservedConcurrentExecutions"]["Fn::If"][0] == CONCURRENCY[name][1]
+        group = f"{name.removesuffix('Function')}LogGroup"
+        assert function["LoggingConfig"] == {"LogGroup": {"Ref": group}}
+    # Nobody reads what they do not use, e.g. setup never the database or Vapi's key.
+    setup = json.dumps(translated["SetupFunctionRole"])
+    assert "DatabaseSecret" not in setup and "VapiKeySecret" not in setup
     assert "*" not in json.dumps([r for r in translated.values() if r["Type"] == "AWS::IAM::Role"])
 
 

@@ -35,7 +35,7 @@ from helpers import DOMAIN, invoke
 
 from formcall import clients
 from formcall.signatures import sign
-from formcall_dev.events import http_event
+from formcall_dev.events import http_event, webhook_headers
 from formcall_dev.fake_vapi import FakeVapi
 from formcall_dev.seed import create_form, create_patient, form_row
 from formcall_dev.servers import serve_in_thread
@@ -147,12 +147,14 @@ def signed_event(function: str, path: str, body: str, key: str) -> dict:
         "upstash-signature": sign(key=key, url=f"https://{DOMAIN}{path}", body=body.encode())})
 
 
-def webhook_event(record: dict, secret: str, *, bearer: bool = False) -> dict:
+def webhook_event(record: dict, secret: str, *, static: bool = False) -> dict:
+    """Signed as the trigger signs (`static`: the bare secret as a bearer, which is refused)."""
     body = json.dumps({"type": "INSERT", "table": "forms", "schema": "public",
                        "record": record, "old_record": None}, default=str)
-    header = {"authorization": f"Bearer {secret}"} if bearer else {"x-webhook-secret": secret}
+    headers = {"authorization": f"Bearer {secret}"} if static \
+        else webhook_headers(body, secret=secret)
     return http_event(method="POST", path="/api/webhooks/forms", body=body, domain=DOMAIN,
-                      headers={"content-type": "application/json", **header})
+                      headers={"content-type": "application/json", **headers})
 
 
 def test_no_secret_name_or_phone_number_in_any_log_or_answer(marked_env, markers, servers, conn,
@@ -192,7 +194,7 @@ def test_no_secret_name_or_phone_number_in_any_log_or_answer(marked_env, markers
     row = {k: (v.isoformat() if isinstance(v, datetime) else v)
            for k, v in form_row(conn, later).items()}
     assert seen.invoke("schedule_form", webhook_event(row, webhook)).body["status"] == "scheduled"
-    assert seen.invoke("schedule_form", webhook_event(row, webhook, bearer=True)).status == 200
+    assert seen.invoke("schedule_form", webhook_event(row, webhook, static=True)).status == 401
     assert seen.invoke("schedule_form",
                        webhook_event(row, markers["WRONG_WEBHOOK_SECRET"])).status == 401
 

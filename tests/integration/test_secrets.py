@@ -24,7 +24,7 @@ from moto import mock_aws
 
 from formcall import clients, settings
 from formcall.errors import ConfigurationError
-from formcall.secrets import SECRET_SETTINGS
+from formcall.secrets import SECRET_GROUPS, SECRET_SETTINGS
 from formcall_dev.seed import form_events, form_row
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -219,7 +219,8 @@ def test_without_a_secret_arn_powertools_parameters_is_never_imported():
         "settings.load(settings.CronSettings); "
         "print('aws_lambda_powertools.utilities.parameters' in sys.modules, 'boto3' in sys.modules)"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "FORMCALL_SECRET_ARN"}
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("FORMCALL_SECRET_ARN", "FORMCALL_SECRET_ARNS")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=60, check=True)
 
@@ -260,3 +261,85 @@ def test_an_unreadable_url_parameter_is_a_named_configuration_error(env, aws, mo
     assert answer.status == 500
     assert answer.body["settings"] == ["CALL_FORM_URL_PARAMETER"]
     assert vapi.requests == [] and form_row(conn, due_form)["call_status"] == "pending"
+
+
+# --- The secrets split by what they guard (issue 14, finding 7) -------------------------------
+
+# call-form's secrets, as template.yaml gives it (tests/integration/test_sam.py checks that).
+CALL_FORM_SECRETS = ["DatabaseSecret", "SigningKeysSecret", "QStashTokenSecret", "VapiKeySecret",
+                     "VapiWebhookSecret"]
+
+
+@pytest.fixture
+def split(env, aws, monkeypatch):
+    """One moto secret per SECRET_GROUPS entry, the settings moved out of the environment."""
+    values = {name: env[name] for name in SECRET_SETTINGS if name in env}
+    values |= {"WEBHOOK_SECRET": random.token_urlsafe(24),
+               "VAPI_WEBHOOK_SECRET": random.token_urlsafe(24)}
+    for name in values:
+        monkeypatch.delenv(name, raising=False)
+    arns = {group: aws.create_secret(
+        Name=f"formcall/test/{group}",
+        SecretString=json.dumps({k: values[k] for k in keys if k in values}))["ARN"]
+        for group, keys in SECRET_GROUPS.items()}
+
+    def use(groups: list[str]) -> list[str]:
+        chosen = [arns[g] for g in groups]
+        monkeypatch.setenv("FORMCALL_SECRET_ARNS", ",".join(chosen))
+        clients.reset()
+        return chosen
+
+    use.arns = arns  # type: ignore[attr-defined]
+    return use
+
+
+def test_a_function_reads_each_of_its_secrets_once(split, vapi, conn, due_form, keys,
+                                                   get_secret_value_calls):
+    arns = split(CALL_FORM_SECRETS)
+
+    for _ in range(2):
+        assert invoke("call_form", call_form_event(due_form, key=keys.current_key)).status == 200
+
+    assert form_row(conn, due_form)["call_status"] == "called"
+    assert sorted(get_secret_value_calls) == sorted(arns)
+
+
+def test_a_function_cannot_see_the_secrets_it_was_not_given(split, vapi, conn, due_form, keys):
+    # call-form is not given the cron or webhook secrets: they are simply not there.
+    split(CALL_FORM_SECRETS)
+    assert invoke("call_form", call_form_event(due_form, key=keys.current_key)).status == 200
+    for model, name in ((settings.CronSettings, "CRON_SECRET"),
+                        (settings.WebhookSettings, "WEBHOOK_SECRET")):
+        with pytest.raises(ConfigurationError) as raised:
+            settings.load(model)
+        assert raised.value.names == [name]
+
+
+def test_rotating_one_secret_rebuilds_only_the_client_that_reads_it(split, aws, vapi, keys,
+                                                                    due_form, monkeypatch):
+    split(CALL_FORM_SECRETS)
+    monkeypatch.setenv("FORMCALL_SECRET_MAX_AGE", "0")
+    store, caller = clients.store(), clients.vapi()
+    new_key = random.token_urlsafe(24)
+    aws.put_secret_value(SecretId=split.arns["VapiKeySecret"],
+                         SecretString=json.dumps({"VAPI_PRIVATE_KEY": new_key}))
+    vapi.api_key = new_key
+
+    answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
+
+    assert (answer.status, answer.body["status"]) == (200, "called")
+    assert clients.vapi() is not caller and clients.store() is store
+
+
+def test_one_unreadable_secret_among_several_answers_500_naming_the_list(split, vapi, conn,
+                                                                        due_form, keys,
+                                                                        monkeypatch):
+    arns = split(CALL_FORM_SECRETS)
+    gone = arns[0].replace("DatabaseSecret", "GoneSecret")
+    monkeypatch.setenv("FORMCALL_SECRET_ARNS", ",".join([gone, *arns[1:]]))
+    clients.reset()
+
+    answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))
+
+    assert (answer.status, answer.body["settings"]) == (500, ["FORMCALL_SECRET_ARNS"])
+    assert vapi.requests == [] and form_events(conn, due_form) == []

@@ -79,6 +79,23 @@ def test_runs_on_push_to_main_and_by_hand(workflow):
     assert workflow["concurrency"]["cancel-in-progress"] is False
 
 
+def test_every_action_is_pinned_to_a_commit(workflow):
+    # A tag can be moved to other code; a commit cannot. The comment keeps the release readable.
+    import re
+
+    uses = [line.strip() for line in WORKFLOW.read_text().splitlines() if "uses:" in line]
+    assert len(uses) == 8
+    for line in uses:
+        assert re.fullmatch(r"- uses: [\w.-]+/[\w.-]+@[0-9a-f]{40} # v\d+\.\d+\.\d+", line), line
+
+
+@pytest.mark.parametrize("name", DEPLOY_JOBS)
+def test_deploy_jobs_run_only_for_main(workflow, name):
+    # Also in GitHub: each environment's deployment branches are limited to main (README).
+    assert workflow["jobs"][name]["if"] == "github.ref == 'refs/heads/main'"
+    assert "if" not in workflow["jobs"]["test"]
+
+
 def test_test_job_runs_the_whole_suite_on_python312(workflow):
     job = workflow["jobs"]["test"]
     python = [s for s in job["steps"] if s.get("uses", "").startswith("actions/setup-python@")]

@@ -85,3 +85,58 @@ def test_trailing_slash_difference_is_tolerated():
 def test_configured_public_url_is_accepted_as_subject():
     custom = "https://calls.clinic.example/api/jobs/call-form"
     assert verify(sign(key=KEY, url=custom, body=BODY), urls=(URL, custom))
+
+
+# --- Replay window (issue 14, finding 1) and the database webhooks' signature (finding 2) -----
+
+
+def test_a_fresh_token_is_remembered_until_it_can_no_longer_pass():
+    from formcall.signatures import TOKEN_LIFETIME, replay_window
+
+    now = time.time()
+    claims = verify(sign(key=KEY, url=URL, body=BODY, now=now))
+    jti, until = replay_window(claims, now=now, leeway=5)
+    assert jti == claims["jti"] and until == claims["iat"] + TOKEN_LIFETIME + 5
+
+
+def test_a_long_lived_token_is_remembered_only_for_qstash_lifetime_and_refused_after_it():
+    from formcall.signatures import TOKEN_LIFETIME, replay_window
+
+    issued = int(time.time()) - TOKEN_LIFETIME - 6
+    claims = verify(sign(key=KEY, url=URL, body=BODY, now=issued, ttl=3600))
+    with pytest.raises(InvalidSignature, match="lifetime"):
+        replay_window(claims, now=time.time(), leeway=5)
+    assert replay_window(claims, now=issued + 10, leeway=5)[1] == issued + TOKEN_LIFETIME + 5
+
+
+def test_the_webhook_signature_is_hmac_sha256_of_timestamp_dot_body():
+    from formcall.signatures import webhook_signature
+
+    expected = hmac.new(b"secret", b"1764580000." + BODY, hashlib.sha256).hexdigest()
+    assert webhook_signature("secret", timestamp="1764580000", body=BODY) == "v1=" + expected
+
+
+@pytest.mark.parametrize("age, accepted", [(0, True), (299, True), (301, False), (-59, True),
+                                           (-61, False)])
+def test_a_webhook_is_accepted_for_five_minutes(age, accepted):
+    from formcall.signatures import verify_webhook, webhook_signature
+
+    now = 1_764_580_000.0
+    stamp = str(int(now - age))
+    signature = webhook_signature("secret", timestamp=stamp, body=BODY)
+    check = lambda: verify_webhook(secret="secret", timestamp=stamp,  # noqa: E731
+                                   signatures=[signature], body=BODY, now=now)
+    if accepted:
+        check()
+    else:
+        with pytest.raises(InvalidSignature, match="window"):
+            check()
+
+
+@pytest.mark.parametrize("stamp", [None, "", "12a", "-5", "1" * 13, "\u0661\u0662"])
+def test_a_webhook_timestamp_must_be_plain_digits(stamp):
+    from formcall.signatures import verify_webhook
+
+    with pytest.raises(InvalidSignature):
+        verify_webhook(secret="secret", timestamp=stamp, signatures=["v1=00"], body=BODY,
+                       now=time.time())

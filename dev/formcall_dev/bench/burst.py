@@ -17,7 +17,7 @@ import psycopg
 
 from formcall_dev.bench.common import BenchStack, fake_vapi, median, percentile, qstash
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_patient
+from formcall_dev.seed import create_forms_one_patient_each
 
 
 def _at(text: str) -> datetime:
@@ -51,13 +51,10 @@ def run_burst(data_dir: Path, *, forms: int, lines: int, call_seconds: float,
     with BenchStack(data_dir, vapi_concurrency=lines, vapi_call_seconds=call_seconds,
                extra_env={"VAPI_CALLS_PER_MINUTE": str(calls_per_minute)}) as info, \
             psycopg.connect(info.dsn, autocommit=True) as conn:
-        patient = create_patient(conn)
         # Time for every webhook and publish first (~100 a second here), up to a whole second.
         lead = forms / 80 + 1.0
         deadline = (datetime.now(timezone.utc) + timedelta(seconds=lead + 1)).replace(microsecond=0)
-        conn.execute("insert into forms (patient_id, title, deadline)"
-                     " select %s, 'Burst form ' || g, %s from generate_series(1, %s) g",
-                     (patient, deadline, forms))
+        create_forms_one_patient_each(conn, count=forms, title="Burst form", deadline=deadline)
 
         def scheduled() -> int:
             return conn.execute("select count(*) from forms where qstash_message_id is not null"

@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 
 from formcall_dev.bench.common import REPO_ROOT, BenchStack, median
-from formcall_dev.events import http_event, sign_event
+from formcall_dev.events import http_event, sign_event, webhook_headers
 from formcall_dev.seed import create_form, create_patient
 
 DOMAIN = "coldstart.lambda-url.us-east-1.on.aws"
@@ -89,6 +89,10 @@ def _events(info, conn) -> dict[str, dict]:
                                     "upstash-retried": "0"})
         return sign_event(event, key=creds["QSTASH_CURRENT_SIGNING_KEY"])
 
+    def webhook(body: str) -> dict:
+        return http_event(method="POST", path="/api/webhooks/forms", domain=DOMAIN, body=body,
+                          headers=webhook_headers(body, secret=creds["WEBHOOK_SECRET"]))
+
     failure = {"status": 489, "retried": 5, "sourceMessageId": "msg_" + uuid.uuid4().hex,
                "sourceBody": _b64(json.dumps({"formId": due})), "body": _b64('{"error":"x"}')}
     row = {"id": ahead, "deadline": None, "submitted_at": None}
@@ -97,12 +101,9 @@ def _events(info, conn) -> dict[str, dict]:
         "check_forms": lambda: signed("/api/cron/check-forms", {}),
         "setup": lambda: http_event(method="GET", path="/api/setup-qstash", domain=DOMAIN,
                                     query={"secret": creds["CRON_SECRET"]}),
-        "schedule_form": lambda: http_event(
-            method="POST", path="/api/webhooks/forms", domain=DOMAIN,
-            headers={"content-type": "application/json",
-                     "x-webhook-secret": creds["WEBHOOK_SECRET"]},
-            body=json.dumps({"type": "INSERT", "table": "forms", "schema": "public",
-                             "record": row, "old_record": None})),
+        "schedule_form": lambda: webhook(json.dumps({"type": "INSERT", "table": "forms",
+                                                     "schema": "public", "record": row,
+                                                     "old_record": None})),
         "failure_callback": lambda: signed("/api/jobs/failed", failure),
         "reset": lambda: conn.execute(
             "update forms set call_status = 'pending', call_attempts = 0, vapi_call_id = null,"

@@ -57,7 +57,6 @@ def play_day(conn, info, plan: list[dict], *, design: str) -> None:
     from qstash import QStash
 
     client = QStash(info.credentials["QSTASH_TOKEN"], base_url=info.qstash_url, retry=False)
-    patient = conn.execute("select id from patients limit 1").fetchone()[0]
     start = datetime.now(timezone.utc)
     events = sorted([(f["created"], "create", f) for f in plan]
                     + [(f["changed"], f["fate"], f) for f in plan if "changed" in f],
@@ -79,8 +78,12 @@ def play_day(conn, info, plan: list[dict], *, design: str) -> None:
         time.sleep(max(0.0, at - (datetime.now(timezone.utc) - start).total_seconds()))
         deadline = start + timedelta(seconds=form["deadline"])
         if kind == "create":
-            ids[form["n"]] = str(run("insert into forms (patient_id, title, deadline) values"
-                                     " (%s, 'Day form', %s) returning id", (patient, deadline))[0])
+            # Each form its own patient: the day's forms are many patients' (one call each).
+            ids[form["n"]] = str(run(
+                "with p as (insert into patients (full_name, phone)"
+                " values ('Day Patient', '+15550100000') returning id)"
+                " insert into forms (patient_id, title, deadline)"
+                " select id, 'Day form', %s from p returning id", (deadline,))[0])
             if design == "seed":
                 publish(ids[form["n"]], deadline)
         elif kind == "submitted":

@@ -17,9 +17,10 @@ from pathlib import Path
 import psycopg
 
 from formcall.store import FormStore, PostgresRpc
-from formcall.vapi import VapiClient
+from formcall.vapi import VapiClient, server_override
 from formcall_dev.bench.common import BenchStack, fake_vapi, median, trigger_sweep
 from formcall_dev.polling import wait_until
+from formcall_dev.seed import create_forms_one_patient_each
 
 LAMBDA_LIMIT_S = 900
 LINES, CALL_SECONDS = 10, 0.5
@@ -31,7 +32,10 @@ def inline_sweep(dsn: str, info) -> dict:
     creds = info.credentials
     vapi = VapiClient(base_url=info.vapi_url, api_key=creds["VAPI_PRIVATE_KEY"],
                       assistant_id=creds["VAPI_ASSISTANT_ID"],
-                      phone_number_id=creds["VAPI_PHONE_NUMBER_ID"])
+                      phone_number_id=creds["VAPI_PHONE_NUMBER_ID"],
+                      server=server_override(url=info.functions_url + "/api/webhooks/vapi",
+                                             secret=creds.get("VAPI_WEBHOOK_SECRET", "x" * 16),
+                                             credential_id=None))
     placed = failed = 0
     started = time.perf_counter()
     after = None
@@ -41,10 +45,10 @@ def inline_sweep(dsn: str, info) -> dict:
             if claim.outcome != "claimed":
                 continue
             try:
-                store.record_placed(form.id, vapi.create_call(claim.form))
+                store.record_placed(claim.call.call_id, vapi.create_call(claim.call)[0])
                 placed += 1
             except Exception as exc:  # the seed records the error and moves on
-                store.release(form.id, str(exc))
+                store.release(claim.call.call_id, str(exc))
                 failed += 1
         if len(page) < 100:
             break
@@ -58,13 +62,10 @@ def reset_backlog(conn, forms: int) -> None:
         conn.execute("set local session_replication_role = replica")
         conn.execute("delete from form_call_events")
         conn.execute("delete from forms")
-        patient = conn.execute("select id from patients limit 1").fetchone()
-        if patient is None:
-            patient = conn.execute("insert into patients (full_name, phone) values"
-                                   " ('Backlog Patient', '+15550100000') returning id").fetchone()
-        conn.execute("insert into forms (patient_id, title, deadline)"
-                     " select %s, 'Backlog form ' || g, %s from generate_series(1, %s) g",
-                     (patient[0], datetime.now(timezone.utc) - timedelta(hours=2), forms))
+        conn.execute("delete from calls")
+        conn.execute("delete from patients")
+        create_forms_one_patient_each(conn, count=forms, title="Backlog form",
+                                      deadline=datetime.now(timezone.utc) - timedelta(hours=2))
 
 
 def called(conn) -> int:

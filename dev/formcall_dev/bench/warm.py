@@ -23,6 +23,7 @@ import psycopg
 
 from formcall_dev.bench.common import REPO_ROOT, BenchStack, fake_vapi, median, percentile
 from formcall_dev.events import http_event, sign_event
+from formcall_dev.seed import create_forms_one_patient_each
 
 WARMUP = 20
 
@@ -58,12 +59,9 @@ def bench_warm(work: Path, sizes) -> dict:
             psycopg.connect(info.dsn, autocommit=True) as conn:
         with conn.transaction():
             conn.execute("set local session_replication_role = replica")
-            patient = conn.execute("insert into patients (full_name, phone) values"
-                                   " ('Warm Patient', '+15550100000') returning id").fetchone()[0]
-            forms = [str(r[0]) for r in conn.execute(
-                "insert into forms (patient_id, title, deadline)"
-                " select %s, 'Warm form ' || g, %s from generate_series(1, %s) g returning id",
-                (patient, datetime.now(timezone.utc) - timedelta(minutes=1), total)).fetchall()]
+            forms = create_forms_one_patient_each(
+                conn, count=total, title="Warm form",
+                deadline=datetime.now(timezone.utc) - timedelta(minutes=1))
         domain = "warm.lambda-url.us-east-1.on.aws"
         events = [sign_event(http_event(
             method="POST", path="/api/jobs/call-form", body=json.dumps({"formId": form}),
