@@ -57,6 +57,7 @@ class Sizes:
     lines_compression: float = 35.0
     lines_drill_forms: int = 100
     lines_timeout_s: float = 5.0
+    lines_lease_s: int | None = None  # CLAIM_LEASE_SECONDS of the drills (None: the product's)
 
 
 FULL = Sizes("full")
@@ -69,7 +70,7 @@ SMOKE = Sizes("smoke", burst_forms=10, burst_call_seconds=0.2, burst_runs=1, bur
               overdue_fractions=(0.01, 0.002), query_runs=1, sweep_runs=1, cold_runs=1,
               cold_functions=("call_form",), sam_build=False, warm_requests=20, day_forms=6,
               day_seconds=1.0, lines_forms=12, lines_compression=200.0, lines_drill_forms=4,
-              lines_timeout_s=2.0)
+              lines_timeout_s=2.0, lines_lease_s=6)
 
 
 def median(values) -> float:

@@ -6,7 +6,8 @@ control with VAPI_CALLS_PER_MINUTE set as README says (lines x 60 / a typical ca
 and no ledger, (b) the line ledger. Everything is measured from what the fake Vapi saw (when
 each call took and left its line) and what PostgreSQL recorded. The drills run in real time on
 the ledger: Vapi creates the call and answers 502; Vapi answers concurrencyBlocked and queues
-the call; Vapi creates the call and answers too late. Each counts second calls and the time
+the call; Vapi creates the call and answers too late, with its reports and without them (so
+only call-form's reconcile message can find the call). Each counts second calls and the time
 from the claim to the call recorded placed.
 """
 
@@ -25,6 +26,7 @@ import psycopg
 from formcall.publisher import flow_control
 from formcall_dev.bench.common import BenchStack, fake_vapi, median, percentile, qstash
 from formcall_dev.polling import wait_until
+from formcall_dev.seed import create_forms_one_patient_each
 
 # The mix of how outbound reminder calls end, and how long each kind holds a line (seconds,
 # ring included). BENCHMARKS.md says why these shares.
@@ -34,8 +36,9 @@ DURATIONS = {"no_answer": [25, 35], "voicemail": [30, 60],
 RING_SECONDS = 8.0
 # Vapi's default maximum call duration (600 s) plus a margin: the product's default.
 MAX_CALL_SECONDS = 660
+SHORTEST_CALL_SECONDS = 25.0
 MODES = ("rate", "ledger")
-DRILLS = ("created_502", "blocked_queued", "timeout")
+DRILLS = ("created_502", "blocked_queued", "timeout", "timeout_reports_lost")
 # Every call once: no follow-up, so a second call to a form is a double, nothing else.
 ONE_CALL = {"MAX_CALLS_PER_FORM": "1", "FOLLOW_UP_DELAY_SECONDS": "86400",
             "PATIENT_MAX_CALLS_PER_DAY": "1", "PATIENT_MAX_CALLS_PER_WEEK": "3"}
@@ -77,10 +80,7 @@ def _due_burst(conn, forms: int) -> datetime:
     webhook and publish (~80 a second here); returns the deadline."""
     lead = forms / 80 + 2.0
     deadline = (datetime.now(timezone.utc) + timedelta(seconds=lead)).replace(microsecond=0)
-    conn.execute("insert into patients (full_name, phone) select 'Lines patient ' || g,"
-                 " '+1555' || lpad(g::text, 7, '0') from generate_series(1, %s) g", (forms,))
-    conn.execute("insert into forms (patient_id, title, deadline)"
-                 " select id, 'Lines form', %s from patients", (deadline,))
+    create_forms_one_patient_each(conn, count=forms, title="Lines form", deadline=deadline)
     return deadline
 
 
@@ -108,21 +108,27 @@ def _second_calls(lines: dict) -> int:
 
 
 def _configure_calls(info, *, lines: int, time_scale: float, seed: int,
-                     blocked_behaviour: str = "end", durations=None) -> None:
+                     blocked_behaviour: str = "end", durations=None,
+                     report_drop_rate: float = 0.0) -> None:
     fake_vapi(info, "POST", "/configure", json={
         "concurrency_limit": lines, "time_scale": time_scale, "seed": seed,
         "outcome_mix": MIX, "durations": durations or DURATIONS, "ring_seconds": RING_SECONDS,
-        "blocked_behaviour": blocked_behaviour, "hold": False})
+        "blocked_behaviour": blocked_behaviour, "hold": False,
+        "report_drop_rate": report_drop_rate})
 
 
 def run_mode(data_dir: Path, *, mode: str, forms: int, lines: int, compression: float,
              typical_s: float, seed: int = 11) -> dict:
     """One burst on a fresh stack; times in call seconds (the compressed run's x compression)."""
-    real_per_minute = max(1, round(lines * 60 / typical_s))
-    per_minute = max(1, round(lines * 60 / (typical_s / compression)))
+    # README: without the ledger, lines x 60 / a typical call's seconds; with it, generously,
+    # lines x 60 / the shortest calls' seconds (the rate is only a guard then).
+    call_s = typical_s if mode == "rate" else SHORTEST_CALL_SECONDS
+    real_per_minute = max(1, round(lines * 60 / call_s))
+    per_minute = max(1, round(lines * 60 / (call_s / compression)))
     env = {**ONE_CALL, "VAPI_LINE_LEDGER": "true" if mode == "ledger" else "false",
            "VAPI_CALLS_PER_MINUTE": str(per_minute),
-           "VAPI_MAX_CALL_SECONDS": str(math.ceil(MAX_CALL_SECONDS / compression))}
+           # The product's floor is 10 s; only a call whose reports were all lost waits for it.
+           "VAPI_MAX_CALL_SECONDS": str(max(10, math.ceil(MAX_CALL_SECONDS / compression)))}
     with LinesStack(data_dir, vapi_concurrency=lines, vapi_call_seconds=typical_s / compression,
                     extra_env=env) as info, psycopg.connect(info.dsn, autocommit=True) as conn:
         _configure_calls(info, lines=lines, time_scale=1 / compression, seed=seed)
@@ -187,11 +193,26 @@ def _resolution(conn) -> list[float]:
             if claimed is not None and called is not None]
 
 
+def _log_count(log: Path, text: str) -> int:
+    try:
+        return log.read_text(errors="replace").count(text)
+    except OSError:
+        return 0
+
+
 def run_drill(data_dir: Path, *, kind: str, forms: int, lines: int,
-              timeout_s: float = 5.0) -> dict:
-    """One drill on the ledger, in real time, with short calls (2 to 4 s)."""
+              timeout_s: float = 5.0, lease_s: int | None = None) -> dict:
+    """One drill on the ledger, in real time, with short calls (2 to 4 s).
+
+    Without reports a call's line is only freed after VAPI_MAX_CALL_SECONDS, so that drill has
+    as many forms as lines: each claim gets a line, and only the reconcile resolves it.
+    """
+    if kind == "timeout_reports_lost":
+        forms = min(forms, lines)
     env = {**ONE_CALL, "VAPI_LINE_LEDGER": "true", "VAPI_TIMEOUT_SECONDS": str(timeout_s),
-           "VAPI_CALLS_PER_MINUTE": str(lines * 60)}
+           "VAPI_CALLS_PER_MINUTE": str(lines * 60 // 2)}
+    if lease_s is not None:
+        env["CLAIM_LEASE_SECONDS"] = str(lease_s)
     short = {"reached": [2, 4], "no_answer": [2, 4], "voicemail": [2, 4]}
     with LinesStack(data_dir, vapi_concurrency=lines, vapi_call_seconds=3.0,
                     extra_env=env) as info, psycopg.connect(info.dsn, autocommit=True) as conn:
@@ -205,6 +226,9 @@ def run_drill(data_dir: Path, *, kind: str, forms: int, lines: int,
         else:
             vapi_lines = lines
             _configure_calls(info, lines=lines, time_scale=1, seed=5, durations=short)
+            if kind == "timeout_reports_lost":
+                _configure_calls(info, lines=lines, time_scale=1, seed=5, durations=short,
+                                 report_drop_rate=1.0)
             rule = ({"status": 502, "place": True} if kind == "created_502"
                     else {"delay": timeout_s + 2})  # created, answered after call-form gave up
             fake_vapi(info, "POST", "/rules", json=rule)
@@ -216,6 +240,9 @@ def run_drill(data_dir: Path, *, kind: str, forms: int, lines: int,
         resolution = _resolution(conn)
         statuses = dict(conn.execute("select call_status, count(*) from forms group by 1"
                                      ).fetchall())
+        unknown = conn.execute("select count(distinct form_id) from form_call_events"
+                               " where event = 'outcome_unknown'").fetchone()[0]
+    log = data_dir / "logs" / "functions.log"
     return {
         "kind": kind, "forms": forms, "lines": lines, "vapi_lines": vapi_lines,
         "finished": finished,
@@ -226,7 +253,11 @@ def run_drill(data_dir: Path, *, kind: str, forms: int, lines: int,
         "resolution_max_s": max(resolution, default=math.nan),
         "called": statuses.get("called", 0), "failed": statuses.get("failed", 0),
         "unresolved": forms - statuses.get("called", 0) - statuses.get("failed", 0),
-        "timeout_s": timeout_s,
+        "timeout_s": timeout_s, "lease_s": lease_s, "unknown": unknown,
+        # How the unknown outcomes were settled: a report for a form still calling, or the
+        # reconcile's lookup in Vapi's call list.
+        "reconciled_found": _log_count(log, "unknown outcome reconciled: the call exists"),
+        "reconciled_released": _log_count(log, "unknown outcome reconciled: no call"),
     }
 
 
@@ -240,10 +271,11 @@ def bench_lines(work: Path, sizes) -> dict:
         drills = dict(zip(DRILLS, pool.map(
             lambda kind: run_drill(work / f"drill-{kind}", kind=kind,
                                    forms=sizes.lines_drill_forms, lines=sizes.lines_lines,
-                                   timeout_s=sizes.lines_timeout_s), DRILLS), strict=True))
+                                   timeout_s=sizes.lines_timeout_s,
+                                   lease_s=sizes.lines_lease_s), DRILLS), strict=True))
     return {"modes": modes, "drills": drills,
             "params": {"forms": sizes.lines_forms, "lines": sizes.lines_lines,
                        "compression": sizes.lines_compression, "typical_s": typical,
                        "mix": MIX, "durations": DURATIONS, "ring_s": RING_SECONDS,
                        "drill_forms": sizes.lines_drill_forms,
-                       "timeout_s": sizes.lines_timeout_s}}
+                       "timeout_s": sizes.lines_timeout_s, "lease_s": sizes.lines_lease_s}}

@@ -130,7 +130,8 @@ def lines_targets(r: dict | None) -> list[list]:
 
 
 DRILL_NAMES = {"created_502": "created, then 502", "blocked_queued": "concurrencyBlocked, queued",
-               "timeout": "timeout after sending"}
+               "timeout": "timeout after sending",
+               "timeout_reports_lost": "timeout, reports lost"}
 
 
 def section_burst(b: dict) -> str:
@@ -457,7 +458,8 @@ def section_lines(r: dict) -> str:
                      f"{m['max_in_use']} / {m['lines']}", m["doubles"], m["missed"],
                      m["deliveries"], m["retries"]])
     drill_rows = [[DRILL_NAMES[k], d["forms"], d["second_calls"], d["create_requests"],
-                   d["queued"], f"{d['resolved']} / {d['forms']}", _s(d["resolution_p50_s"]),
+                   d["queued"], d["unknown"], d["reconciled_found"],
+                   f"{d['resolved']} / {d['forms']}", _s(d["resolution_p50_s"]),
                    _s(d["resolution_p99_s"]), _s(d["resolution_max_s"]), d["unresolved"]]
                   for k, d in drills.items()]
     text = [
@@ -518,13 +520,22 @@ def section_lines(r: dict) -> str:
         " Vapi answers `concurrencyBlocked` with `status: queued` and starts the call when a"
         " line frees. *Timeout after sending*: Vapi creates the call and answers after call-form gave"
         f" up (VAPI_TIMEOUT_SECONDS = {p['timeout_s']:g} s here; production's default is 15 s,"
-        " which adds its difference to the resolution times). Second calls: calls beyond the"
-        " first for a form, as the fake Vapi saw them. Resolution: the form's first claim to"
-        " its call recorded placed (`form_call_events`).",
+        " which adds its difference to the resolution times). Vapi's status-update `ringing`"
+        " reaches call-events as the call is created, and a report for a form still `calling`"
+        " records it placed at once: that settles most unknown outcomes in these drills before"
+        " any lookup. *Timeout, reports lost* takes that away (the fake drops every server"
+        " message), so only call-form's reconcile message, after the claim's lease"
+        f" (CLAIM_LEASE_SECONDS, {p.get('lease_s') or 60} s), finds the call in Vapi's list;"
+        " it has as many forms as"
+        " lines, since a call without reports holds its line for VAPI_MAX_CALL_SECONDS. Second"
+        " calls: calls beyond the first for a form, as the fake Vapi saw them. Unknown: forms"
+        " with an `outcome_unknown` event; found by reconcile: call-form's log of the lookups"
+        " that found the call. Resolution: the form's first claim to its call recorded placed"
+        " (`form_call_events`).",
         "",
         _table(["drill", "forms", "second calls", "create requests", "queued by Vapi",
-                "resolved", "resolution p50 (s)", "p99 (s)", "max (s)", "unresolved"],
-               drill_rows),
+                "unknown", "found by reconcile", "resolved", "resolution p50 (s)", "p99 (s)",
+                "max (s)", "unresolved"], drill_rows),
         "",
     ]
     second = sum(d["second_calls"] for d in drills.values())
