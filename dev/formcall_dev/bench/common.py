@@ -54,7 +54,7 @@ class Sizes:
     # 7. lines: a burst of realistic call lengths (time-compressed), rate against ledger, drills
     lines_forms: int = 1000
     lines_lines: int = 10
-    lines_compression: float = 35.0
+    lines_compression: float = 20.0
     lines_drill_forms: int = 100
     lines_timeout_s: float = 5.0
     lines_lease_s: int | None = None  # CLAIM_LEASE_SECONDS of the drills (None: the product's)

@@ -507,6 +507,24 @@ def section_lines(r: dict) -> str:
     text += [f"**Ledger targets {'met' if ok else 'missed'}**: drain {ledger['ratio']:.2f}x"
              f" (target <= 1.10x), {ledger['refused']} refusals, {ledger['doubles']} doubles,"
              f" at most {ledger['max_in_use']} of {ledger['lines']} lines.", ""]
+    run_s = ledger["drain_s"] / ledger["compression"]
+    guard = ledger["flow_per_minute"] * ledger["compression"] / 60
+    text += [
+        "*Reading the ledger's drain.* With the ledger, call-form deliveries outnumber forms"
+        f" ({ledger['deliveries']:,} for {ledger['forms']:,} here): a form that found no line"
+        " free is answered 503 and QStash brings its message back after the Retry-After, while"
+        " the freed line's wake-up message has usually called it by then, so the returning"
+        " message is skipped (`already_called`). Every delivery passes QStash flow control,"
+        " kept as a guard, which starts at most C deliveries per whole-second period. In this"
+        f" run that is {guard:.1f} a second against the"
+        f" {ledger['deliveries'] / max(run_s, 1e-9):.1f} a second the ledger's deliveries"
+        f" averaged: compressed x{ledger['compression']:g}, the guard sits close to the"
+        " traffic; live (the same deliveries spread over"
+        f" {ledger['compression']:g} times as long) it would not bind. The idle stretches in"
+        " the plot, where lines are free while forms still wait, are that guard and those"
+        " Retry-After waits, not the ledger's count.",
+        "",
+    ]
     if not ledger["finished"] or not rate["finished"]:
         text += ["*Not every form was called within the run's time budget*"
                  f" (rate: {'yes' if rate['finished'] else 'no'},"
@@ -518,10 +536,10 @@ def section_lines(r: dict) -> str:
         " calls formcall does not know of (the fake has"
         f" {drills['blocked_queued']['vapi_lines']} lines, formcall counts {p['lines']}), so"
         " Vapi answers `concurrencyBlocked` with `status: queued` and starts the call when a"
-        " line frees. *Timeout after sending*: Vapi creates the call and answers after call-form gave"
-        f" up (VAPI_TIMEOUT_SECONDS = {p['timeout_s']:g} s here; production's default is 15 s,"
-        " which adds its difference to the resolution times). Vapi's status-update `ringing`"
-        " reaches call-events as the call is created, and a report for a form still `calling`"
+        " line frees. *Timeout after sending*: Vapi creates the call and answers after"
+        f" call-form gave up (VAPI_TIMEOUT_SECONDS = {p['timeout_s']:g} s here; production's"
+        " default is 15 s, which adds its difference to the resolution times). Vapi's"
+        " status-update `ringing` reaches call-events as the call is created, and a report for a form still `calling`"
         " records it placed at once: that settles most unknown outcomes in these drills before"
         " any lookup. *Timeout, reports lost* takes that away (the fake drops every server"
         " message), so only call-form's reconcile message, after the claim's lease"
