@@ -545,7 +545,8 @@ def section_lines(r: dict) -> str:
         " (the fake drops every server message), so only call-form's reconcile message, after"
         f" the claim's lease (CLAIM_LEASE_SECONDS, {p.get('lease_s') or 60} s), finds the call"
         " in Vapi's list; it has as many forms as lines, since a call without reports holds"
-        " its line for VAPI_MAX_CALL_SECONDS. Second calls: calls beyond the first for a form, as the fake Vapi saw them. Unknown: forms"
+        " its line for VAPI_MAX_CALL_SECONDS. Second calls: calls beyond the first for a"
+        " form, as the fake Vapi saw them. Unknown: forms"
         " with an `outcome_unknown` event; found by reconcile: call-form's log of the lookups"
         " that found the call. Resolution: the form's first claim to its call recorded placed"
         " (`form_call_events`).",
