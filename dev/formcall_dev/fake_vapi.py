@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import math
 import random
 import re
 import secrets
@@ -63,7 +64,12 @@ REPORTED_TYPES = ("status-update", "end-of-call-report")
 BACKOFF_TYPES = ("fixed", "exponential")
 SETTINGS = ("concurrency_limit", "call_duration", "latency", "ring_seconds", "time_scale",
             "outcome_mix", "scripts", "seed", "hold", "credentials", "report_drop_rate",
-            "report_duplicate_rate", "reorder")
+            "report_duplicate_rate", "reorder", "durations", "blocked_behaviour")
+# What Vapi does with a call over the line limit: end it at once with CONCURRENCY_ENDED_REASON,
+# or queue it until a line frees (its guide says new dials "wait until a slot becomes free").
+BLOCKED_BEHAVIOURS = ("end", "queue")
+# The spread of a lognormal duration when the setting names only its median.
+DEFAULT_SIGMA = 0.6
 INVALID_KEY_MESSAGE = (
     "Invalid Key. Hot tip, you may be using the private key instead of the public key, "
     "or vice versa."
@@ -305,7 +311,8 @@ class RecordedRequest:
     """One create-call request and what the fake did with it.
 
     outcome: "placed" (a line was taken; also when the answer was delayed, dropped or an
-    injected status with `place`), "blocked" (created but over the concurrency limit) or
+    injected status with `place`), "blocked" (created over the concurrency limit and ended at
+    once), "queued" (created over the limit, waiting for a line: it rings when one frees) or
     "rejected" (no call; `reason` is "unauthorized", "invalid" or "injected").
     """
 
@@ -359,6 +366,7 @@ class Delivery:
 class _Call:
     """A call and its timeline; the state at any moment is a function of the timeline.
 
+    started: when it took a line and began ringing (None: blocked, or queued for a line);
     answered: when someone or something picked up (None: never connects); ends: when it
     ends (None: holds, ringing until told). A GET and every message read the same view.
     """
@@ -369,6 +377,10 @@ class _Call:
     blocked: bool
     form_ids: list[str]
     outcome: str | None = None
+    queued: bool = False
+    # Seconds the call holds its line, drawn from `durations` (None: ring + call_duration).
+    length: float | None = None
+    started: datetime | None = None
     answered: datetime | None = None
     ends: datetime | None = None
     server: dict[str, Any] | None = None
@@ -388,6 +400,8 @@ class _Call:
     def status(self, now: datetime) -> str:
         if self.ended(now):
             return "ended"
+        if self.started is None or now < self.started:
+            return "queued"
         if self.answered is not None and now >= self.answered:
             return "in-progress"
         return "ringing"
@@ -402,7 +416,9 @@ class _Call:
             return data
         status = status or self.status(now)
         data["status"] = status
-        if status == "ringing":
+        if status in ("queued", "ringing"):
+            if status == "ringing" and self.started is not None:
+                data["updatedAt"] = iso(self.started)
             return data
         assert self.answered is not None or status == "ended"
         if self.answered is not None and self.connected():
@@ -429,7 +445,18 @@ class _Call:
             return self.ends
         if self.answered is not None and now >= self.answered:
             return self.answered
+        if self.started is not None and now >= self.started:
+            return self.started
         return self.created
+
+    def line(self) -> dict[str, Any]:
+        """When the call took and left its line, as the line statistics show it."""
+        return {"id": self.id, "formIds": self.form_ids, "outcome": self.outcome,
+                "blocked": self.blocked, "queued": self.queued,
+                "created": self.created.timestamp(),
+                "started": self.started.timestamp() if self.started else None,
+                "answered": self.answered.timestamp() if self.answered else None,
+                "ended": self.ends.timestamp() if self.ends else None}
 
 
 def _analysis(outcome: str) -> dict[str, Any]:
@@ -482,16 +509,22 @@ class FakeVapi:
 
     Settings (constructor, configure, POST /_fake/configure): concurrency_limit, latency (s
     before each create-call answer), ring_seconds (default 0: answered at once), call_duration
-    (talk time of reached and voicemail calls), time_scale (multiplies ring, talk and backoff
-    delays), outcome_mix ({outcome: weight}), seed, scripts ({number: [outcome, ...]}), hold,
-    credentials ({credentialId: HMAC secret}), report_drop_rate, report_duplicate_rate and
-    reorder (the final status-update after the end-of-call report).
+    (talk time of reached and voicemail calls), durations (per outcome, the seconds a call
+    holds its line, ring included: `[low, high]` uniform, a number, or `{"lognormal_median": m,
+    "sigma": s, "min": a, "max": b}`; drawn from the seed, in place of ring + call_duration),
+    time_scale (multiplies ring, talk, durations and backoff delays), outcome_mix ({outcome:
+    weight}), seed, scripts ({number: [outcome, ...]}), hold, credentials ({credentialId: HMAC
+    secret}), report_drop_rate, report_duplicate_rate, reorder (the final status-update after
+    the end-of-call report) and blocked_behaviour (a call over the limit: "end", ended at once
+    with CONCURRENCY_ENDED_REASON, or "queue", answered `queued` and started when a line frees,
+    first come first served).
 
     Python API: configure, add_rule, clear_rules, rules, requests, placed_calls, calls_for_form,
-    get_call, end_call, reports, max_concurrent, lines_in_use, stats, reset, close. The same over
-    HTTP (bearer key needed): GET /_fake/requests[?formId=], GET /_fake/calls[?formId=],
-    POST /_fake/calls/{id}/end {"outcome"}, GET /_fake/reports[?callId=], GET /_fake/stats,
-    POST /_fake/reset, POST /_fake/configure, GET|POST|DELETE /_fake/rules.
+    get_call, end_call, reports, max_concurrent, lines_in_use, line_stats, stats, reset, close.
+    The same over HTTP (bearer key needed): GET /_fake/requests[?formId=], GET
+    /_fake/calls[?formId=], POST /_fake/calls/{id}/end {"outcome"}, GET /_fake/reports[?callId=],
+    GET /_fake/lines, GET /_fake/stats, POST /_fake/reset, POST /_fake/configure,
+    GET|POST|DELETE /_fake/rules.
     """
 
     def __init__(self, *, api_key: str, concurrency_limit: int = 10, call_duration: float = 0.0,
@@ -499,7 +532,9 @@ class FakeVapi:
                  outcome_mix: dict[str, float] | None = None,
                  scripts: dict[str, list[str]] | None = None, seed: int = 0, hold: bool = False,
                  credentials: dict[str, str] | None = None, report_drop_rate: float = 0.0,
-                 report_duplicate_rate: float = 0.0, reorder: bool = False) -> None:
+                 report_duplicate_rate: float = 0.0, reorder: bool = False,
+                 durations: dict[str, Any] | None = None,
+                 blocked_behaviour: str = "end") -> None:
         self.api_key = api_key
         self.org_id = str(uuid.uuid4())
         self._defaults = _checked_settings({
@@ -508,7 +543,8 @@ class FakeVapi:
             "outcome_mix": outcome_mix or {"reached": 1}, "scripts": scripts or {},
             "seed": seed, "hold": hold, "credentials": credentials or {},
             "report_drop_rate": report_drop_rate,
-            "report_duplicate_rate": report_duplicate_rate, "reorder": reorder})
+            "report_duplicate_rate": report_duplicate_rate, "reorder": reorder,
+            "durations": durations or {}, "blocked_behaviour": blocked_behaviour})
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._report_seq = itertools.count(1)
@@ -517,6 +553,9 @@ class FakeVapi:
         self._loop_thread: threading.Thread | None = None
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[concurrent.futures.Future[None]] = set()
+        # The task that starts queued calls as lines free, and its wake-up (both on the loop).
+        self._keeper: int | None = None
+        self._keeper_wake: asyncio.Event | None = None
         self.reset()
         self.app = _App(routes=[
             Route("/call", self._create_call, methods=["POST"]),
@@ -526,6 +565,7 @@ class FakeVapi:
             Route("/_fake/calls", self._admin_calls, methods=["GET"]),
             Route("/_fake/calls/{call_id}/end", self._admin_end_call, methods=["POST"]),
             Route("/_fake/reports", self._admin_reports, methods=["GET"]),
+            Route("/_fake/lines", self._admin_lines, methods=["GET"]),
             Route("/_fake/stats", self._admin_stats, methods=["GET"]),
             Route("/_fake/reset", self._admin_reset, methods=["POST"]),
             Route("/_fake/configure", self._admin_configure, methods=["POST"]),
@@ -541,15 +581,17 @@ class FakeVapi:
                   hold: bool | None = None, credentials: dict[str, str] | None = None,
                   report_drop_rate: float | None = None,
                   report_duplicate_rate: float | None = None,
-                  reorder: bool | None = None) -> None:
+                  reorder: bool | None = None, durations: dict[str, Any] | None = None,
+                  blocked_behaviour: str | None = None) -> None:
         """Change settings for the calls that come next; None leaves a setting as it is.
 
-        A new seed (or outcome mix) restarts the mix's random sequence; scripts replace the
-        current ones.
+        A new seed (or outcome mix, or durations) restarts the random sequences; scripts replace
+        the current ones. A higher concurrency_limit starts queued calls at once.
         """
         given = {name: value for name, value in locals().items()
                  if name in SETTINGS and value is not None}
         self._apply(_checked_settings(given))
+        self._wake_keeper()
 
     def add_rule(self, *, customer_number: str | None = None, form_id: str | None = None,
                  times: int | None = None, status: int | None = None, body: Any = None,
@@ -576,9 +618,11 @@ class FakeVapi:
             return list(self._requests)
 
     def placed_calls(self) -> list[dict[str, Any]]:
-        """Calls that took a line, oldest first, as GET /call/{id} would show them now."""
+        """Calls that took a line (or wait in the queue for one), oldest first, as
+        GET /call/{id} would show them now."""
         now = _now()
         with self._lock:
+            self._settle(now)
             return [call.view(now) for call in self._calls if not call.blocked]
 
     def calls_for_form(self, form_id: str) -> list[dict[str, Any]]:
@@ -588,6 +632,7 @@ class FakeVapi:
     def get_call(self, call_id: str) -> dict[str, Any] | None:
         now = _now()
         with self._lock:
+            self._settle(now)
             call = self._calls_by_id.get(call_id)
             return call.view(now) if call else None
 
@@ -604,19 +649,25 @@ class FakeVapi:
             if call is None:
                 raise KeyError(call_id)
             now = _now()
+            self._settle(now)
             if call.ended(now):
                 raise CallAlreadyEnded(call_id)
+            if call.started is None:
+                call.started = now  # a queued call the patient never heard: it ends unrung
             if outcome in CONNECTED_OUTCOMES:
                 if call.answered is None or call.answered > now:
                     call.answered = now
             elif call.answered is not None and call.answered > now:
                 call.answered = None  # it was going to be answered; now it never is
             call.outcome, call.ends = outcome, now
-            self._active.pop(call.id, None)
+            if call in self._queue:
+                self._queue.remove(call)
+            self._settle(now)  # its line goes to the oldest queued call
             loop = self._loop
             view = call.view(now)
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(call.wake.set)
+        self._wake_keeper()
         return view
 
     def reports(self, call_id: str | None = None) -> list[Delivery]:
@@ -631,7 +682,30 @@ class FakeVapi:
 
     def lines_in_use(self) -> int:
         with self._lock:
-            return self._lines_in_use(_now())
+            return self._settle(_now())
+
+    def line_stats(self) -> dict[str, Any]:
+        """What a benchmark measures of the lines: every call's created, started (took a line),
+        answered and ended moments (epoch seconds; ended in the future for a call still on its
+        line, None while it holds), the lines in use over time as [moment, in use] steps up to
+        now, the most in use, refusals and queued answers, and calls per form (doubles)."""
+        now = _now()
+        with self._lock:
+            self._settle(now)
+            calls = [call.line() for call in self._calls]
+            refused = sum(call.blocked for call in self._calls)
+            queued = sum(call.queued for call in self._calls)
+            waiting = len(self._queue)
+        series = line_series(calls, until=now.timestamp())
+        per_form: dict[str, int] = {}
+        for call in calls:
+            if not call["blocked"]:
+                for form_id in call["formIds"]:
+                    per_form[form_id] = per_form.get(form_id, 0) + 1
+        return {"series": series, "max_in_use": max((n for _, n in series), default=0),
+                "refused": refused, "queued": queued, "waiting": waiting, "calls": calls,
+                "calls_per_form": per_form,
+                "doubles": sum(1 for n in per_form.values() if n > 1)}
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -639,12 +713,14 @@ class FakeVapi:
                 "requests": len(self._requests),
                 "placed": self._count("outcome", "placed"),
                 "blocked": self._count("outcome", "blocked"),
+                "queued": self._count("outcome", "queued"),
+                "waiting": len(self._queue),
                 "rejected": self._count("outcome", "rejected"),
                 "unauthorized": self._count("reason", "unauthorized"),
                 "invalid": self._count("reason", "invalid"),
                 "injected": self._count("reason", "injected"),
                 "dropped": sum(r.dropped for r in self._requests),
-                "lines_in_use": self._lines_in_use(_now()),
+                "lines_in_use": self._settle(_now()),
                 "max_concurrent": self._max_concurrent,
                 "rules": len(self._rules),
                 "reports": len(self._deliveries),
@@ -667,6 +743,7 @@ class FakeVapi:
             self._calls: list[_Call] = []
             self._calls_by_id: dict[str, _Call] = {}
             self._active: dict[str, _Call] = {}
+            self._queue: list[_Call] = []
             self._deliveries: list[Delivery] = []
             self._max_concurrent = 0
             tasks, self._tasks = self._tasks, set()
@@ -705,20 +782,31 @@ class FakeVapi:
             settings["scripts"] = {number: list(script)
                                    for number, script in settings["scripts"].items()}
         self._settings.update(settings)
-        if {"seed", "outcome_mix"} & set(settings):
+        if {"seed", "outcome_mix", "durations"} & set(settings):
             self._mix_random = random.Random(self._settings["seed"])
-            # Faults draw from their own sequence, so they never shift the mix's draws.
+            # Faults and durations draw from their own sequences, so they never shift the mix's.
             self._fault_random = random.Random(self._settings["seed"] + 1)
+            self._duration_random = random.Random(self._settings["seed"] + 2)
 
     # ---- state changes, under the lock ------------------------------------------------------
 
     def _count(self, attribute: str, value: str) -> int:
         return sum(getattr(r, attribute) == value for r in self._requests)
 
-    def _lines_in_use(self, now: datetime) -> int:
-        for call_id in [i for i, call in self._active.items() if call.ended(now)]:
-            del self._active[call_id]
+    def _settle(self, now: datetime) -> int:
+        """Free the lines of the calls ended by `now`, in the order they ended, each going to
+        the oldest queued call at the moment it freed; returns the lines in use."""
+        while ended := [call for call in self._active.values() if call.ended(now)]:
+            first = min(ended, key=lambda call: call.ends or now)
+            del self._active[first.id]
+            self._start_queued(first.ends or now)
+        self._start_queued(now)  # lines a higher limit freed
         return len(self._active)
+
+    def _start_queued(self, moment: datetime) -> None:
+        while self._queue and len(self._active) < self._settings["concurrency_limit"]:
+            call = self._queue.pop(0)
+            self._start(call, max(moment, call.created))
 
     def _record(self, **kwargs: Any) -> RecordedRequest:
         record = RecordedRequest(seq=next(self._seq), **kwargs)
@@ -742,11 +830,14 @@ class FakeVapi:
         mix = self._settings["outcome_mix"]
         return self._mix_random.choices(list(mix), weights=list(mix.values()))[0]
 
-    def _create(self, body: dict[str, Any], created: datetime) -> tuple[dict[str, Any], bool]:
-        """Create the call, placed on a free line (and set playing) or blocked by the limit."""
-        in_use = self._lines_in_use(created)
+    def _create(self, body: dict[str, Any], created: datetime) -> tuple[dict[str, Any], str]:
+        """Create the call: started on a free line, or over the limit blocked (ended at once)
+        or queued (behind the calls already waiting). Returns the answer and "placed",
+        "blocked" or "queued"."""
+        in_use = self._settle(created)
         limit = self._settings["concurrency_limit"]
-        blocked = in_use >= limit
+        over = in_use >= limit or bool(self._queue)
+        queue = over and self._settings["blocked_behaviour"] == "queue"
         data: dict[str, Any] = {
             "id": str(uuid.uuid4()),
             "orgId": self.org_id,
@@ -756,34 +847,33 @@ class FakeVapi:
             "status": "queued",
         }
         data.update({name: body[name] for name in _ECHOED_FIELDS if name in body})
-        if blocked:
+        if over and not queue:
             data.update(status="ended", endedReason=CONCURRENCY_ENDED_REASON,
                         endedAt=iso(created))
-        call = _Call(seq=len(self._calls), data=data, created=created, blocked=blocked,
-                     form_ids=form_ids_of(body), generation=self._generation)
+        call = _Call(seq=len(self._calls), data=data, created=created, blocked=over and not queue,
+                     queued=queue, form_ids=form_ids_of(body), generation=self._generation)
         self._calls.append(call)
         self._calls_by_id[call.id] = call
-        if not blocked:
-            in_use += 1
-            self._max_concurrent = max(self._max_concurrent, in_use)
-            self._plan(call, self._next_outcome(_customer_number_of(body)), body)
-        limits = {"concurrencyBlocked": blocked, "concurrencyLimit": limit,
-                  "remainingConcurrentCalls": 0 if blocked else max(limit - in_use, 0)}
+        if not call.blocked:
+            self._assign(call, self._next_outcome(_customer_number_of(body)), body)
+            if queue:
+                self._queue.append(call)
+                self._ensure_keeper()
+            else:
+                self._start(call, created)
+        in_use = len(self._active)
+        limits = {"concurrencyBlocked": over, "concurrencyLimit": limit,
+                  "remainingConcurrentCalls": 0 if over else max(limit - in_use, 0)}
         # The answer is the call as created, before any timer moved it on.
-        return {**data, "subscriptionLimits": limits}, blocked
+        return ({**data, "subscriptionLimits": limits},
+                "queued" if queue else "blocked" if over else "placed")
 
-    def _plan(self, call: _Call, outcome: str, body: dict[str, Any]) -> None:
-        scale = self._settings["time_scale"]
-        ring = timedelta(seconds=self._settings["ring_seconds"] * scale)
-        talk = timedelta(seconds=self._settings["call_duration"] * scale)
+    def _assign(self, call: _Call, outcome: str, body: dict[str, Any]) -> None:
+        """Decide the call's fate and where it reports, when it is created (so the seeded
+        draws follow the order of creation, queued or not)."""
         if outcome != "hold":
             call.outcome = outcome
-            if outcome in CONNECTED_OUTCOMES:
-                call.answered = call.created + ring
-                call.ends = call.answered + talk
-            else:
-                call.ends = call.created + ring
-        self._active[call.id] = call
+            call.length = self._draw_length(outcome)
         overrides = body.get("assistantOverrides") or {}
         server = overrides.get("server")
         if not isinstance(server, dict) or not server.get("url"):
@@ -792,6 +882,38 @@ class FakeVapi:
         call.server = copy.deepcopy(server)
         call.message_types = frozenset(REPORTED_TYPES if wanted is None else
                                        set(wanted) & set(REPORTED_TYPES))
+
+    def _draw_length(self, outcome: str) -> float | None:
+        spec = self._settings["durations"].get(outcome)
+        if spec is None:
+            return None
+        if isinstance(spec, float):
+            return spec
+        if isinstance(spec, list):
+            return self._duration_random.uniform(*spec)
+        drawn = self._duration_random.lognormvariate(math.log(spec["lognormal_median"]),
+                                                     spec.get("sigma", DEFAULT_SIGMA))
+        return min(max(drawn, spec.get("min", 0.0)), spec.get("max", math.inf))
+
+    def _start(self, call: _Call, at: datetime) -> None:
+        """The call takes a line at `at`: it rings, is answered or not, and ends on its timeline."""
+        scale = self._settings["time_scale"]
+        ring = timedelta(seconds=self._settings["ring_seconds"] * scale)
+        call.started = at
+        if call.outcome is not None:
+            if call.length is not None:
+                length = timedelta(seconds=call.length * scale)
+                call.ends = at + length
+                if call.outcome in CONNECTED_OUTCOMES:
+                    call.answered = at + min(ring, length)
+            elif call.outcome in CONNECTED_OUTCOMES:
+                call.answered = at + ring
+                call.ends = call.answered + timedelta(
+                    seconds=self._settings["call_duration"] * scale)
+            else:
+                call.ends = at + ring
+        self._active[call.id] = call
+        self._max_concurrent = max(self._max_concurrent, len(self._active))
         if call.message_types:
             self._submit(self._play(call))
 
@@ -802,7 +924,7 @@ class FakeVapi:
         due: list[dict[str, Any]] = []
         if "ringing" not in call.reported:
             call.reported.add("ringing")
-            due.append(_status_update(call, "ringing", call.created))
+            due.append(_status_update(call, "ringing", call.started))
         if (call.answered is not None and call.connected() and now >= call.answered
                 and "in-progress" not in call.reported):
             call.reported.add("in-progress")
@@ -828,6 +950,36 @@ class FakeVapi:
     def _forget_task(self, task: concurrent.futures.Future[None]) -> None:
         with self._lock:
             self._tasks.discard(task)
+
+    def _ensure_keeper(self) -> None:
+        """Under the lock: have a task start queued calls when their lines free."""
+        if self._keeper != self._generation:
+            self._keeper = self._generation
+            self._submit(self._keep_lines(self._generation))
+
+    def _wake_keeper(self) -> None:
+        loop, wake = self._loop, self._keeper_wake
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+
+    async def _keep_lines(self, generation: int) -> None:
+        """While calls wait for a line: settle at each moment a call ends (or when woken by
+        end_call or configure), so a queued call starts ringing and reporting when its line
+        frees, even if nobody asks the fake anything."""
+        self._keeper_wake = wake = asyncio.Event()
+        while True:
+            wake.clear()
+            with self._lock:
+                if generation != self._generation or not self._queue:
+                    if self._keeper == generation:
+                        self._keeper = None
+                    return
+                now = _now()
+                self._settle(now)
+                ends = [call.ends for call in self._active.values() if call.ends is not None]
+            timeout = max((min(ends) - now).total_seconds(), 0) if ends else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout)
 
     async def _play(self, call: _Call) -> None:
         """Report each phase of the call when it is reached, until the end-of-call report."""
@@ -953,12 +1105,12 @@ class FakeVapi:
                 response = _injected(rule)
                 latency += rule.delay
             else:
-                call, blocked = self._create(body, created)
+                call, outcome = self._create(body, created)
                 injected = rule is not None and rule.status is not None
                 dropped = bool(rule and rule.drop)
                 delay = rule.delay if rule else 0.0
                 status = rule.status if rule and injected else None if dropped else 201
-                self._record(outcome="blocked" if blocked else "placed", status=status,
+                self._record(outcome=outcome, status=status,
                              reason="injected" if injected else None, call_id=call["id"],
                              rule_id=rule.id if rule else None, delay=delay, dropped=dropped,
                              **record)
@@ -1001,6 +1153,7 @@ class FakeVapi:
             return _json(error_body(400, errors), 400)
         now = _now()
         with self._lock:
+            self._settle(now)
             matches = [
                 call.view(now) for call in reversed(self._calls)
                 if all(call.data.get(name) == query[name]
@@ -1057,6 +1210,11 @@ class FakeVapi:
         if not self._authorized(request):
             return _unauthorized()
         return _json([d.to_json() for d in self.reports(request.query_params.get("callId"))])
+
+    async def _admin_lines(self, request: Request) -> Response:
+        if not self._authorized(request):
+            return _unauthorized()
+        return _json(self.line_stats())
 
     async def _admin_stats(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -1147,6 +1305,13 @@ def _checked_settings(settings: dict[str, Any]) -> dict[str, Any]:
             out[name] = value
         elif name == "outcome_mix":
             out[name] = _checked_mix(value)
+        elif name == "durations":
+            out[name] = _checked_durations(value)
+        elif name == "blocked_behaviour":
+            if value not in BLOCKED_BEHAVIOURS:
+                raise ValueError("blocked_behaviour must be one of "
+                                 + ", ".join(BLOCKED_BEHAVIOURS))
+            out[name] = value
         elif name == "scripts":
             if not isinstance(value, dict) or not all(
                     isinstance(number, str) and isinstance(script, list)
@@ -1181,6 +1346,51 @@ def _checked_mix(mix: Any) -> dict[str, float]:
         raise ValueError("outcome_mix must map outcomes among "
                          f"{', '.join(PLAY_OUTCOMES)} to weights >= 0, not all 0")
     return {outcome: float(weight) for outcome, weight in mix.items()}
+
+
+def _checked_durations(durations: Any) -> dict[str, Any]:
+    """{outcome: seconds}: a number, `[low, high]` (uniform) or a lognormal with its median."""
+    problem = ValueError(
+        "durations must map outcomes among " + ", ".join(END_OUTCOMES) + " to a number of"
+        " seconds >= 0, [low, high] with 0 <= low <= high, or {\"lognormal_median\": m > 0,"
+        " \"sigma\": s >= 0, \"min\": a, \"max\": b} with a <= b")
+    if not isinstance(durations, dict):
+        raise problem
+    out: dict[str, Any] = {}
+    for outcome, spec in durations.items():
+        if outcome not in END_OUTCOMES:
+            raise problem
+        if _is_number(spec) and spec >= 0:
+            out[outcome] = float(spec)
+        elif (isinstance(spec, list) and len(spec) == 2 and all(map(_is_number, spec))
+              and 0 <= spec[0] <= spec[1]):
+            out[outcome] = [float(spec[0]), float(spec[1])]
+        elif (isinstance(spec, dict) and set(spec) <= {"lognormal_median", "sigma", "min", "max"}
+              and all(map(_is_number, spec.values()))
+              and spec.get("lognormal_median", 0) > 0 and spec.get("sigma", 0) >= 0
+              and 0 <= spec.get("min", 0) <= spec.get("max", math.inf)):
+            out[outcome] = {name: float(value) for name, value in spec.items()}
+        else:
+            raise problem
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def line_series(calls: list[dict[str, Any]], *, until: float) -> list[list[float]]:
+    """Lines in use over time, [moment, in use from then on], from calls' started and ended
+    moments (line_stats' `calls`) up to `until`; a line freed and taken at the same moment
+    is never counted twice."""
+    events = [(c["started"], 1) for c in calls if c["started"] is not None]
+    events += [(c["ended"], -1) for c in calls
+               if c["started"] is not None and c["ended"] is not None and c["ended"] <= until]
+    series, level = [], 0
+    for moment, change in sorted(events):
+        level += change
+        series.append([moment, level])
+    return series
 
 
 def _compare(value: datetime, op: str, bound: datetime) -> bool:

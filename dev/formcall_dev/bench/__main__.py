@@ -19,6 +19,7 @@ from pathlib import Path
 from formcall_dev.bench import plots, report
 from formcall_dev.bench.burst import bench_burst
 from formcall_dev.bench.coldstart import bench_coldstart
+from formcall_dev.bench.lines import bench_lines
 from formcall_dev.bench.common import FULL, QUICK, REPO_ROOT, SMOKE, Sizes, machine
 from formcall_dev.bench.quota import bench_quota
 from formcall_dev.bench.seed_design import bench_seed_design
@@ -26,7 +27,7 @@ from formcall_dev.bench.sweep import bench_sweep
 from formcall_dev.bench.warm import bench_warm
 
 # Order matters: the seed's design uses the sweep's cost per form when the sweep ran first.
-BENCHMARKS = ("coldstart", "warm", "sweep", "seed_design", "burst", "quota")
+BENCHMARKS = ("coldstart", "warm", "sweep", "seed_design", "burst", "quota", "lines")
 
 
 def _largest_sweep(results: dict) -> tuple[float, int] | None:
@@ -48,7 +49,7 @@ def run(names: tuple[str, ...], sizes: Sizes, work: Path, log=print) -> dict:
             else:
                 results[name] = {"coldstart": bench_coldstart, "warm": bench_warm,
                                  "sweep": bench_sweep, "burst": bench_burst,
-                                 "quota": bench_quota}[name](work, sizes)
+                                 "quota": bench_quota, "lines": bench_lines}[name](work, sizes)
         except Exception as exc:
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}

@@ -51,17 +51,26 @@ class Sizes:
     # 6. QStash requests per form
     day_forms: int = 200
     day_seconds: float = 20.0
+    # 7. lines: a burst of realistic call lengths (time-compressed), rate against ledger, drills
+    lines_forms: int = 1000
+    lines_lines: int = 10
+    lines_compression: float = 20.0
+    lines_drill_forms: int = 100
+    lines_timeout_s: float = 5.0
+    lines_lease_s: int | None = None  # CLAIM_LEASE_SECONDS of the drills (None: the product's)
 
 
 FULL = Sizes("full")
 QUICK = Sizes("quick", burst_forms=100, burst_runs=1, burst_long_forms=0, backlog_forms=8,
               backlog_runs=1, table_rows=100_000, query_runs=3, sweep_runs=1, cold_runs=3,
-              sam_build=False, warm_requests=200, day_forms=40, day_seconds=8.0)
+              sam_build=False, warm_requests=200, day_forms=40, day_seconds=8.0,
+              lines_forms=150, lines_drill_forms=30)
 SMOKE = Sizes("smoke", burst_forms=10, burst_call_seconds=0.2, burst_runs=1, burst_long_forms=0,
               backlog_forms=3, backlog_runs=1, vapi_latency=0.05, table_rows=5_000,
               overdue_fractions=(0.01, 0.002), query_runs=1, sweep_runs=1, cold_runs=1,
               cold_functions=("call_form",), sam_build=False, warm_requests=20, day_forms=6,
-              day_seconds=1.0)
+              day_seconds=1.0, lines_forms=12, lines_compression=200.0, lines_drill_forms=4,
+              lines_timeout_s=2.0, lines_lease_s=6)
 
 
 def median(values) -> float:

@@ -167,12 +167,44 @@ def plot_quota(result: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_lines(result: dict, path: Path) -> Path:
+    plt = _pyplot()
+    modes = result["modes"]
+    fig, axes = plt.subplots(2, 1, figsize=(8, 4.8), sharex=True)
+    names = {"rate": "(a) rate-based flow control, no ledger", "ledger": "(b) line ledger"}
+    for ax, (mode, color) in zip(axes, (("rate", "#ff7f0e"), ("ledger", "#1f77b4")), strict=True):
+        run = modes[mode]
+        if run["series"]:
+            times, levels = zip(*run["series"], strict=True)
+            ax.step([0, *times], [0, *levels], where="post", lw=0.7, color=color,
+                    label="lines in use (fake Vapi)")
+        ax.axhline(run["lines"], color="#d62728", ls="--", lw=1, label=f"{run['lines']} lines")
+        ax.axvline(run["limit_s"], color="#2ca02c", ls=":", lw=1.2,
+                   label=f"physical limit {run['limit_s']:,.0f} s")
+        ax.axvline(run["drain_s"], color="#7f7f7f", ls="-.", lw=1,
+                   label=f"drained {run['drain_s']:,.0f} s = {run['ratio']:.2f}x")
+        ax.set_ylim(0, run["lines"] * 1.45)
+        ax.set_ylabel("lines in use")
+        ax.set_title(f"{names[mode]}: {run['refused']} refusals, {run['doubles']} doubles",
+                     fontsize=9)
+        ax.legend(loc="upper right", fontsize=7, ncol=4)
+    axes[-1].set_xlabel(f"call seconds after the deadline (run compressed"
+                        f" x{result['params']['compression']:g})")
+    fig.suptitle(f"{result['params']['forms']:,} forms due at once, real call lengths",
+                 fontsize=10)
+    return _save(fig, path)
+
+
 PLOTS = {"burst": plot_burst, "seed_design": plot_seed_design, "sweep": plot_sweep,
-         "coldstart": plot_coldstart, "warm": plot_warm, "quota": plot_quota}
+         "coldstart": plot_coldstart, "warm": plot_warm, "quota": plot_quota,
+         "lines": plot_lines}
+# The file a plot goes to, where it is not bench-{name}.png.
+FILES = {"lines": "bench-lines-burst.png"}
 
 
 def draw(results: dict, docs: Path) -> dict[str, Path]:
     """Every plot whose benchmark ran: name -> file."""
-    return {name: plot(results[name], docs / f"bench-{name.replace('_', '-')}.png")
+    return {name: plot(results[name],
+                       docs / FILES.get(name, f"bench-{name.replace('_', '-')}.png"))
             for name, plot in PLOTS.items() if isinstance(results.get(name), dict)
             and "error" not in results[name]}

