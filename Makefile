@@ -3,6 +3,7 @@
 #   make serve   the same stack, kept running (URLs, dev keys and commands to try; Ctrl-C stops it)
 #   make test    install everything into .venv / .venv-sam, then run the whole test suite
 #   make unit    the offline unit tests only (seconds)
+#   make lint    ruff (lint and format check) over the tree and mypy on shared/ (part of make test)
 #   make build   sam validate --lint && sam build
 #   make bench   benchmarks (writes BENCHMARKS.md and docs/*.png)
 #   make chaos   the full chaos run and 10,000+ hostile-input cases (figures into BENCHMARKS.md)
@@ -33,7 +34,7 @@ FROM_RUNTIME := boto3 botocore s3transfer python-dateutil six urllib3
 LAYER_EXPORT := export --frozen --no-dev --no-emit-project --format requirements-txt \
 	$(addprefix --no-emit-package ,$(FROM_RUNTIME))
 
-.PHONY: dev serve test unit build bench chaos audit lock clean
+.PHONY: dev serve test unit lint build bench chaos audit lock clean
 
 .uv/bin/uv:
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 is required (Lambda's python3.12 runtime): install it, e.g. 'pyenv install 3.12'" >&2; exit 1; }
@@ -63,7 +64,12 @@ serve: $(VENV)/.installed
 browser-deps:
 	@command -v chromedriver >/dev/null || { apt-get update && apt-get install -y chromium chromium-driver; }
 
-test: $(VENV)/.installed $(SAM_VENV)/.installed browser-deps
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: $(VENV)/.installed $(SAM_VENV)/.installed browser-deps lint
 	SAM_CLI=$(abspath $(SAM)) PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/pytest $(ARGS)
 
 unit: $(VENV)/.installed

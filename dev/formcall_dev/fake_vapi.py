@@ -33,8 +33,16 @@ from starlette.types import Receive, Scope, Send
 CONCURRENCY_ENDED_REASON = "call.start.error-subscription-concurrency-limit-reached"
 COMPLETED_ENDED_REASON = "customer-ended-call"
 # What can become of a placed call (`hold`: it rings until end_call), and how Vapi says it ended.
-PLAY_OUTCOMES = ("reached", "voicemail", "no_answer", "busy", "not_connected", "bad_number",
-                 "opt_out", "hold")
+PLAY_OUTCOMES = (
+    "reached",
+    "voicemail",
+    "no_answer",
+    "busy",
+    "not_connected",
+    "bad_number",
+    "opt_out",
+    "hold",
+)
 END_OUTCOMES = PLAY_OUTCOMES[:-1]
 CONNECTED_OUTCOMES = frozenset({"reached", "voicemail", "opt_out"})
 ENDED_REASONS = {
@@ -54,17 +62,31 @@ SUMMARIES = {
 # Made-up words, never a real patient's; formcall must ignore them all the same.
 TRANSCRIPTS = {
     "reached": "AI: Hello, this is your clinic calling about forms that are due.\n"
-               "User: Thanks, I will fill them in today.",
+    "User: Thanks, I will fill them in today.",
     "opt_out": "AI: Hello, this is your clinic calling about forms that are due.\n"
-               "User: Please do not call me again.",
+    "User: Please do not call me again.",
     "voicemail": "AI: This is your clinic. Please call us back about your forms.",
 }
 # The server messages the fake sends; without `serverMessages` Vapi's default list has both.
 REPORTED_TYPES = ("status-update", "end-of-call-report")
 BACKOFF_TYPES = ("fixed", "exponential")
-SETTINGS = ("concurrency_limit", "call_duration", "latency", "ring_seconds", "time_scale",
-            "outcome_mix", "scripts", "seed", "hold", "credentials", "report_drop_rate",
-            "report_duplicate_rate", "reorder", "durations", "blocked_behaviour")
+SETTINGS = (
+    "concurrency_limit",
+    "call_duration",
+    "latency",
+    "ring_seconds",
+    "time_scale",
+    "outcome_mix",
+    "scripts",
+    "seed",
+    "hold",
+    "credentials",
+    "report_drop_rate",
+    "report_duplicate_rate",
+    "reorder",
+    "durations",
+    "blocked_behaviour",
+)
 # What Vapi does with a call over the line limit: end it at once with CONCURRENCY_ENDED_REASON,
 # or queue it until a line frees (its guide says new dials "wait until a slot becomes free").
 BLOCKED_BEHAVIOURS = ("end", "queue")
@@ -76,27 +98,80 @@ INVALID_KEY_MESSAGE = (
 )
 
 # The top-level properties of Vapi's CreateCallDTO; NestJS rejects any other one.
-CREATE_CALL_FIELDS = frozenset({
-    "assistantId", "assistant", "assistantOverrides", "squadId", "squad", "workflowId",
-    "workflow", "phoneNumberId", "phoneNumber", "customer", "customerId", "customers", "name",
-    "schedulePlan", "assistantVersion", "transport",
-})
-CUSTOMER_FIELDS = frozenset({
-    "number", "name", "email", "externalId", "extension", "sipUri", "assistantOverrides",
-    "squadOverrides", "numberE164CheckEnabled",
-})
-_STRING_FIELDS = ("assistantId", "squadId", "workflowId", "phoneNumberId", "customerId", "name",
-                  "assistantVersion")
-_OBJECT_FIELDS = ("assistant", "assistantOverrides", "squad", "workflow", "phoneNumber",
-                  "customer", "schedulePlan", "transport")
+CREATE_CALL_FIELDS = frozenset(
+    {
+        "assistantId",
+        "assistant",
+        "assistantOverrides",
+        "squadId",
+        "squad",
+        "workflowId",
+        "workflow",
+        "phoneNumberId",
+        "phoneNumber",
+        "customer",
+        "customerId",
+        "customers",
+        "name",
+        "schedulePlan",
+        "assistantVersion",
+        "transport",
+    }
+)
+CUSTOMER_FIELDS = frozenset(
+    {
+        "number",
+        "name",
+        "email",
+        "externalId",
+        "extension",
+        "sipUri",
+        "assistantOverrides",
+        "squadOverrides",
+        "numberE164CheckEnabled",
+    }
+)
+_STRING_FIELDS = (
+    "assistantId",
+    "squadId",
+    "workflowId",
+    "phoneNumberId",
+    "customerId",
+    "name",
+    "assistantVersion",
+)
+_OBJECT_FIELDS = (
+    "assistant",
+    "assistantOverrides",
+    "squad",
+    "workflow",
+    "phoneNumber",
+    "customer",
+    "schedulePlan",
+    "transport",
+)
 # Fields of the request that the Call resource carries back.
-_ECHOED_FIELDS = ("assistantId", "assistant", "assistantOverrides", "squadId", "squad",
-                  "workflowId", "workflow", "phoneNumberId", "phoneNumber", "customer",
-                  "customerId", "name", "schedulePlan", "transport")
+_ECHOED_FIELDS = (
+    "assistantId",
+    "assistant",
+    "assistantOverrides",
+    "squadId",
+    "squad",
+    "workflowId",
+    "workflow",
+    "phoneNumberId",
+    "phoneNumber",
+    "customer",
+    "customerId",
+    "name",
+    "schedulePlan",
+    "transport",
+)
 _E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 _ALPHANUMERIC_NUMBER = re.compile(r"^\+?[a-zA-Z0-9]+$")
-_LIST_FILTERS = {f"{f}{op}": (f, op) for f in ("createdAt", "updatedAt")
-                 for op in ("Gt", "Lt", "Ge", "Le")}
+_LIST_FILTERS = {
+    f"{f}{op}": (f, op) for f in ("createdAt", "updatedAt") for op in ("Gt", "Lt", "Ge", "Le")
+}
 _TRANSPORT_KEY = "formcall_dev.fake_vapi.transport"
 
 
@@ -122,16 +197,26 @@ def validate_create_call(body: Any) -> list[str]:
     """The messages Vapi's validation would answer a create-call body with; empty when valid."""
     if not isinstance(body, dict):
         return ["body must be an object"]
-    errors = [f"property {name} should not exist"
-              for name in body if name not in CREATE_CALL_FIELDS]
-    errors += [f"{name} must be a string" for name in _STRING_FIELDS
-               if name in body and not isinstance(body[name], str)]
-    errors += [f"{name} must be an object" for name in _OBJECT_FIELDS
-               if name in body and not isinstance(body[name], dict)]
-    if not any(body.get(name) for name in ("assistantId", "assistant", "squadId", "squad",
-                                           "workflowId", "workflow")):
-        errors.append("assistantId or assistant (or squadId, squad, workflowId, workflow) "
-                      "must be provided")
+    errors = [
+        f"property {name} should not exist" for name in body if name not in CREATE_CALL_FIELDS
+    ]
+    errors += [
+        f"{name} must be a string"
+        for name in _STRING_FIELDS
+        if name in body and not isinstance(body[name], str)
+    ]
+    errors += [
+        f"{name} must be an object"
+        for name in _OBJECT_FIELDS
+        if name in body and not isinstance(body[name], dict)
+    ]
+    if not any(
+        body.get(name)
+        for name in ("assistantId", "assistant", "squadId", "squad", "workflowId", "workflow")
+    ):
+        errors.append(
+            "assistantId or assistant (or squadId, squad, workflowId, workflow) must be provided"
+        )
     if not (body.get("phoneNumberId") or body.get("phoneNumber")):
         errors.append("phoneNumberId or phoneNumber must be provided")
     if "customers" in body:
@@ -149,8 +234,11 @@ def validate_create_call(body: Any) -> list[str]:
 
 def _validate_customer(customer: dict[str, Any]) -> list[str]:
     # class-validator prefixes nested messages with the parent path, even "property X ...".
-    errors = [f"customer.property {name} should not exist"
-              for name in customer if name not in CUSTOMER_FIELDS]
+    errors = [
+        f"customer.property {name} should not exist"
+        for name in customer
+        if name not in CUSTOMER_FIELDS
+    ]
     for name, limit in (("name", 40), ("email", 40), ("externalId", 40), ("extension", 10)):
         value = customer.get(name)
         if name in customer and not isinstance(value, str):
@@ -163,11 +251,15 @@ def _validate_customer(customer: dict[str, Any]) -> list[str]:
             errors.append("customer.number must be a string")
         elif customer.get("numberE164CheckEnabled", True) is not False:
             if not _E164.match(number):
-                errors.append("customer.number must be a valid phone number in the E.164 format. "
-                              "Hot tip, you may be missing the country code (Eg. US: +1).")
+                errors.append(
+                    "customer.number must be a valid phone number in the E.164 format. "
+                    "Hot tip, you may be missing the country code (Eg. US: +1)."
+                )
         elif not (3 <= len(number) <= 40 and _ALPHANUMERIC_NUMBER.match(number)):
-            errors.append("customer.number must be 3 to 40 alphanumeric characters, "
-                          "optionally starting with +")
+            errors.append(
+                "customer.number must be 3 to 40 alphanumeric characters, "
+                "optionally starting with +"
+            )
     return errors
 
 
@@ -202,7 +294,8 @@ def _validate_overrides(overrides: dict[str, Any]) -> list[str]:
     errors: list[str] = []
     messages = overrides.get("serverMessages")
     if "serverMessages" in overrides and not (
-            isinstance(messages, list) and all(isinstance(m, str) for m in messages)):
+        isinstance(messages, list) and all(isinstance(m, str) for m in messages)
+    ):
         errors.append(f"{prefix}serverMessages must be an array of strings")
     if "server" not in overrides:
         return errors
@@ -223,8 +316,10 @@ def _validate_overrides(overrides: dict[str, Any]) -> list[str]:
             errors.append(f"{prefix}backoffPlan must be an object")
         else:
             if plan.get("type") not in BACKOFF_TYPES:
-                errors.append(f"{prefix}backoffPlan.type must be one of the following values: "
-                              f"{', '.join(BACKOFF_TYPES)}")
+                errors.append(
+                    f"{prefix}backoffPlan.type must be one of the following values: "
+                    f"{', '.join(BACKOFF_TYPES)}"
+                )
             for name in ("maxRetries", "baseDelaySeconds"):
                 if name not in plan:
                     errors.append(f"{prefix}backoffPlan.{name} should not be empty")
@@ -232,8 +327,9 @@ def _validate_overrides(overrides: dict[str, Any]) -> list[str]:
     return errors
 
 
-def _number_errors(data: dict[str, Any], name: str, low: float, high: float,
-                   prefix: str) -> list[str]:
+def _number_errors(
+    data: dict[str, Any], name: str, low: float, high: float, prefix: str
+) -> list[str]:
     if name not in data:
         return []
     value = data[name]
@@ -248,8 +344,9 @@ def _number_errors(data: dict[str, Any], name: str, low: float, high: float,
 
 def hmac_signature(secret: str, timestamp: str, raw_body: bytes) -> str:
     """Vapi's HMAC credential: hex HMAC-SHA256 of `{timestamp}.{body}`."""
-    return hmac.new(secret.encode(), timestamp.encode() + b"." + raw_body,
-                    hashlib.sha256).hexdigest()
+    return hmac.new(
+        secret.encode(), timestamp.encode() + b"." + raw_body, hashlib.sha256
+    ).hexdigest()
 
 
 @dataclass
@@ -298,9 +395,11 @@ class Rule:
         return cls(**data)
 
     def matches(self, customer_number: str | None, form_id: str | None) -> bool:
-        return ((self.times is None or self.hits < self.times)
-                and self.customer_number in (None, customer_number)
-                and self.form_id in (None, form_id))
+        return (
+            (self.times is None or self.hits < self.times)
+            and self.customer_number in (None, customer_number)
+            and self.form_id in (None, form_id)
+        )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -426,9 +525,14 @@ class _Call:
             data["updatedAt"] = iso(self.answered)
         if status == "ended":
             assert self.ends is not None and self.outcome is not None
-            data.update(status="ended", endedReason=ENDED_REASONS[self.outcome],
-                        endedAt=iso(self.ends), updatedAt=iso(self.ends), cost=self.cost(),
-                        analysis=_analysis(self.outcome))
+            data.update(
+                status="ended",
+                endedReason=ENDED_REASONS[self.outcome],
+                endedAt=iso(self.ends),
+                updatedAt=iso(self.ends),
+                cost=self.cost(),
+                analysis=_analysis(self.outcome),
+            )
         return data
 
     def cost(self) -> float:
@@ -451,17 +555,24 @@ class _Call:
 
     def line(self) -> dict[str, Any]:
         """When the call took and left its line, as the line statistics show it."""
-        return {"id": self.id, "formIds": self.form_ids, "outcome": self.outcome,
-                "blocked": self.blocked, "queued": self.queued,
-                "created": self.created.timestamp(),
-                "started": self.started.timestamp() if self.started else None,
-                "answered": self.answered.timestamp() if self.answered else None,
-                "ended": self.ends.timestamp() if self.ends else None}
+        return {
+            "id": self.id,
+            "formIds": self.form_ids,
+            "outcome": self.outcome,
+            "blocked": self.blocked,
+            "queued": self.queued,
+            "created": self.created.timestamp(),
+            "started": self.started.timestamp() if self.started else None,
+            "answered": self.answered.timestamp() if self.answered else None,
+            "ended": self.ends.timestamp() if self.ends else None,
+        }
 
 
 def _analysis(outcome: str) -> dict[str, Any]:
-    return {"summary": SUMMARIES.get(outcome, "The call did not connect."),
-            "structuredData": {"optOut": outcome == "opt_out"}}
+    return {
+        "summary": SUMMARIES.get(outcome, "The call did not connect."),
+        "structuredData": {"optOut": outcome == "opt_out"},
+    }
 
 
 def _artifact(outcome: str) -> dict[str, Any]:
@@ -481,9 +592,13 @@ class _DropConnection:
                 await asyncio.sleep(0)
             return
         # A server that hides its transport: promise a body and never send it.
-        await send({"type": "http.response.start", "status": 201,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", b"4096")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 201,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+            }
+        )
 
 
 class _App(Starlette):
@@ -527,24 +642,47 @@ class FakeVapi:
     GET|POST|DELETE /_fake/rules.
     """
 
-    def __init__(self, *, api_key: str, concurrency_limit: int = 10, call_duration: float = 0.0,
-                 latency: float = 0.0, ring_seconds: float = 0.0, time_scale: float = 1.0,
-                 outcome_mix: dict[str, float] | None = None,
-                 scripts: dict[str, list[str]] | None = None, seed: int = 0, hold: bool = False,
-                 credentials: dict[str, str] | None = None, report_drop_rate: float = 0.0,
-                 report_duplicate_rate: float = 0.0, reorder: bool = False,
-                 durations: dict[str, Any] | None = None,
-                 blocked_behaviour: str = "end") -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        concurrency_limit: int = 10,
+        call_duration: float = 0.0,
+        latency: float = 0.0,
+        ring_seconds: float = 0.0,
+        time_scale: float = 1.0,
+        outcome_mix: dict[str, float] | None = None,
+        scripts: dict[str, list[str]] | None = None,
+        seed: int = 0,
+        hold: bool = False,
+        credentials: dict[str, str] | None = None,
+        report_drop_rate: float = 0.0,
+        report_duplicate_rate: float = 0.0,
+        reorder: bool = False,
+        durations: dict[str, Any] | None = None,
+        blocked_behaviour: str = "end",
+    ) -> None:
         self.api_key = api_key
         self.org_id = str(uuid.uuid4())
-        self._defaults = _checked_settings({
-            "concurrency_limit": concurrency_limit, "call_duration": call_duration,
-            "latency": latency, "ring_seconds": ring_seconds, "time_scale": time_scale,
-            "outcome_mix": outcome_mix or {"reached": 1}, "scripts": scripts or {},
-            "seed": seed, "hold": hold, "credentials": credentials or {},
-            "report_drop_rate": report_drop_rate,
-            "report_duplicate_rate": report_duplicate_rate, "reorder": reorder,
-            "durations": durations or {}, "blocked_behaviour": blocked_behaviour})
+        self._defaults = _checked_settings(
+            {
+                "concurrency_limit": concurrency_limit,
+                "call_duration": call_duration,
+                "latency": latency,
+                "ring_seconds": ring_seconds,
+                "time_scale": time_scale,
+                "outcome_mix": outcome_mix or {"reached": 1},
+                "scripts": scripts or {},
+                "seed": seed,
+                "hold": hold,
+                "credentials": credentials or {},
+                "report_drop_rate": report_drop_rate,
+                "report_duplicate_rate": report_duplicate_rate,
+                "reorder": reorder,
+                "durations": durations or {},
+                "blocked_behaviour": blocked_behaviour,
+            }
+        )
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
         self._report_seq = itertools.count(1)
@@ -557,49 +695,83 @@ class FakeVapi:
         self._keeper: int | None = None
         self._keeper_wake: asyncio.Event | None = None
         self.reset()
-        self.app = _App(routes=[
-            Route("/call", self._create_call, methods=["POST"]),
-            Route("/call", self._list_calls, methods=["GET"]),
-            Route("/call/{call_id}", self._get_call, methods=["GET"]),
-            Route("/_fake/requests", self._admin_requests, methods=["GET"]),
-            Route("/_fake/calls", self._admin_calls, methods=["GET"]),
-            Route("/_fake/calls/{call_id}/end", self._admin_end_call, methods=["POST"]),
-            Route("/_fake/reports", self._admin_reports, methods=["GET"]),
-            Route("/_fake/lines", self._admin_lines, methods=["GET"]),
-            Route("/_fake/stats", self._admin_stats, methods=["GET"]),
-            Route("/_fake/reset", self._admin_reset, methods=["POST"]),
-            Route("/_fake/configure", self._admin_configure, methods=["POST"]),
-            Route("/_fake/rules", self._admin_rules, methods=["GET", "POST", "DELETE"]),
-        ], lifespan=self._lifespan)
+        self.app = _App(
+            routes=[
+                Route("/call", self._create_call, methods=["POST"]),
+                Route("/call", self._list_calls, methods=["GET"]),
+                Route("/call/{call_id}", self._get_call, methods=["GET"]),
+                Route("/_fake/requests", self._admin_requests, methods=["GET"]),
+                Route("/_fake/calls", self._admin_calls, methods=["GET"]),
+                Route("/_fake/calls/{call_id}/end", self._admin_end_call, methods=["POST"]),
+                Route("/_fake/reports", self._admin_reports, methods=["GET"]),
+                Route("/_fake/lines", self._admin_lines, methods=["GET"]),
+                Route("/_fake/stats", self._admin_stats, methods=["GET"]),
+                Route("/_fake/reset", self._admin_reset, methods=["POST"]),
+                Route("/_fake/configure", self._admin_configure, methods=["POST"]),
+                Route("/_fake/rules", self._admin_rules, methods=["GET", "POST", "DELETE"]),
+            ],
+            lifespan=self._lifespan,
+        )
 
     # ---- Python API -------------------------------------------------------------------------
 
-    def configure(self, *, concurrency_limit: int | None = None, call_duration: float | None = None,
-                  latency: float | None = None, ring_seconds: float | None = None,
-                  time_scale: float | None = None, outcome_mix: dict[str, float] | None = None,
-                  scripts: dict[str, list[str]] | None = None, seed: int | None = None,
-                  hold: bool | None = None, credentials: dict[str, str] | None = None,
-                  report_drop_rate: float | None = None,
-                  report_duplicate_rate: float | None = None,
-                  reorder: bool | None = None, durations: dict[str, Any] | None = None,
-                  blocked_behaviour: str | None = None) -> None:
+    def configure(
+        self,
+        *,
+        concurrency_limit: int | None = None,
+        call_duration: float | None = None,
+        latency: float | None = None,
+        ring_seconds: float | None = None,
+        time_scale: float | None = None,
+        outcome_mix: dict[str, float] | None = None,
+        scripts: dict[str, list[str]] | None = None,
+        seed: int | None = None,
+        hold: bool | None = None,
+        credentials: dict[str, str] | None = None,
+        report_drop_rate: float | None = None,
+        report_duplicate_rate: float | None = None,
+        reorder: bool | None = None,
+        durations: dict[str, Any] | None = None,
+        blocked_behaviour: str | None = None,
+    ) -> None:
         """Change settings for the calls that come next; None leaves a setting as it is.
 
         A new seed (or outcome mix, or durations) restarts the random sequences; scripts replace
         the current ones. A higher concurrency_limit starts queued calls at once.
         """
-        given = {name: value for name, value in locals().items()
-                 if name in SETTINGS and value is not None}
+        given = {
+            name: value
+            for name, value in locals().items()
+            if name in SETTINGS and value is not None
+        }
         self._apply(_checked_settings(given))
         self._wake_keeper()
 
-    def add_rule(self, *, customer_number: str | None = None, form_id: str | None = None,
-                 times: int | None = None, status: int | None = None, body: Any = None,
-                 headers: dict[str, str] | None = None, delay: float = 0.0,
-                 drop: bool = False, place: bool = False) -> str:
+    def add_rule(
+        self,
+        *,
+        customer_number: str | None = None,
+        form_id: str | None = None,
+        times: int | None = None,
+        status: int | None = None,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        delay: float = 0.0,
+        drop: bool = False,
+        place: bool = False,
+    ) -> str:
         """Add a fault rule (see `Rule`); rules are tried in the order added. Returns its id."""
-        rule = Rule(customer_number=customer_number, form_id=form_id, times=times, status=status,
-                    body=body, headers=headers, delay=delay, drop=drop, place=place)
+        rule = Rule(
+            customer_number=customer_number,
+            form_id=form_id,
+            times=times,
+            status=status,
+            body=body,
+            headers=headers,
+            delay=delay,
+            drop=drop,
+            place=place,
+        )
         with self._lock:
             self._rules.append(rule)
         return rule.id
@@ -702,10 +874,16 @@ class FakeVapi:
             if not call["blocked"]:
                 for form_id in call["formIds"]:
                     per_form[form_id] = per_form.get(form_id, 0) + 1
-        return {"series": series, "max_in_use": max((n for _, n in series), default=0),
-                "refused": refused, "queued": queued, "waiting": waiting, "calls": calls,
-                "calls_per_form": per_form,
-                "doubles": sum(1 for n in per_form.values() if n > 1)}
+        return {
+            "series": series,
+            "max_in_use": max((n for _, n in series), default=0),
+            "refused": refused,
+            "queued": queued,
+            "waiting": waiting,
+            "calls": calls,
+            "calls_per_form": per_form,
+            "doubles": sum(1 for n in per_form.values() if n > 1),
+        }
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -779,8 +957,9 @@ class FakeVapi:
 
     def _apply_locked(self, settings: dict[str, Any]) -> None:
         if "scripts" in settings:
-            settings["scripts"] = {number: list(script)
-                                   for number, script in settings["scripts"].items()}
+            settings["scripts"] = {
+                number: list(script) for number, script in settings["scripts"].items()
+            }
         self._settings.update(settings)
         if {"seed", "outcome_mix", "durations"} & set(settings):
             self._mix_random = random.Random(self._settings["seed"])
@@ -848,10 +1027,16 @@ class FakeVapi:
         }
         data.update({name: body[name] for name in _ECHOED_FIELDS if name in body})
         if over and not queue:
-            data.update(status="ended", endedReason=CONCURRENCY_ENDED_REASON,
-                        endedAt=iso(created))
-        call = _Call(seq=len(self._calls), data=data, created=created, blocked=over and not queue,
-                     queued=queue, form_ids=form_ids_of(body), generation=self._generation)
+            data.update(status="ended", endedReason=CONCURRENCY_ENDED_REASON, endedAt=iso(created))
+        call = _Call(
+            seq=len(self._calls),
+            data=data,
+            created=created,
+            blocked=over and not queue,
+            queued=queue,
+            form_ids=form_ids_of(body),
+            generation=self._generation,
+        )
         self._calls.append(call)
         self._calls_by_id[call.id] = call
         if not call.blocked:
@@ -862,11 +1047,16 @@ class FakeVapi:
             else:
                 self._start(call, created)
         in_use = len(self._active)
-        limits = {"concurrencyBlocked": over, "concurrencyLimit": limit,
-                  "remainingConcurrentCalls": 0 if over else max(limit - in_use, 0)}
+        limits = {
+            "concurrencyBlocked": over,
+            "concurrencyLimit": limit,
+            "remainingConcurrentCalls": 0 if over else max(limit - in_use, 0),
+        }
         # The answer is the call as created, before any timer moved it on.
-        return ({**data, "subscriptionLimits": limits},
-                "queued" if queue else "blocked" if over else "placed")
+        return (
+            {**data, "subscriptionLimits": limits},
+            "queued" if queue else "blocked" if over else "placed",
+        )
 
     def _assign(self, call: _Call, outcome: str, body: dict[str, Any]) -> None:
         """Decide the call's fate and where it reports, when it is created (so the seeded
@@ -880,8 +1070,9 @@ class FakeVapi:
             return
         wanted = overrides.get("serverMessages")
         call.server = copy.deepcopy(server)
-        call.message_types = frozenset(REPORTED_TYPES if wanted is None else
-                                       set(wanted) & set(REPORTED_TYPES))
+        call.message_types = frozenset(
+            REPORTED_TYPES if wanted is None else set(wanted) & set(REPORTED_TYPES)
+        )
 
     def _draw_length(self, outcome: str) -> float | None:
         spec = self._settings["durations"].get(outcome)
@@ -891,8 +1082,9 @@ class FakeVapi:
             return spec
         if isinstance(spec, list):
             return self._duration_random.uniform(*spec)
-        drawn = self._duration_random.lognormvariate(math.log(spec["lognormal_median"]),
-                                                     spec.get("sigma", DEFAULT_SIGMA))
+        drawn = self._duration_random.lognormvariate(
+            math.log(spec["lognormal_median"]), spec.get("sigma", DEFAULT_SIGMA)
+        )
         return min(max(drawn, spec.get("min", 0.0)), spec.get("max", math.inf))
 
     def _start(self, call: _Call, at: datetime) -> None:
@@ -909,7 +1101,8 @@ class FakeVapi:
             elif call.outcome in CONNECTED_OUTCOMES:
                 call.answered = at + ring
                 call.ends = call.answered + timedelta(
-                    seconds=self._settings["call_duration"] * scale)
+                    seconds=self._settings["call_duration"] * scale
+                )
             else:
                 call.ends = at + ring
         self._active[call.id] = call
@@ -925,8 +1118,12 @@ class FakeVapi:
         if "ringing" not in call.reported:
             call.reported.add("ringing")
             due.append(_status_update(call, "ringing", call.started))
-        if (call.answered is not None and call.connected() and now >= call.answered
-                and "in-progress" not in call.reported):
+        if (
+            call.answered is not None
+            and call.connected()
+            and now >= call.answered
+            and "in-progress" not in call.reported
+        ):
             call.reported.add("in-progress")
             due.append(_status_update(call, "in-progress", call.answered))
         if call.ended(now) and "ended" not in call.reported:
@@ -940,8 +1137,9 @@ class FakeVapi:
     def _submit(self, coroutine: Coroutine[Any, Any, None]) -> None:
         if self._loop is None or self._loop.is_closed():
             self._loop = asyncio.new_event_loop()
-            self._loop_thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                                 name="fake-vapi-calls")
+            self._loop_thread = threading.Thread(
+                target=self._loop.run_forever, daemon=True, name="fake-vapi-calls"
+            )
             self._loop_thread.start()
         task = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         self._tasks.add(task)
@@ -991,16 +1189,20 @@ class FakeVapi:
                 now = _now()
                 due = self._due_messages(call, now)
                 finished = "ended" in call.reported
-                moments = [] if finished else [
-                    t for t in (call.answered, call.ends) if t is not None and t > now]
+                moments = (
+                    []
+                    if finished
+                    else [t for t in (call.answered, call.ends) if t is not None and t > now]
+                )
             for message in due:
                 await self._send(call, message)
             if finished:
                 return
             timeout = (min(moments) - _now()).total_seconds() if moments else None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(call.wake.wait(),
-                                       None if timeout is None else max(timeout, 0))
+                await asyncio.wait_for(
+                    call.wake.wait(), None if timeout is None else max(timeout, 0)
+                )
 
     async def _send(self, call: _Call, message: dict[str, Any]) -> None:
         with self._lock:
@@ -1026,46 +1228,82 @@ class FakeVapi:
         if self._client is None:
             self._client = httpx.AsyncClient()
         for attempt in itertools.count(1):
-            headers = {"content-type": "application/json",
-                       **{str(k): str(v) for k, v in (server.get("headers") or {}).items()}}
+            headers = {
+                "content-type": "application/json",
+                **{str(k): str(v) for k, v in (server.get("headers") or {}).items()},
+            }
             with self._lock:
                 secret = self._settings["credentials"].get(server.get("credentialId"))
                 scale = self._settings["time_scale"]
             if secret is not None:
                 # Signed per attempt, as Vapi does: the timestamp is the attempt's.
                 timestamp = str(int(time.time() * 1000))
-                headers.update({"x-timestamp": timestamp,
-                                "x-signature": hmac_signature(secret, timestamp, raw)})
+                headers.update(
+                    {
+                        "x-timestamp": timestamp,
+                        "x-signature": hmac_signature(secret, timestamp, raw),
+                    }
+                )
             answer, error = None, None
             try:
-                response = await self._client.post(server["url"], content=raw, headers=headers,
-                                                   timeout=timeout)
+                response = await self._client.post(
+                    server["url"], content=raw, headers=headers, timeout=timeout
+                )
                 answer = response.status_code
             except httpx.HTTPError as exc:
                 error = type(exc).__name__
-            if not self._record_delivery(call, message, attempt=attempt, answer=answer,
-                                         error=error, signed=secret is not None,
-                                         duplicate=duplicate):
+            if not self._record_delivery(
+                call,
+                message,
+                attempt=attempt,
+                answer=answer,
+                error=error,
+                signed=secret is not None,
+                duplicate=duplicate,
+            ):
                 return  # reset since: this call is gone
-            if (answer is not None and 200 <= answer < 300) or attempt > retries \
-                    or answer in excluded:
+            if (
+                (answer is not None and 200 <= answer < 300)
+                or attempt > retries
+                or answer in excluded
+            ):
                 return
             base = float(plan.get("baseDelaySeconds", 0))
             factor = 2 ** (attempt - 1) if plan.get("type") == "exponential" else 1
             await asyncio.sleep(base * factor * scale)
 
-    def _record_delivery(self, call: _Call, message: dict[str, Any], *, attempt: int,
-                         answer: int | None, error: str | None = None, signed: bool = False,
-                         dropped: bool = False, duplicate: bool = False) -> bool:
+    def _record_delivery(
+        self,
+        call: _Call,
+        message: dict[str, Any],
+        *,
+        attempt: int,
+        answer: int | None,
+        error: str | None = None,
+        signed: bool = False,
+        dropped: bool = False,
+        duplicate: bool = False,
+    ) -> bool:
         body = message["message"]
         with self._lock:
             if call.generation != self._generation:
                 return False
-            self._deliveries.append(Delivery(
-                seq=next(self._report_seq), at=iso(_now()), call_id=call.id, type=body["type"],
-                status=body.get("status"), ended_reason=body.get("endedReason"),
-                attempt=attempt, answer=answer, error=error, signed=signed, dropped=dropped,
-                duplicate=duplicate))
+            self._deliveries.append(
+                Delivery(
+                    seq=next(self._report_seq),
+                    at=iso(_now()),
+                    call_id=call.id,
+                    type=body["type"],
+                    status=body.get("status"),
+                    ended_reason=body.get("endedReason"),
+                    attempt=attempt,
+                    answer=answer,
+                    error=error,
+                    signed=signed,
+                    dropped=dropped,
+                    duplicate=duplicate,
+                )
+            )
             return True
 
     @contextlib.asynccontextmanager
@@ -1100,8 +1338,14 @@ class FakeVapi:
                 self._record(outcome="rejected", status=400, reason="invalid", **record)
                 response = _json(error_body(400, errors), 400)
             elif (rule := self._match_rule(body)) and rule.status is not None and not rule.place:
-                self._record(outcome="rejected", status=rule.status, reason="injected",
-                             rule_id=rule.id, delay=rule.delay, **record)
+                self._record(
+                    outcome="rejected",
+                    status=rule.status,
+                    reason="injected",
+                    rule_id=rule.id,
+                    delay=rule.delay,
+                    **record,
+                )
                 response = _injected(rule)
                 latency += rule.delay
             else:
@@ -1110,10 +1354,16 @@ class FakeVapi:
                 dropped = bool(rule and rule.drop)
                 delay = rule.delay if rule else 0.0
                 status = rule.status if rule and injected else None if dropped else 201
-                self._record(outcome=outcome, status=status,
-                             reason="injected" if injected else None, call_id=call["id"],
-                             rule_id=rule.id if rule else None, delay=delay, dropped=dropped,
-                             **record)
+                self._record(
+                    outcome=outcome,
+                    status=status,
+                    reason="injected" if injected else None,
+                    call_id=call["id"],
+                    rule_id=rule.id if rule else None,
+                    delay=delay,
+                    dropped=dropped,
+                    **record,
+                )
                 if rule is not None and injected:
                     response = _injected(rule)
                 else:
@@ -1127,8 +1377,11 @@ class FakeVapi:
         if not self._authorized(request):
             return _unauthorized()
         query = request.query_params
-        errors = [f"property {name} should not exist" for name in query
-                  if name not in {"id", "assistantId", "phoneNumberId", "limit", *_LIST_FILTERS}]
+        errors = [
+            f"property {name} should not exist"
+            for name in query
+            if name not in {"id", "assistantId", "phoneNumberId", "limit", *_LIST_FILTERS}
+        ]
         limit = 100
         if "limit" in query:
             try:
@@ -1155,11 +1408,19 @@ class FakeVapi:
         with self._lock:
             self._settle(now)
             matches = [
-                call.view(now) for call in reversed(self._calls)
-                if all(call.data.get(name) == query[name]
-                       for name in ("id", "assistantId", "phoneNumberId") if name in query)
-                and all(_compare(call.created if attribute == "createdAt" else call.updated(now),
-                                 op, bound) for attribute, op, bound in bounds)
+                call.view(now)
+                for call in reversed(self._calls)
+                if all(
+                    call.data.get(name) == query[name]
+                    for name in ("id", "assistantId", "phoneNumberId")
+                    if name in query
+                )
+                and all(
+                    _compare(
+                        call.created if attribute == "createdAt" else call.updated(now), op, bound
+                    )
+                    for attribute, op, bound in bounds
+                )
             ]
         return _json(matches[:limit])
 
@@ -1180,8 +1441,9 @@ class FakeVapi:
         if not self._authorized(request):
             return _unauthorized()
         form_id = request.query_params.get("formId")
-        return _json([r.to_json() for r in self.requests
-                      if form_id is None or r.form_id == form_id])
+        return _json(
+            [r.to_json() for r in self.requests if form_id is None or r.form_id == form_id]
+        )
 
     async def _admin_calls(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -1233,8 +1495,9 @@ class FakeVapi:
         try:
             settings = await request.json()
             if not isinstance(settings, dict) or not set(settings) <= set(SETTINGS):
-                raise ValueError(f"settings must be an object with keys among "
-                                 f"{', '.join(sorted(SETTINGS))}")
+                raise ValueError(
+                    f"settings must be an object with keys among {', '.join(sorted(SETTINGS))}"
+                )
             self.configure(**settings)
         except ValueError as error:
             return _json(error_body(400, [str(error)]), 400)
@@ -1268,10 +1531,15 @@ def _status_update(call: _Call, status: str, at: datetime | None) -> dict[str, A
 def _end_of_call_report(call: _Call) -> dict[str, Any]:
     assert call.ends is not None and call.outcome is not None
     view = call.view(call.ends, "ended")
-    message = {"type": "end-of-call-report", "endedReason": view["endedReason"],
-               "timestamp": _epoch_ms(call.ends), "endedAt": view["endedAt"],
-               "cost": view["cost"], "artifact": _artifact(call.outcome),
-               "analysis": view["analysis"]}
+    message = {
+        "type": "end-of-call-report",
+        "endedReason": view["endedReason"],
+        "timestamp": _epoch_ms(call.ends),
+        "endedAt": view["endedAt"],
+        "cost": view["cost"],
+        "artifact": _artifact(call.outcome),
+        "analysis": view["analysis"],
+    }
     if "startedAt" in view:
         message["startedAt"] = view["startedAt"]
     return {"message": {**message, **_about(call, view)}}
@@ -1309,20 +1577,26 @@ def _checked_settings(settings: dict[str, Any]) -> dict[str, Any]:
             out[name] = _checked_durations(value)
         elif name == "blocked_behaviour":
             if value not in BLOCKED_BEHAVIOURS:
-                raise ValueError("blocked_behaviour must be one of "
-                                 + ", ".join(BLOCKED_BEHAVIOURS))
+                raise ValueError(
+                    "blocked_behaviour must be one of " + ", ".join(BLOCKED_BEHAVIOURS)
+                )
             out[name] = value
         elif name == "scripts":
             if not isinstance(value, dict) or not all(
-                    isinstance(number, str) and isinstance(script, list)
-                    and all(outcome in PLAY_OUTCOMES for outcome in script)
-                    for number, script in value.items()):
-                raise ValueError("scripts must map numbers to lists of outcomes among "
-                                 f"{', '.join(PLAY_OUTCOMES)}")
+                isinstance(number, str)
+                and isinstance(script, list)
+                and all(outcome in PLAY_OUTCOMES for outcome in script)
+                for number, script in value.items()
+            ):
+                raise ValueError(
+                    "scripts must map numbers to lists of outcomes among "
+                    f"{', '.join(PLAY_OUTCOMES)}"
+                )
             out[name] = {number: list(script) for number, script in value.items()}
         elif name == "credentials":
             if not isinstance(value, dict) or not all(
-                    isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
+                isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()
+            ):
                 raise ValueError("credentials must map credential ids to HMAC secrets")
             out[name] = dict(value)
         else:
@@ -1339,12 +1613,22 @@ def _checked_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _checked_mix(mix: Any) -> dict[str, float]:
-    if not isinstance(mix, dict) or not mix or not all(
-            outcome in PLAY_OUTCOMES and not isinstance(weight, bool)
-            and isinstance(weight, int | float) and weight >= 0
-            for outcome, weight in mix.items()) or sum(mix.values()) <= 0:
-        raise ValueError("outcome_mix must map outcomes among "
-                         f"{', '.join(PLAY_OUTCOMES)} to weights >= 0, not all 0")
+    if (
+        not isinstance(mix, dict)
+        or not mix
+        or not all(
+            outcome in PLAY_OUTCOMES
+            and not isinstance(weight, bool)
+            and isinstance(weight, int | float)
+            and weight >= 0
+            for outcome, weight in mix.items()
+        )
+        or sum(mix.values()) <= 0
+    ):
+        raise ValueError(
+            "outcome_mix must map outcomes among "
+            f"{', '.join(PLAY_OUTCOMES)} to weights >= 0, not all 0"
+        )
     return {outcome: float(weight) for outcome, weight in mix.items()}
 
 
@@ -1352,8 +1636,9 @@ def _checked_durations(durations: Any) -> dict[str, Any]:
     """{outcome: seconds}: a number, `[low, high]` (uniform) or a lognormal with its median."""
     problem = ValueError(
         "durations must map outcomes among " + ", ".join(END_OUTCOMES) + " to a number of"
-        " seconds >= 0, [low, high] with 0 <= low <= high, or {\"lognormal_median\": m > 0,"
-        " \"sigma\": s >= 0, \"min\": a, \"max\": b} with a <= b")
+        ' seconds >= 0, [low, high] with 0 <= low <= high, or {"lognormal_median": m > 0,'
+        ' "sigma": s >= 0, "min": a, "max": b} with a <= b'
+    )
     if not isinstance(durations, dict):
         raise problem
     out: dict[str, Any] = {}
@@ -1362,13 +1647,21 @@ def _checked_durations(durations: Any) -> dict[str, Any]:
             raise problem
         if _is_number(spec) and spec >= 0:
             out[outcome] = float(spec)
-        elif (isinstance(spec, list) and len(spec) == 2 and all(map(_is_number, spec))
-              and 0 <= spec[0] <= spec[1]):
+        elif (
+            isinstance(spec, list)
+            and len(spec) == 2
+            and all(map(_is_number, spec))
+            and 0 <= spec[0] <= spec[1]
+        ):
             out[outcome] = [float(spec[0]), float(spec[1])]
-        elif (isinstance(spec, dict) and set(spec) <= {"lognormal_median", "sigma", "min", "max"}
-              and all(map(_is_number, spec.values()))
-              and spec.get("lognormal_median", 0) > 0 and spec.get("sigma", 0) >= 0
-              and 0 <= spec.get("min", 0) <= spec.get("max", math.inf)):
+        elif (
+            isinstance(spec, dict)
+            and set(spec) <= {"lognormal_median", "sigma", "min", "max"}
+            and all(map(_is_number, spec.values()))
+            and spec.get("lognormal_median", 0) > 0
+            and spec.get("sigma", 0) >= 0
+            and 0 <= spec.get("min", 0) <= spec.get("max", math.inf)
+        ):
             out[outcome] = {name: float(value) for name, value in spec.items()}
         else:
             raise problem
@@ -1384,8 +1677,11 @@ def line_series(calls: list[dict[str, Any]], *, until: float) -> list[list[float
     moments (line_stats' `calls`) up to `until`; a line freed and taken at the same moment
     is never counted twice."""
     events = [(c["started"], 1) for c in calls if c["started"] is not None]
-    events += [(c["ended"], -1) for c in calls
-               if c["started"] is not None and c["ended"] is not None and c["ended"] <= until]
+    events += [
+        (c["ended"], -1)
+        for c in calls
+        if c["started"] is not None and c["ended"] is not None and c["ended"] <= until
+    ]
     series, level = [], 0
     for moment, change in sorted(events):
         level += change
@@ -1394,8 +1690,9 @@ def line_series(calls: list[dict[str, Any]], *, until: float) -> list[list[float
 
 
 def _compare(value: datetime, op: str, bound: datetime) -> bool:
-    return {"Gt": value > bound, "Lt": value < bound, "Ge": value >= bound,
-            "Le": value <= bound}[op]
+    return {"Gt": value > bound, "Lt": value < bound, "Ge": value >= bound, "Le": value <= bound}[
+        op
+    ]
 
 
 def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

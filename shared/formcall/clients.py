@@ -95,7 +95,11 @@ def publisher():
         url=config.QSTASH_URL,
         token=config.QSTASH_TOKEN.get_secret_value(),
         failure_callback_url=policy.FAILURE_CALLBACK_URL,
-        flow=flow_control(policy.VAPI_MAX_CONCURRENCY, policy.VAPI_CALLS_PER_MINUTE),
+        flow=flow_control(
+            policy.VAPI_MAX_CONCURRENCY,
+            policy.VAPI_CALLS_PER_MINUTE,
+            ledger=policy.ledger_lines() is not None,
+        ),
     )
 
 

@@ -33,8 +33,12 @@ class CallMessage:
     not_before: datetime | None = None
 
 
-def flow_control(max_concurrency: int, calls_per_minute: int) -> dict:
+def flow_control(max_concurrency: int, calls_per_minute: int, *, ledger: bool = False) -> dict:
     """QStash flow control keeping call starts within Vapi's lines.
+
+    With the line ledger the database holds the lines: QStash only bounds deliveries in flight
+    (parallelism), with no start rate, so a freed line's wake-up (and the deliveries a wake made
+    redundant, which are answered at once) never wait for a rate period.
 
     Parallelism bounds deliveries in flight, but a call-form delivery ends when Vapi answers,
     long before the call does; what keeps the lines from overflowing is the start rate. QStash
@@ -44,6 +48,8 @@ def flow_control(max_concurrency: int, calls_per_minute: int) -> dict:
     `max_concurrency` starts, this takes the fastest rate no faster than `calls_per_minute`,
     and the shortest period for it (starts spread out: one per 6 s rather than ten a minute).
     """
+    if ledger:
+        return {"key": FLOW_CONTROL_KEY, "parallelism": max_concurrency}
     best_rate, best_period = 0, 1
     span = math.ceil(max_concurrency * 60 / calls_per_minute)  # a call's seconds, rounded up
     for period in range(1, min(MAX_FLOW_PERIOD, 2 * span) + 1):

@@ -30,8 +30,12 @@ def test_flow_control_never_starts_more_calls_than_lines_within_a_call():
             assert flow["parallelism"] == lines and flow["period"] >= 1
             assert flow["rate"] * math.ceil(call_seconds / flow["period"]) <= lines
             assert flow["rate"] * 60 <= per_minute * flow["period"]
-    assert flow_control(10, 10) | {"key": None} == {"key": None, "parallelism": 10, "rate": 1,
-                                                    "period": 6}
+    assert flow_control(10, 10) | {"key": None} == {
+        "key": None,
+        "parallelism": 10,
+        "rate": 1,
+        "period": 6,
+    }
 
 
 def test_unknown_benchmark_is_refused(capsys):
@@ -66,8 +70,9 @@ def test_every_benchmark_runs_and_writes_the_report(tmp_path):
     assert seed["inline_max_backlog"] > 0 and seed["fanout_max_backlog"] > 0
 
     sweep = results["sweep"]["shares"]
-    assert [s["overdue"] for s in sweep] == [round(f * SMOKE.table_rows)
-                                             for f in sorted(SMOKE.overdue_fractions, reverse=True)]
+    assert [s["overdue"] for s in sweep] == [
+        round(f * SMOKE.table_rows) for f in sorted(SMOKE.overdue_fractions, reverse=True)
+    ]
     for share in sweep:
         assert share["uses_index"], share["plan"]
         assert share["sweep_found"] == share["sweep_enqueued"] == share["overdue"]
@@ -96,8 +101,14 @@ def test_every_benchmark_runs_and_writes_the_report(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = {"mode": "smoke", "machine": machine(), "date": "today", "minutes": 0.5}
     text = report.write(results, meta=meta, path=tmp_path / "BENCHMARKS.md").read_text()
-    for heading in ("## Targets at a glance", "## 1. Burst drain", "## 3. Sweep at scale",
-                    "## 6. QStash requests per form", "## 7. Lines", "make bench QUICK=1"):
+    for heading in (
+        "## Targets at a glance",
+        "## 1. Burst drain",
+        "## 3. Sweep at scale",
+        "## 6. QStash requests per form",
+        "## 7. Lines",
+        "make bench QUICK=1",
+    ):
         assert heading in text
     assert "Failed in this run" not in text
     for path in pictures.values():
@@ -132,12 +143,12 @@ def test_the_lines_benchmark_runs_and_keeps_the_other_sections(tmp_path):
     text = report.write(results, meta=meta, path=path).read_text()
     assert "## 7. Lines" in text and "docs/bench-lines-burst.png" in text
     assert "Failed in this run" not in text and "Not run" not in text
-    burst = old[old.index("## 1. Burst drain"):old.index("## 2. ")]
+    burst = old[old.index("## 1. Burst drain") : old.index("## 2. ")]
     assert burst in text and "Sections 1, 2, 3, 4, 5, 6 were not run this time" in text
-    targets = old[old.index("## Targets at a glance"):old.index("## 1. ")]
+    targets = old[old.index("## Targets at a glance") : old.index("## 1. ")]
     kept = [line for line in targets.splitlines() if line.startswith(("| 1 |", "| 6 |"))]
     assert kept
     for row in kept:
         assert row in text and text.index(row) < text.index("| 7 | Lines")
     if "\n## Chaos\n" in old:
-        assert old[old.index("\n## Chaos\n"):] in text
+        assert old[old.index("\n## Chaos\n") :] in text

@@ -39,8 +39,11 @@ class Reports:
     def of(self, call_id: str) -> list[str]:
         """The call's messages as kinds: the status of a status-update, else the type."""
         with self.lock:
-            return [m["status"] if m["type"] == "status-update" else m["type"]
-                    for m in self.messages if m["call"]["id"] == call_id]
+            return [
+                m["status"] if m["type"] == "status-update" else m["type"]
+                for m in self.messages
+                if m["call"]["id"] == call_id
+            ]
 
     def ended(self) -> set[str]:
         with self.lock:
@@ -76,15 +79,20 @@ def client(served):
         yield client
 
 
-def body(events_url: str | None = None, *, form_id: str | None = None,
-         number: str = "+15551230001") -> dict:
+def body(
+    events_url: str | None = None, *, form_id: str | None = None, number: str = "+15551230001"
+) -> dict:
     form_id = form_id or str(uuid.uuid4())
     overrides: dict = {"metadata": {"formId": form_id, "formIds": [form_id]}}
     if events_url:
         overrides["server"] = {"url": events_url, "headers": {"X-Vapi-Secret": "s" * 20}}
         overrides["serverMessages"] = ["status-update", "end-of-call-report"]
-    return {"assistantId": "asst-1", "phoneNumberId": "phone-1",
-            "customer": {"number": number}, "assistantOverrides": overrides}
+    return {
+        "assistantId": "asst-1",
+        "phoneNumberId": "phone-1",
+        "customer": {"number": number},
+        "assistantOverrides": overrides,
+    }
 
 
 def place(client, payload: dict) -> dict:
@@ -102,10 +110,17 @@ def lengths(fake: FakeVapi) -> dict[str, list[float]]:
 
 
 def test_durations_are_drawn_per_outcome_and_scaled(fake, client):
-    fake.configure(concurrency_limit=200, time_scale=0.001, seed=7,
-                   outcome_mix={"no_answer": 1, "voicemail": 1, "reached": 2},
-                   durations={"no_answer": [25, 35], "voicemail": [30, 60],
-                              "reached": {"lognormal_median": 90, "max": 100, "min": 80}})
+    fake.configure(
+        concurrency_limit=200,
+        time_scale=0.001,
+        seed=7,
+        outcome_mix={"no_answer": 1, "voicemail": 1, "reached": 2},
+        durations={
+            "no_answer": [25, 35],
+            "voicemail": [30, 60],
+            "reached": {"lognormal_median": 90, "max": 100, "min": 80},
+        },
+    )
     for _ in range(60):
         place(client, body())
 
@@ -122,10 +137,17 @@ def test_durations_are_drawn_per_outcome_and_scaled(fake, client):
     # The same seed draws the same lengths in the same order.
     first = [c["ended"] - c["started"] for c in fake.line_stats()["calls"]]
     fake.reset()
-    fake.configure(concurrency_limit=200, time_scale=0.001, seed=7,
-                   outcome_mix={"no_answer": 1, "voicemail": 1, "reached": 2},
-                   durations={"no_answer": [25, 35], "voicemail": [30, 60],
-                              "reached": {"lognormal_median": 90, "max": 100, "min": 80}})
+    fake.configure(
+        concurrency_limit=200,
+        time_scale=0.001,
+        seed=7,
+        outcome_mix={"no_answer": 1, "voicemail": 1, "reached": 2},
+        durations={
+            "no_answer": [25, 35],
+            "voicemail": [30, 60],
+            "reached": {"lognormal_median": 90, "max": 100, "min": 80},
+        },
+    )
     for _ in range(60):
         place(client, body())
     again = [c["ended"] - c["started"] for c in fake.line_stats()["calls"]]
@@ -133,8 +155,11 @@ def test_durations_are_drawn_per_outcome_and_scaled(fake, client):
 
 
 def test_a_call_plays_its_drawn_length_and_answers_after_the_ring(fake, client, reports, served):
-    fake.configure(ring_seconds=0.1, durations={"reached": 0.4, "no_answer": 0.2},
-                   scripts={"+15551230009": ["no_answer"]})
+    fake.configure(
+        ring_seconds=0.1,
+        durations={"reached": 0.4, "no_answer": 0.2},
+        scripts={"+15551230009": ["no_answer"]},
+    )
     events_url = served[3]
     reached = place(client, body(events_url))
     unanswered = place(client, body(events_url, number="+15551230009"))
@@ -154,11 +179,20 @@ def test_a_call_plays_its_drawn_length_and_answers_after_the_ring(fake, client, 
     assert view["endedReason"] == "customer-ended-call"
 
 
-@pytest.mark.parametrize("durations", [
-    {"reached": -1}, {"reached": [5, 1]}, {"reached": [1]}, {"reached": {"median": 3}},
-    {"reached": {"lognormal_median": 0}}, {"reached": {"lognormal_median": 9, "min": 5, "max": 4}},
-    {"hold": 3}, {"reached": True}, ["reached"],
-])
+@pytest.mark.parametrize(
+    "durations",
+    [
+        {"reached": -1},
+        {"reached": [5, 1]},
+        {"reached": [1]},
+        {"reached": {"median": 3}},
+        {"reached": {"lognormal_median": 0}},
+        {"reached": {"lognormal_median": 9, "min": 5, "max": 4}},
+        {"hold": 3},
+        {"reached": True},
+        ["reached"],
+    ],
+)
 def test_bad_durations_are_a_400(fake, client, durations):
     response = client.post("/_fake/configure", json={"durations": durations})
     assert response.status_code == 400
@@ -188,8 +222,7 @@ def test_blocked_end_ends_the_call_at_once(fake, client):
     assert [r.outcome for r in fake.requests] == ["placed", "blocked"]
 
 
-def test_blocked_queue_starts_waiting_calls_first_come_first_served(fake, client, reports,
-                                                                   served):
+def test_blocked_queue_starts_waiting_calls_first_come_first_served(fake, client, reports, served):
     events_url = served[3]
     fake.configure(concurrency_limit=1, hold=True, blocked_behaviour="queue")
     first = place(client, body(events_url))
@@ -198,10 +231,17 @@ def test_blocked_queue_starts_waiting_calls_first_come_first_served(fake, client
 
     for queued in (second, third):
         assert queued["status"] == "queued"
-        assert queued["subscriptionLimits"] == {"concurrencyBlocked": True, "concurrencyLimit": 1,
-                                                "remainingConcurrentCalls": 0}
-        assert vapi_spec.validate("Call", {k: v for k, v in queued.items()
-                                           if k != "subscriptionLimits"}) == []
+        assert queued["subscriptionLimits"] == {
+            "concurrencyBlocked": True,
+            "concurrencyLimit": 1,
+            "remainingConcurrentCalls": 0,
+        }
+        assert (
+            vapi_spec.validate(
+                "Call", {k: v for k, v in queued.items() if k != "subscriptionLimits"}
+            )
+            == []
+        )
     assert client.get(f"/call/{second['id']}").json()["status"] == "queued"
     assert [c["status"] for c in client.get("/call").json()] == ["queued", "queued", "ringing"]
     assert [r.outcome for r in fake.requests] == ["placed", "queued", "queued"]
@@ -222,8 +262,12 @@ def test_blocked_queue_starts_waiting_calls_first_come_first_served(fake, client
     calls = {c["id"]: c for c in lines["calls"]}
     assert calls[second["id"]]["started"] == calls[first["id"]]["ended"]
     assert calls[third["id"]]["started"] == calls[second["id"]]["ended"]
-    assert (lines["max_in_use"], lines["refused"], lines["queued"], lines["waiting"]) == \
-        (1, 0, 2, 0)
+    assert (lines["max_in_use"], lines["refused"], lines["queued"], lines["waiting"]) == (
+        1,
+        0,
+        2,
+        0,
+    )
     assert [n for _, n in lines["series"]] == [1, 0, 1, 0, 1, 0]
     assert lines["doubles"] == 0
 
@@ -262,8 +306,11 @@ def test_created_then_answered_5xx(fake, client, reports, served, status):
     assert first.json()["statusCode"] == status
     calls = fake.calls_for_form(form_id)
     assert len(calls) == 2  # Vapi created each: a retry after a 5xx calls the patient again
-    listed = [c for c in client.get("/call").json()
-              if c["assistantOverrides"]["metadata"]["formId"] == form_id]
+    listed = [
+        c
+        for c in client.get("/call").json()
+        if c["assistantOverrides"]["metadata"]["formId"] == form_id
+    ]
     assert {c["id"] for c in listed} == {c["id"] for c in calls}
     wait_until(lambda: reports.ended() == {c["id"] for c in calls}, timeout=10)
     lines = fake.line_stats()
@@ -287,7 +334,11 @@ def test_line_stats_over_http_need_the_key(fake, served, client):
 
 
 def test_line_series_counts_a_line_freed_and_taken_at_once_once():
-    calls = [{"started": 0.0, "ended": 1.0}, {"started": 1.0, "ended": 2.0},
-             {"started": 0.5, "ended": None}, {"started": None, "ended": None}]
+    calls = [
+        {"started": 0.0, "ended": 1.0},
+        {"started": 1.0, "ended": 2.0},
+        {"started": 0.5, "ended": None},
+        {"started": None, "ended": None},
+    ]
     assert line_series(calls, until=1.5) == [[0.0, 1], [0.5, 2], [1.0, 1], [1.0, 2]]
     assert max(n for _, n in line_series(calls, until=5)) == 2

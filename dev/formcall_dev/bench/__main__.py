@@ -13,14 +13,14 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from formcall_dev.bench import plots, report
 from formcall_dev.bench.burst import bench_burst
 from formcall_dev.bench.coldstart import bench_coldstart
-from formcall_dev.bench.lines import bench_lines
 from formcall_dev.bench.common import FULL, QUICK, REPO_ROOT, SMOKE, Sizes, machine
+from formcall_dev.bench.lines import bench_lines
 from formcall_dev.bench.quota import bench_quota
 from formcall_dev.bench.seed_design import bench_seed_design
 from formcall_dev.bench.sweep import bench_sweep
@@ -47,9 +47,14 @@ def run(names: tuple[str, ...], sizes: Sizes, work: Path, log=print) -> dict:
             if name == "seed_design":
                 results[name] = bench_seed_design(work, sizes, sweep=_largest_sweep(results))
             else:
-                results[name] = {"coldstart": bench_coldstart, "warm": bench_warm,
-                                 "sweep": bench_sweep, "burst": bench_burst,
-                                 "quota": bench_quota, "lines": bench_lines}[name](work, sizes)
+                results[name] = {
+                    "coldstart": bench_coldstart,
+                    "warm": bench_warm,
+                    "sweep": bench_sweep,
+                    "burst": bench_burst,
+                    "quota": bench_quota,
+                    "lines": bench_lines,
+                }[name](work, sizes)
         except Exception as exc:
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -61,12 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m formcall_dev.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, under 2 minutes")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests only
-    parser.add_argument("--only", default=",".join(BENCHMARKS),
-                        help=f"comma-separated, of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT,
-                        help="where BENCHMARKS.md and docs/ go (default: the repository)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the scratch folder (stacks' logs, results.json)")
+    parser.add_argument(
+        "--only", default=",".join(BENCHMARKS), help=f"comma-separated, of: {', '.join(BENCHMARKS)}"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO_ROOT,
+        help="where BENCHMARKS.md and docs/ go (default: the repository)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the scratch folder (stacks' logs, results.json)"
+    )
     args = parser.parse_args(argv)
     names = tuple(n.strip() for n in args.only.split(",") if n.strip())
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -82,12 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         (work / "results.json").write_text(json.dumps(results, indent=1, default=str))
         docs = args.out / "docs"
         pictures = plots.draw(results, docs)
-        meta = {"mode": sizes.name, "machine": machine(),
-                "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "minutes": (time.perf_counter() - started) / 60}
+        meta = {
+            "mode": sizes.name,
+            "machine": machine(),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "minutes": (time.perf_counter() - started) / 60,
+        }
         path = report.write(results, meta=meta, path=args.out / "BENCHMARKS.md")
-        print(f"bench: wrote {path} and {len(pictures)} plots in {docs}"
-              f" ({meta['minutes']:.1f} min)")
+        print(
+            f"bench: wrote {path} and {len(pictures)} plots in {docs} ({meta['minutes']:.1f} min)"
+        )
     finally:
         if args.keep:
             print(f"bench: scratch folder kept: {work}")

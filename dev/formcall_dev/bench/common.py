@@ -43,8 +43,13 @@ class Sizes:
     sweep_runs: int = 3
     # 4. cold start and memory
     cold_runs: int = 5
-    cold_functions: tuple[str, ...] = ("call_form", "check_forms", "setup", "schedule_form",
-                                       "failure_callback")
+    cold_functions: tuple[str, ...] = (
+        "call_form",
+        "check_forms",
+        "setup",
+        "schedule_form",
+        "failure_callback",
+    )
     sam_build: bool = True
     # 5. warm cost
     warm_requests: int = 1000
@@ -61,16 +66,49 @@ class Sizes:
 
 
 FULL = Sizes("full")
-QUICK = Sizes("quick", burst_forms=100, burst_runs=1, burst_long_forms=0, backlog_forms=8,
-              backlog_runs=1, table_rows=100_000, query_runs=3, sweep_runs=1, cold_runs=3,
-              sam_build=False, warm_requests=200, day_forms=40, day_seconds=8.0,
-              lines_forms=150, lines_drill_forms=30)
-SMOKE = Sizes("smoke", burst_forms=10, burst_call_seconds=0.2, burst_runs=1, burst_long_forms=0,
-              backlog_forms=3, backlog_runs=1, vapi_latency=0.05, table_rows=5_000,
-              overdue_fractions=(0.01, 0.002), query_runs=1, sweep_runs=1, cold_runs=1,
-              cold_functions=("call_form",), sam_build=False, warm_requests=20, day_forms=6,
-              day_seconds=1.0, lines_forms=12, lines_compression=200.0, lines_drill_forms=4,
-              lines_timeout_s=2.0, lines_lease_s=6)
+QUICK = Sizes(
+    "quick",
+    burst_forms=100,
+    burst_runs=1,
+    burst_long_forms=0,
+    backlog_forms=8,
+    backlog_runs=1,
+    table_rows=100_000,
+    query_runs=3,
+    sweep_runs=1,
+    cold_runs=3,
+    sam_build=False,
+    warm_requests=200,
+    day_forms=40,
+    day_seconds=8.0,
+    lines_forms=150,
+    lines_drill_forms=30,
+)
+SMOKE = Sizes(
+    "smoke",
+    burst_forms=10,
+    burst_call_seconds=0.2,
+    burst_runs=1,
+    burst_long_forms=0,
+    backlog_forms=3,
+    backlog_runs=1,
+    vapi_latency=0.05,
+    table_rows=5_000,
+    overdue_fractions=(0.01, 0.002),
+    query_runs=1,
+    sweep_runs=1,
+    cold_runs=1,
+    cold_functions=("call_form",),
+    sam_build=False,
+    warm_requests=20,
+    day_forms=6,
+    day_seconds=1.0,
+    lines_forms=12,
+    lines_compression=200.0,
+    lines_drill_forms=4,
+    lines_timeout_s=2.0,
+    lines_lease_s=6,
+)
 
 
 def median(values) -> float:
@@ -90,16 +128,26 @@ def percentile(values, q: float) -> float:
 def fake_vapi(info, method: str, path: str, **kwargs):
     """The fake Vapi's admin API (`/_fake/...`) on a running stack."""
     key = info.credentials["VAPI_PRIVATE_KEY"]
-    answer = httpx.request(method, f"{info.vapi_url}/_fake{path}", timeout=60, **kwargs,
-                           headers={"Authorization": f"Bearer {key}"})
+    answer = httpx.request(
+        method,
+        f"{info.vapi_url}/_fake{path}",
+        timeout=60,
+        **kwargs,
+        headers={"Authorization": f"Bearer {key}"},
+    )
     answer.raise_for_status()
     return answer.json()
 
 
 def qstash(info, method: str, path: str, **kwargs):
     """The local QStash's API (`/v2/...`, including `/v2/_local/stats`) on a running stack."""
-    answer = httpx.request(method, f"{info.qstash_url}/v2{path}", timeout=60, **kwargs,
-                           headers={"Authorization": f"Bearer {info.credentials['QSTASH_TOKEN']}"})
+    answer = httpx.request(
+        method,
+        f"{info.qstash_url}/v2{path}",
+        timeout=60,
+        **kwargs,
+        headers={"Authorization": f"Bearer {info.credentials['QSTASH_TOKEN']}"},
+    )
     answer.raise_for_status()
     return answer.json()
 
@@ -107,8 +155,11 @@ def qstash(info, method: str, path: str, **kwargs):
 def trigger_sweep(info) -> tuple[dict, float]:
     """check-forms' manual trigger; returns its answer and how long it took."""
     started = time.perf_counter()
-    answer = httpx.get(info.check_forms_url, timeout=600, headers={
-        "Authorization": f"Bearer {info.credentials['CRON_SECRET']}"})
+    answer = httpx.get(
+        info.check_forms_url,
+        timeout=600,
+        headers={"Authorization": f"Bearer {info.credentials['CRON_SECRET']}"},
+    )
     answer.raise_for_status()
     return answer.json(), time.perf_counter() - started
 
@@ -131,13 +182,23 @@ def machine() -> dict[str, str]:
         pass
     commit = ""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "memory": memory,
-            "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "commit": commit}
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": memory,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "commit": commit,
+    }
 
 
 class BenchStack(Stack):
@@ -165,7 +226,24 @@ class BenchStack(Stack):
             return super()._spawn(name, port, env)
         log = open(self.data_dir / "logs" / f"{name}.log", "ab")
         self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "formcall_dev.functions_server:create_app",
-             "--factory", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-             "--no-access-log", "--timeout-keep-alive", "75"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "formcall_dev.functions_server:create_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+                "--timeout-keep-alive",
+                "75",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
