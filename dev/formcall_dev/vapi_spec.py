@@ -12,12 +12,13 @@ from typing import Any
 import jsonschema_rs
 
 SPEC_ENV = "FORMCALL_VAPI_SPEC"
-# The reference folder sits beside the clone (CI checks it out there too).
-DEFAULT_SPEC = Path(__file__).resolve().parents[3] / "shared" / "reference" / "vapi-openapi.json"
+# Vapi's published OpenAPI spec (VapiAI/docs, fern/apis/api/openapi.json of 2026-08-20), kept
+# in the repository so every check against it runs offline.
+DEFAULT_SPEC = Path(__file__).resolve().parent / "reference" / "vapi-openapi.json"
 
 
 def spec_path() -> Path:
-    """Where the spec is read from: $FORMCALL_VAPI_SPEC, else the shared reference folder."""
+    """Where the spec is read from: $FORMCALL_VAPI_SPEC, else the copy in the repository."""
     return Path(os.environ.get(SPEC_ENV) or DEFAULT_SPEC)
 
 
@@ -27,8 +28,8 @@ def spec() -> dict[str, Any]:
     path = spec_path()
     if not path.is_file():
         raise FileNotFoundError(
-            f"Vapi's OpenAPI spec is not at {path}: set {SPEC_ENV} or put "
-            "the reference folder beside the clone"
+            f"Vapi's OpenAPI spec is not at {path}: set {SPEC_ENV} or restore "
+            "dev/formcall_dev/reference/vapi-openapi.json"
         )
     return json.loads(path.read_text(encoding="utf-8"))
 

@@ -9,16 +9,13 @@ import pytest
 
 from formcall.outcomes import ENDED_REASON_OUTCOME, OUTCOMES, classify
 
-SPEC = Path(__file__).resolve().parents[3] / "shared/reference/vapi-openapi.json"
+SPEC = Path(__file__).resolve().parents[2] / "dev/formcall_dev/reference/vapi-openapi.json"
 MESSAGE_SCHEMAS = ("Call", "ServerMessageStatusUpdate", "ServerMessageEndOfCallReport")
 
 
 def ended_reason_enum(schema: str) -> list[str]:
     if not SPEC.is_file():
-        pytest.fail(
-            f"Vapi's OpenAPI spec is missing at {SPEC}: check out the shared reference "
-            "folder beside the clone (CI does)"
-        )
+        pytest.fail(f"Vapi's OpenAPI spec is missing at {SPEC}: it is part of the repository")
     spec = json.loads(SPEC.read_text(encoding="utf-8"))
     return spec["components"]["schemas"][schema]["properties"]["endedReason"]["enum"]
 
