@@ -991,7 +991,7 @@ def markdown_section(figures: dict, hostile: dict | None, command: str) -> str:
         f"{figures['seconds']['total']} s in all. Stale claims are reconciled with "
         "`reconcile_stale_calls(lease_seconds=0)` and lost reports looked up with "
         "`look_up_lost_outcomes(timeout_seconds=0)` once nothing is in flight (production "
-        "waits for the 15-minute lease and CALL_OUTCOME_TIMEOUT_SECONDS); then check-forms "
+        "waits for CLAIM_LEASE_SECONDS and CALL_OUTCOME_TIMEOUT_SECONDS); then check-forms "
         "sweeps until a round changes nothing.",
         "",
     ]
