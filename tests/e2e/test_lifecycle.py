@@ -142,7 +142,8 @@ def night_window(now: datetime, opens_in: int) -> tuple[str, str, datetime]:
 
 def test_due_at_night_is_called_at_the_windows_opening(tmp_path):
     now = datetime.now(UTC)
-    window, zone, opening = night_window(now, opens_in=8)
+    # Far enough ahead that the stack is up and both forms are scheduled before it opens.
+    window, zone, opening = night_window(now, opens_in=20)
     with (
         Stack(tmp_path, call_window=window) as info,
         psycopg.connect(info.dsn, autocommit=True) as conn,
@@ -167,7 +168,7 @@ def test_due_at_night_is_called_at_the_windows_opening(tmp_path):
         assert sweep.json()["enqueued"] == 2  # both are overdue; both go for the opening
         wait_until(
             lambda: all(form_row(conn, f)["call_status"] == "called" for f in (due, missed)),
-            timeout=20,
+            timeout=45,
         )
         for form in (due, missed):
             calls = calls_for(info, form)

@@ -12,6 +12,7 @@ from helpers import invoke
 from typer.testing import CliRunner
 
 from formcall_dev.cli import app as cli
+from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_row
 
 EVENTS = sorted((Path(__file__).resolve().parents[2] / "events").glob("*.json"))
@@ -68,8 +69,15 @@ def test_event_runs_through_its_handler(name, signed_events, stack_env, vapi, co
         else:
             assert (row["call_status"], row["call_outcome"]) == ("called", None)
     elif name.startswith("call_form"):
-        assert answer.body["status"] == "called"
-        assert form_row(conn, FORM_ID)["call_status"] == "called"
+        # Called by this event; a late delivery left over from an earlier event's test (same
+        # form id) may win the claim first, and then this one is skipped: one call either way.
+        assert (answer.body["status"], answer.body.get("reason")) in (
+            ("called", None),
+            ("skipped", "already_called"),
+            ("skipped", "in_progress"),
+        ), answer.body
+        wait_until(lambda: form_row(conn, FORM_ID)["call_status"] == "called")
+        assert len(vapi.calls_for_form(FORM_ID)) == 1
     elif name.startswith("check_forms"):
         assert answer.body["found"] == 1 and answer.body["enqueued"] == 1
     else:

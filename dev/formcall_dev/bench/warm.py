@@ -91,6 +91,9 @@ def bench_warm(work: Path, sizes) -> dict:
         env = {
             **os.environ,
             **info.env(),
+            # The fake Vapi's lines (the stack's): the line ledger counts each call until its
+            # end is reported, and these requests come faster than a report.
+            "VAPI_MAX_CONCURRENCY": "1000",
             "POWERTOOLS_SERVICE_NAME": "formcall",
             "POWERTOOLS_METRICS_NAMESPACE": "formcall",
         }
