@@ -73,29 +73,27 @@ class _Analysis(BaseModel):
     structuredData: dict[str, Any] | None = None
 
 
-class _Call(BaseModel):
-    """The parts of Vapi's Call formcall reads (a message's `call`, or GET /call/{id})."""
+class _CallState(BaseModel):
+    """What both a Call and a server message may say of a call's progress and end."""
 
     model_config = _LOOSE
-    id: str
     status: str | None = None
     endedReason: str | None = None
     startedAt: AwareDatetime | None = None
     endedAt: AwareDatetime | None = None
     cost: float | None = None
     analysis: _Analysis | None = None
+
+
+class _Call(_CallState):
+    """The parts of Vapi's Call formcall reads (a message's `call`, or GET /call/{id})."""
+
+    id: str
     assistantOverrides: _Overrides | None = None
 
 
-class _Message(BaseModel):
-    model_config = _LOOSE
+class _Message(_CallState):
     type: str
-    status: str | None = None
-    endedReason: str | None = None
-    startedAt: AwareDatetime | None = None
-    endedAt: AwareDatetime | None = None
-    cost: float | None = None
-    analysis: _Analysis | None = None
     call: _Call | None = None
 
 

@@ -107,13 +107,14 @@ def event(
 
 @pytest.fixture
 def rules(stack_env, vapi, monkeypatch):
-    """stack_env with a follow-up delay of a second and caps that let a test call twice.
+    """stack_env with a follow-up an hour after a call and caps that let a test call twice.
 
     The fake Vapi's calls ring until a test ends them: the reports here are the test's own.
     """
     vapi.configure(hold=True)
     values = {
-        "FOLLOW_UP_DELAY_SECONDS": "1",
+        # An hour: a follow-up never comes back while a test still reads the first call's record.
+        "FOLLOW_UP_DELAY_SECONDS": "3600",
         "PATIENT_MAX_CALLS_PER_DAY": "5",
         "PATIENT_MAX_CALLS_PER_WEEK": "20",
         "WEBHOOK_SECRET": "w" * 32,
@@ -198,7 +199,7 @@ def test_every_ending_class_and_its_decision(
     )
     assert form_events(conn, form)[-len(expected) :] == expected
     if follow_up:
-        assert row["next_call_at"] == call[4] + timedelta(seconds=1)
+        assert row["next_call_at"] == call[4] + timedelta(seconds=3600)
         queued = qstash_message(rules["QSTASH_URL"], keys.qstash_token, row["qstash_message_id"])
         assert queued is not None and json.loads(queued["body"]) == {"formId": form}
         assert queued["notBefore"] // 1000 >= int(row["next_call_at"].timestamp())
@@ -208,7 +209,9 @@ def test_every_ending_class_and_its_decision(
         assert row["last_call_error"] == f"bad number: {ended_reason}"
 
 
-def test_no_answer_is_followed_up_until_reached(rules, vapi, conn, keys):
+def test_no_answer_is_followed_up_until_reached(rules, vapi, conn, keys, monkeypatch):
+    monkeypatch.setenv("FOLLOW_UP_DELAY_SECONDS", "1")  # the follow-up within the test
+    clients.reset()
     patient = create_patient(conn, phone="+15550177001")
     form = create_form(conn, patient_id=patient, deadline=NOW - timedelta(minutes=5))
     first = place_call(conn, keys, vapi, form)
