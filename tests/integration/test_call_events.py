@@ -9,9 +9,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 from conftest import qstash_message
 from helpers import EVENTS_DOMAIN, call_form_event, invoke
@@ -280,6 +283,46 @@ def test_duplicated_and_reordered_reports_end_in_one_record_and_one_follow_up(
     assert events.count("call_ended") == 1 and events.count("follow_up_scheduled") == 1
     # One follow-up message: published once, the repeats found it recorded.
     assert events.count("scheduled") == 1 and "rescheduled" not in events, events
+
+
+def test_reports_arriving_together_publish_and_record_one_follow_up(rules, vapi, conn, keys):
+    # Both reports can see the follow-up unpublished and both publish it: one deduplication
+    # id, so QStash keeps one message, and recording it the second time writes nothing.
+    form = create_form(conn, patient_id=create_patient(conn), deadline=NOW - timedelta(minutes=5))
+    vapi_call = place_call(conn, keys, vapi, form)
+    end = end_of_call_report(vapi_call, [form], "customer-did-not-answer")
+    late = status_update(vapi_call, [form], "in-progress")
+    start = threading.Barrier(4)
+
+    def send(body):
+        start.wait()
+        return httpx.post(
+            rules["CALL_EVENTS_URL"],
+            json=body,
+            headers={"x-vapi-secret": keys.vapi_webhook_secret},
+            timeout=30,
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send, [end, late, end, late]))
+    assert [a.status_code for a in answers] == [200] * 4
+    assert sum(a.json()["ended"] for a in answers) == 1
+    events = form_events(conn, form)
+    assert events.count("follow_up_scheduled") == 1
+    assert events.count("scheduled") == 1 and "rescheduled" not in events, events
+
+
+def test_recording_the_same_message_twice_writes_one_event(rules, conn):
+    deadline = NOW + timedelta(hours=1)
+    form = create_form(conn, patient_id=create_patient(conn), deadline=deadline, silent=True)
+    record = "select record_form_scheduled(%s, %s, %s, %s)"
+    answers = [
+        conn.execute(record, (form, "msg-1", deadline, deadline)).fetchone()[0],
+        conn.execute(record, (form, "msg-1", deadline, deadline)).fetchone()[0],
+        conn.execute(record, (form, "msg-2", deadline, deadline)).fetchone()[0],
+    ]
+    assert [a["changed"] for a in answers] == [True, False, True]
+    assert form_events(conn, form) == ["scheduled", "rescheduled"]
 
 
 def test_progress_only_moves_forward(rules, vapi, conn, keys):
