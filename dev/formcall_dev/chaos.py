@@ -73,6 +73,11 @@ CALL_RULES = {
     "PATIENT_MAX_CALLS_PER_DAY": "2",
     "PATIENT_MAX_CALLS_PER_WEEK": "3",
     "CALL_OUTCOME_TIMEOUT_SECONDS": "5",
+    # An unknown outcome is reconciled this long after its claim (production: 60 s, twice
+    # call-form's timeout). Here call-form gives up on Vapi after 1 s and the slowest fault
+    # answers after 2.5 s, so 5 s still finds every claimant done, and the run does not sit
+    # a minute on each reconcile message.
+    "CLAIM_LEASE_SECONDS": "5",
 }
 
 

@@ -764,8 +764,8 @@ def section_lines(r: dict) -> str:
         f" {max(0.0, 1 - rate['flow_per_minute'] / rate['real_flow_per_minute']) * 100:.0f} % of"
         " its start rate, which the comparison should be read with. (b) is the ledger with the"
         f" product's settings (VAPI_MAX_CALL_SECONDS = 660 compressed:"
-        f" {ledger['max_call_seconds']},"
-        f" VAPI_CALLS_PER_MINUTE = {ledger['calls_per_minute']}).",
+        f" {ledger['max_call_seconds']}; flow control: parallelism {ledger['lines']}, no start"
+        " rate, so VAPI_CALLS_PER_MINUTE plays no part).",
         "",
         _table(
             [
