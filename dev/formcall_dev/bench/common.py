@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 @dataclass(frozen=True)
 class Sizes:
-    """Sizes: `full` is the issue's, `quick` runs in under 2 minutes, `smoke` is for the test."""
+    """Sizes: `full` is the issue's, `quick` runs in about 5 minutes, `smoke` is for the test."""
 
     name: str
     # 1. burst drain
