@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from conftest import qstash_message
 
-from formcall import clients
+from formcall import clients, settings
 from formcall.schedule import sync_form_schedule
 from formcall_dev.seed import create_form, create_patient, form_row
 
@@ -102,10 +102,10 @@ def two_clinics(clinic, stack_env, conn):
         assert (
             sync_form_schedule(
                 form,
-                store=clients.store(),
-                publisher=clients.publisher(),
+                store=clients.store(settings.load(settings.CheckFormsSettings)),
+                publisher=clients.publisher(settings.load(settings.CheckFormsSettings)),
                 call_form_url=stack_env["CALL_FORM_URL"],
-                window=clients.window(),
+                window=clients.window(settings.load(settings.CheckFormsSettings)),
             ).action
             == "scheduled"
         )
@@ -133,10 +133,10 @@ def test_a_clinic_user_cannot_point_their_form_at_another_patients_message(
     )
     result = sync_form_schedule(
         own,
-        store=clients.store(),
-        publisher=clients.publisher(),
+        store=clients.store(settings.load(settings.CheckFormsSettings)),
+        publisher=clients.publisher(settings.load(settings.CheckFormsSettings)),
         call_form_url=stack_env["CALL_FORM_URL"],
-        window=clients.window(),
+        window=clients.window(settings.load(settings.CheckFormsSettings)),
     )
 
     assert (result.action, result.message_id) == ("cancelled", own_message)

@@ -21,7 +21,7 @@ import pytest
 from conftest import qstash_message
 from helpers import DOMAIN, invoke
 
-from formcall import clients
+from formcall import clients, settings
 from formcall.schedule import sync_form_schedule
 from formcall.signatures import verify_webhook
 from formcall_dev import webhooks
@@ -60,10 +60,10 @@ def scheduled_form(conn, env, *, phone="+15550100021") -> tuple[str, str]:
     )
     result = sync_form_schedule(
         form,
-        store=clients.store(),
-        publisher=clients.publisher(),
+        store=clients.store(settings.load(settings.CheckFormsSettings)),
+        publisher=clients.publisher(settings.load(settings.CheckFormsSettings)),
         call_form_url=env["CALL_FORM_URL"],
-        window=clients.window(),
+        window=clients.window(settings.load(settings.CheckFormsSettings)),
     )
     return form, result.message_id
 
@@ -252,10 +252,10 @@ def test_a_row_pointing_at_another_forms_message_is_cleared_without_cancelling_i
     )
     result = sync_form_schedule(
         mine,
-        store=clients.store(),
-        publisher=clients.publisher(),
+        store=clients.store(settings.load(settings.CheckFormsSettings)),
+        publisher=clients.publisher(settings.load(settings.CheckFormsSettings)),
         call_form_url=hook_env["CALL_FORM_URL"],
-        window=clients.window(),
+        window=clients.window(settings.load(settings.CheckFormsSettings)),
     )
     assert result.action == "cancelled"
     assert queued(hook_env, message) is not None
