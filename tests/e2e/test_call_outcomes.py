@@ -313,9 +313,10 @@ def test_a_stale_follow_up_claim_is_not_matched_to_the_previous_call(info, conn,
     clients.reset()
     try:
         # The sweep would do this once the claim is older than its 15-minute lease.
+        config = settings.load(settings.CheckFormsSettings)
         outcome = reconcile_stale_calls(
-            store=clients.store(settings.load(settings.CheckFormsSettings)),
-            vapi=clients.vapi(settings.load(settings.CheckFormsSettings)),
+            store=clients.store(config),
+            vapi=clients.vapi(config),
             lease_seconds=0,
         )
     finally:

@@ -444,9 +444,10 @@ def test_unknown_outcome_is_never_retried_blindly(env, vapi, conn, due_form, key
     assert len(placed) == 1
 
     # Once the claim is stale the sweep finds the call in Vapi's list and records it.
+    config = settings.load(settings.CheckFormsSettings)
     outcome = reconcile_stale_calls(
-        store=clients.store(settings.load(settings.CheckFormsSettings)),
-        vapi=clients.vapi(settings.load(settings.CheckFormsSettings)),
+        store=clients.store(config),
+        vapi=clients.vapi(config),
         lease_seconds=0,
     )
     assert outcome == {"found": 1, "released": 0, "unresolved": 0}
@@ -468,9 +469,10 @@ def test_claim_that_never_reached_vapi_is_released_by_reconciliation(
 ):
     # The process died between the claim and the call: the row is 'calling', Vapi has nothing.
     conn.execute("select claim_form_call(%s)", (due_form,))
+    config = settings.load(settings.CheckFormsSettings)
     outcome = reconcile_stale_calls(
-        store=clients.store(settings.load(settings.CheckFormsSettings)),
-        vapi=clients.vapi(settings.load(settings.CheckFormsSettings)),
+        store=clients.store(config),
+        vapi=clients.vapi(config),
         lease_seconds=0,
     )
     assert outcome == {"found": 0, "released": 1, "unresolved": 0}

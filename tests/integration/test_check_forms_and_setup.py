@@ -199,12 +199,13 @@ def test_sweep_racing_the_deadline_jobs_gives_one_call_per_form(stack_env, vapi,
     publisher = clients.publisher(settings.load(settings.CheckFormsSettings))
 
     def deadline_job(form_id):
+        config = settings.load(settings.CheckFormsSettings)
         return sync_form_schedule(
             form_id,
-            store=clients.store(settings.load(settings.CheckFormsSettings)),
+            store=clients.store(config),
             publisher=publisher,
             call_form_url=stack_env["CALL_FORM_URL"],
-            window=clients.window(settings.load(settings.CheckFormsSettings)),
+            window=clients.window(config),
         )
 
     with ThreadPoolExecutor(8) as pool:
@@ -284,12 +285,13 @@ def test_sweep_with_nothing_overdue_never_builds_a_publisher(stack_env, vapi):
     def no_publisher():
         raise AssertionError("nothing to enqueue: the QStash client must not be built")
 
+    config = settings.load(settings.CheckFormsSettings)
     report = sweep_overdue_forms(
-        store=clients.store(settings.load(settings.CheckFormsSettings)),
-        vapi=clients.vapi(settings.load(settings.CheckFormsSettings)),
+        store=clients.store(config),
+        vapi=clients.vapi(config),
         publisher=no_publisher,
         call_form_url=stack_env["CALL_FORM_URL"],
-        window=clients.window(settings.load(settings.CheckFormsSettings)),
+        window=clients.window(config),
     )
     assert (report.found, report.enqueued, report.failed) == (0, 0, 0)
 

@@ -268,6 +268,15 @@ def test_delivery_outside_the_window_is_deferred_to_its_opening(
     assert queued["notBefore"] // 1000 == int(until.timestamp())
 
 
+def call_form_loads() -> tuple[dict[str, int], dict[str, int]]:
+    """settings' load and validation counts, less call-events': the fake Vapi reports each call
+    to the function server in this process."""
+    return tuple(  # type: ignore[return-value]
+        {k: n for k, n in counts.items() if k != "CallEventsSettings"}
+        for counts in (settings.loads, settings.validations)
+    )
+
+
 def test_a_call_form_request_loads_its_settings_once(hook_env, conn, keys, vapi, monkeypatch):
     """The edge loads call-form's model once a request; every client is built from that one."""
     now = datetime.now(UTC)
@@ -277,8 +286,7 @@ def test_a_call_form_request_loads_its_settings_once(hook_env, conn, keys, vapi,
     assert (
         invoke("call_form", call_form_event(form, key=keys.current_key)).body["status"] == "called"
     )
-    assert settings.loads == {"CallFormSettings": 1}
-    assert settings.validations == {"CallFormSettings": 1}
+    assert call_form_loads() == ({"CallFormSettings": 1}, {"CallFormSettings": 1})
 
     # Deferred forms: the publisher too; the second request validates nothing again.
     window, zone, _ = closed_window(now)
@@ -289,8 +297,7 @@ def test_a_call_form_request_loads_its_settings_once(hook_env, conn, keys, vapi,
         form = create_form(conn, patient_id=patient, deadline=now - timedelta(minutes=1))
         answer = invoke("call_form", call_form_event(form, key=keys.current_key))
         assert answer.body["status"] == "deferred"
-        assert settings.loads == {"CallFormSettings": loaded}
-        assert settings.validations == {"CallFormSettings": 1}
+        assert call_form_loads() == ({"CallFormSettings": loaded}, {"CallFormSettings": 1})
     assert len(vapi.requests) == 1
 
 

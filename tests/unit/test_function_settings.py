@@ -283,3 +283,39 @@ def test_setup_publishes_the_schedule_without_call_message_options():
     setup = settings.SetupSettings.model_validate(REQUIRED["setup"])
     publisher = clients.publisher(setup)
     assert (publisher._flow, publisher._failure_callback_url) == (None, None)
+
+
+# --- README's Configuration table says which functions use each variable ----------------------
+
+
+def readme_used_by() -> dict[str, set[str]]:
+    """variable -> the functions README's table names for it ("same": the row above's)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = text.split("| variable | used by | meaning |", 1)[1].split("\n\n", 1)[0]
+    functions = {name.replace("_", "-") for name in FUNCTION_SETTINGS}
+    used: dict[str, set[str]] = {}
+    previous: set[str] = set()
+    for row in table.strip().splitlines()[1:]:
+        variables, used_by = row.split("|")[1:3]
+        if used_by.strip() == "same":
+            names = previous
+        elif used_by.strip() == "all but setup":
+            names = functions - {"setup"}
+        else:
+            names = set(re.findall(r"[a-z]+-[a-z]+|setup", used_by)) & functions
+        previous = names
+        for variable in re.findall(r"`([A-Z_]+)`", re.sub(r"\(or [^)]*\)", "", variables)):
+            used[variable] = names
+    return used
+
+
+def test_readme_names_the_functions_whose_models_hold_each_variable():
+    used = readme_used_by()
+    for name in {n for model in FUNCTION_SETTINGS.values() for n in model.model_fields}:
+        holders = {
+            f.replace("_", "-") for f, m in FUNCTION_SETTINGS.items() if name in m.model_fields
+        }
+        assert used.get(name) == holders, name
