@@ -8,9 +8,10 @@ it is validated once per container and again only when a secret changes. A missi
 malformed value raises ConfigurationError naming the variable.
 
 URLs: a URL setting always names one endpoint. Where it is a destination (where messages or
-the schedule go) it is required; a function's own URL (`public_url`) is only an extra signed
-subject accepted beside the URL the request arrived on (behind the edge), so it is optional
-unless the function also publishes to itself (call-form).
+the schedule go) it is required, but for FAILURE_CALLBACK_URL (without it messages carry no
+failure callback); a function's own URL (`public_url`) is only an extra signed subject
+accepted beside the URL the request arrived on (behind the edge), so it is optional unless
+the function also publishes to itself (call-form).
 """
 
 from __future__ import annotations
