@@ -607,27 +607,30 @@ class Chaos:
             clients.reset()
 
     def _sweep_rounds(self, conn: psycopg.Connection) -> list[dict]:
-        from formcall import clients
+        from functools import partial
+
+        from formcall import clients, settings
         from formcall.sweep import look_up_lost_outcomes, reconcile_stale_calls
 
         assert self.info is not None
+        config = settings.load(settings.CheckFormsSettings)  # the sweep's own settings
         rounds = []
         for _ in range(10):
             reconciled = Counter()
             while True:
                 outcome = reconcile_stale_calls(
-                    store=clients.store(), vapi=clients.vapi(), lease_seconds=0
+                    store=clients.store(config), vapi=clients.vapi(config), lease_seconds=0
                 )
                 reconciled.update(outcome)
                 if sum(outcome.values()) == outcome["unresolved"]:
                     break
             # Calls whose end was never reported (lost reports, a kill before the record).
             looked_up = look_up_lost_outcomes(
-                store=clients.store(),
-                vapi=clients.vapi(),
-                publisher=clients.publisher,
+                store=clients.store(config),
+                vapi=clients.vapi(config),
+                publisher=partial(clients.publisher, config),
                 call_form_url=self.info.call_form_url,
-                window=clients.window(),
+                window=clients.window(config),
                 timeout_seconds=0,
             )
             answer = httpx.get(

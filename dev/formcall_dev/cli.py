@@ -144,11 +144,17 @@ unless an option is given.
         **({} if real_vapi else DEV_CALL_RULES),
         **{k: str(v) for k, v in given.items() if v is not None},
     }
+    from formcall import settings
     from formcall.errors import ConfigurationError
-    from formcall.settings import CallRulesSettings
 
     try:
-        CallRulesSettings.model_validate(rules)
+        for concern in (
+            settings.CallCapsSettings,
+            settings.FollowUpSettings,
+            settings.ClaimLeaseSettings,
+            settings.OutcomeTimeoutSettings,
+        ):
+            concern.model_validate(rules)
     except ConfigurationError as exc:
         fail(str(exc))
     except ValueError as exc:  # pydantic's ValidationError
@@ -365,10 +371,20 @@ def schedule(
     """Publish, move or cancel a form's one-time call message to match the form (as schedule-form does)."""
     import uuid
 
-    from formcall import clients
+    from formcall import clients, settings
     from formcall.errors import FormcallError
     from formcall.observability import logger
     from formcall.schedule import sync_form_schedule
+
+    class ScheduleSettings(
+        settings.DatabaseSettings,
+        settings.PublisherSettings,
+        settings.FlowControlSettings,
+        settings.CallWindowSettings,
+        settings.CallFormUrlSettings,
+        settings.FailureCallbackUrlSettings,
+    ):
+        """schedule-form's concerns less its webhook secret: this command is no webhook."""
 
     logger.setLevel("WARNING")  # the function's JSON logs are for CloudWatch, not this terminal
 
@@ -388,12 +404,14 @@ def schedule(
                 os.environ[name] = info.env()[name]
     clients.reset()
     try:
+        # schedule-form's work, without its webhook secret: the concerns it uses.
+        config = settings.load(ScheduleSettings)
         result = sync_form_schedule(
             form_id,
-            store=clients.store(),
-            publisher=clients.publisher(),
-            call_form_url=os.environ["CALL_FORM_URL"],
-            window=clients.window(),
+            store=clients.store(config),
+            publisher=clients.publisher(config),
+            call_form_url=config.CALL_FORM_URL,
+            window=clients.window(config),
         )
     except FormcallError as exc:
         fail(exc.public_message)

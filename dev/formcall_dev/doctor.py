@@ -35,7 +35,8 @@ SCHEDULE_ID = "formcall-check-forms"
 SCHEDULE_CRON = "0 * * * *"
 TIMEOUT = 15.0
 
-# The settings each function validates; doctor checks them all.
+# Every concern on its own (each one's validators report whatever else is missing), then each
+# function's own model (what a function requires beyond its concerns: setup's CHECK_FORMS_URL).
 MODELS: tuple[type[BaseModel], ...] = (
     settings.ReceiverSettings,
     settings.PublisherSettings,
@@ -43,10 +44,15 @@ MODELS: tuple[type[BaseModel], ...] = (
     settings.DatabaseSettings,
     settings.VapiSettings,
     settings.CallFormUrlSettings,
-    settings.CheckFormsUrlSettings,
     settings.WebhookSettings,
-    settings.CallPolicySettings,
-    settings.CallRulesSettings,
+    settings.CallWindowSettings,
+    settings.LineLedgerSettings,
+    settings.CallCapsSettings,
+    settings.FollowUpSettings,
+    settings.ClaimLeaseSettings,
+    settings.OutcomeTimeoutSettings,
+    settings.FailureCallbackUrlSettings,
+    *settings.FUNCTION_SETTINGS.values(),
 )
 # Every name doctor takes from the environment (beside the models' fields).
 EXTRA_NAMES = (SECRET_ARN, SECRET_ARNS, MAX_AGE, "NEXT_PUBLIC_SUPABASE_URL", "SETUP_URL")

@@ -1,14 +1,17 @@
 """call-form: QStash delivers a form's due moment; claim the patient's due forms, call, record."""
 
-from formcall import clients, settings
+from functools import partial
+
+from formcall import clients
 from formcall.call_form import call_form
 from formcall.models import CallFormRequest
+from formcall.settings import CallFormSettings
 from formcall.web import Incoming, Reply, create_app, lambda_handler, verify_qstash
 
 
-def handle(request: Incoming) -> Reply:
-    own_url = settings.load(settings.CallFormUrlSettings).CALL_FORM_URL
-    claims = verify_qstash(request, public_url=own_url)
+def handle(request: Incoming, config: CallFormSettings) -> Reply:
+    store = clients.store(config)
+    claims = verify_qstash(request, keys=config, public_url=config.public_url, store=store)
     form_id = str(CallFormRequest.parse(request.body).formId)
     # The token id is signed; QStash's message headers are not, so they are kept as unverified.
     delivery = {
@@ -18,11 +21,11 @@ def handle(request: Incoming) -> Reply:
     }
     result = call_form(
         form_id,
-        store=clients.store(),
-        vapi=clients.vapi(),
-        publisher=clients.publisher,
-        call_form_url=own_url,
-        window=clients.window(),
+        store=store,
+        vapi=clients.vapi(config),
+        publisher=partial(clients.publisher, config),
+        call_form_url=config.CALL_FORM_URL,
+        window=clients.window(config),
         delivery=delivery,
     )
     if result.status == "called":
@@ -42,5 +45,5 @@ def handle(request: Incoming) -> Reply:
     return Reply({"status": "skipped", "formId": form_id, "reason": result.reason})
 
 
-app = create_app(handle, paths=["/api/jobs/call-form"], methods=["POST"])
+app = create_app(handle, settings=CallFormSettings, paths=["/api/jobs/call-form"], methods=["POST"])
 handler = lambda_handler(app)

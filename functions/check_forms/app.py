@@ -1,6 +1,9 @@
 """check-forms: the hourly sweep (QStash schedule, POST) and its manual trigger (GET, bearer)."""
 
-from formcall import clients, settings
+from functools import partial
+
+from formcall import clients
+from formcall.settings import CheckFormsSettings
 from formcall.sweep import sweep_overdue_forms
 from formcall.web import (
     Incoming,
@@ -12,20 +15,19 @@ from formcall.web import (
 )
 
 
-def handle(request: Incoming) -> Reply:
+def handle(request: Incoming, config: CheckFormsSettings) -> Reply:
+    store = clients.store(config)
     if request.method == "POST":
-        verify_qstash(request, public_url=settings.load(settings.PublicUrlSettings).CHECK_FORMS_URL)
+        verify_qstash(request, keys=config, public_url=config.public_url, store=store)
     else:
-        require_cron_secret(request)
-    destination = settings.load(settings.CallFormUrlSettings).CALL_FORM_URL
-    rules = settings.load(settings.CallRulesSettings)
+        require_cron_secret(request, secret=config.CRON_SECRET)
     report = sweep_overdue_forms(
-        store=clients.store(),
-        vapi=clients.vapi(),
-        publisher=clients.publisher,
-        call_form_url=destination,
-        window=clients.window(),
-        outcome_timeout_seconds=rules.CALL_OUTCOME_TIMEOUT_SECONDS,
+        store=store,
+        vapi=clients.vapi(config),
+        publisher=partial(clients.publisher, config),
+        call_form_url=config.CALL_FORM_URL,
+        window=clients.window(config),
+        outcome_timeout_seconds=config.CALL_OUTCOME_TIMEOUT_SECONDS,
     )
     return Reply(
         {
@@ -39,5 +41,7 @@ def handle(request: Incoming) -> Reply:
     )
 
 
-app = create_app(handle, paths=["/api/cron/check-forms"], methods=["GET", "POST"])
+app = create_app(
+    handle, settings=CheckFormsSettings, paths=["/api/cron/check-forms"], methods=["GET", "POST"]
+)
 handler = lambda_handler(app)

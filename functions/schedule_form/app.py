@@ -1,13 +1,14 @@
 """schedule-form: the signed webhooks of `forms` keep each form's one-time call message current."""
 
-from formcall import clients, settings
+from formcall import clients
 from formcall.models import WebhookPayload
 from formcall.schedule import cancel_message, sync_form_schedule
+from formcall.settings import ScheduleFormSettings
 from formcall.web import Incoming, Reply, create_app, lambda_handler, require_signed_webhook
 
 
-def handle(request: Incoming) -> Reply:
-    require_signed_webhook(request)
+def handle(request: Incoming, config: ScheduleFormSettings) -> Reply:
+    require_signed_webhook(request, secret=config.WEBHOOK_SECRET)
     payload = WebhookPayload.parse(request.body)
     form_id = payload.form_id()
     if payload.schedule_unchanged():
@@ -16,16 +17,16 @@ def handle(request: Incoming) -> Reply:
         result = cancel_message(
             form_id,
             (payload.old_record or {}).get("qstash_message_id"),
-            store=clients.store(),
-            publisher=clients.publisher(),
+            store=clients.store(config),
+            publisher=clients.publisher(config),
         )
     else:
         result = sync_form_schedule(
             form_id,
-            store=clients.store(),
-            publisher=clients.publisher(),
-            call_form_url=settings.load(settings.CallFormUrlSettings).CALL_FORM_URL,
-            window=clients.window(),
+            store=clients.store(config),
+            publisher=clients.publisher(config),
+            call_form_url=config.CALL_FORM_URL,
+            window=clients.window(config),
         )
     return Reply(
         {
@@ -37,5 +38,7 @@ def handle(request: Incoming) -> Reply:
     )
 
 
-app = create_app(handle, paths=["/api/webhooks/forms"], methods=["POST"])
+app = create_app(
+    handle, settings=ScheduleFormSettings, paths=["/api/webhooks/forms"], methods=["POST"]
+)
 handler = lambda_handler(app)

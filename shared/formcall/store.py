@@ -153,7 +153,7 @@ def _cancels(rows: list[dict[str, Any]] | None) -> tuple[MessageToCancel, ...]:
 
 @dataclass(frozen=True)
 class CallRules:
-    """How often formcall may call (settings.CallRulesSettings), passed to the SQL functions."""
+    """How often formcall may call (clients.call_rules builds it from settings), passed to SQL."""
 
     max_attempts: int = 5
     max_calls_per_form: int = 3

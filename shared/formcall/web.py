@@ -1,4 +1,7 @@
-"""The HTTP edge of every function: request capture, authentication, error mapping, Lambda entry.
+"""The HTTP edge of every function: request capture, settings, authentication, error mapping, Lambda entry.
+
+Each request loads its function's settings model once, here, and the handler passes it (or
+its parts) down; the verifiers below take the keys and secrets they check against.
 
 Errors become statuses here and nowhere else. QStash retries any non-2xx, so only transient
 faults answer 5xx (503); permanent ones answer 489 with `Upstash-NonRetryable-Error: true`.
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import BaseModel, SecretStr
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, QueryParams
@@ -21,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from formcall import clients, settings
+from formcall import settings
 from formcall.errors import FormcallError, PayloadTooLarge, Replayed, TransientFailure, Unauthorized
 from formcall.observability import logger
 from formcall.signatures import InvalidSignature, replay_window, verify_signature, verify_webhook
@@ -49,7 +53,8 @@ class Reply:
     headers: dict[str, str] | None = None
 
 
-Handler = Callable[[Incoming], Reply]
+# A function's handler: the request and its function's settings, loaded for this request.
+Handler = Callable[[Incoming, Any], Reply]
 
 
 def error_reply(exc: Exception) -> Reply:
@@ -64,7 +69,11 @@ def error_reply(exc: Exception) -> Reply:
     return Reply({"error": "internal error"}, 500)
 
 
-def _endpoint(handler: Handler):
+def _endpoint(handler: Handler, model: type[BaseModel]):
+    def handle(incoming: Incoming) -> Reply:
+        # In the thread pool: loading may read the formcall secrets (a network call).
+        return handler(incoming, settings.load(model))
+
     async def endpoint(request: Request) -> JSONResponse:
         started = time.perf_counter()
         try:
@@ -78,7 +87,7 @@ def _endpoint(handler: Handler):
                 query=request.query_params,
                 body=body,
             )
-            reply = await run_in_threadpool(handler, incoming)
+            reply = await run_in_threadpool(handle, incoming)
         except FormcallError as exc:
             log = logger.error if exc.status >= 500 else logger.warning
             log(
@@ -108,9 +117,14 @@ def _endpoint(handler: Handler):
     return endpoint
 
 
-def create_app(handler: Handler, *, paths: Iterable[str], methods: list[str]) -> Starlette:
-    """One function's app: the handler on its root path and on its design paths."""
-    endpoint = _endpoint(handler)
+def create_app(
+    handler: Handler, *, settings: type[BaseModel], paths: Iterable[str], methods: list[str]
+) -> Starlette:
+    """One function's app: the handler on its root path and on its design paths.
+
+    Each request loads `settings` (the function's model) once and hands it to the handler.
+    """
+    endpoint = _endpoint(handler, settings)
     routes = [Route(path, endpoint, methods=methods) for path in ["/", *paths]]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
@@ -143,7 +157,11 @@ def lambda_handler(app: Starlette):
 
 
 def verify_qstash(
-    incoming: Incoming, *, public_url: str | None = None, store: FormStore | None = None
+    incoming: Incoming,
+    *,
+    keys: settings.ReceiverSettings,
+    public_url: str | None,
+    store: FormStore,
 ) -> dict:
     """Check Upstash-Signature against this endpoint's URL (derived or configured) and the raw body.
 
@@ -151,7 +169,6 @@ def verify_qstash(
     refused with 409 before anything is read or written, so replays cannot spend a form's
     attempts. QStash's own retries carry fresh tokens and pass.
     """
-    config = settings.load(settings.ReceiverSettings)
     tokens = incoming.headers.getlist("upstash-signature")
     if len(tokens) > 1:
         raise Unauthorized("invalid signature")
@@ -161,18 +178,15 @@ def verify_qstash(
             body=incoming.body,
             urls=[incoming.url, public_url or ""],
             keys=[
-                config.QSTASH_CURRENT_SIGNING_KEY.get_secret_value(),
-                config.QSTASH_NEXT_SIGNING_KEY.get_secret_value(),
+                keys.QSTASH_CURRENT_SIGNING_KEY.get_secret_value(),
+                keys.QSTASH_NEXT_SIGNING_KEY.get_secret_value(),
             ],
-            leeway=config.QSTASH_CLOCK_TOLERANCE,
+            leeway=keys.QSTASH_CLOCK_TOLERANCE,
         )
-        jti, good_until = replay_window(
-            claims, now=time.time(), leeway=config.QSTASH_CLOCK_TOLERANCE
-        )
+        jti, good_until = replay_window(claims, now=time.time(), leeway=keys.QSTASH_CLOCK_TOLERANCE)
     except InvalidSignature as exc:
         logger.warning("signature refused", extra={"reason": str(exc)})
         raise Unauthorized("invalid signature") from None
-    store = store or clients.store()
     if not store.accept_qstash_token(jti, expires_at=datetime.fromtimestamp(good_until, UTC)):
         logger.warning("replayed QStash token refused")
         raise Replayed("replayed token")
@@ -197,24 +211,25 @@ def _bearer(incoming: Incoming) -> list[str]:
     return [authorization[7:].strip()] if authorization[:7].lower() == "bearer " else []
 
 
-def require_cron_secret(incoming: Incoming, *, allow_query: bool = False) -> None:
+def require_cron_secret(
+    incoming: Incoming, *, secret: SecretStr, allow_query: bool = False
+) -> None:
     """Accept `Authorization: Bearer <CRON_SECRET>` (or `?secret=` where allowed), constant time."""
-    expected = settings.load(settings.CronSettings).CRON_SECRET.get_secret_value()
+    expected = secret.get_secret_value()
     query = [incoming.query["secret"]] if allow_query and "secret" in incoming.query else []
     _require_secret(expected, _bearer(incoming) + query)
 
 
-def require_signed_webhook(incoming: Incoming) -> None:
+def require_signed_webhook(incoming: Incoming, *, secret: SecretStr) -> None:
     """Accept a database webhook signed with WEBHOOK_SECRET within the last 5 minutes.
 
     The trigger (supabase/migrations/*_signed_webhooks.sql) sends `X-Formcall-Timestamp` and
     `X-Formcall-Signature: v1=<hex HMAC-SHA256 of "{timestamp}.{body}">`; the secret itself
     never travels, so a captured webhook is good for minutes, not forever.
     """
-    secret = settings.load(settings.WebhookSettings).WEBHOOK_SECRET.get_secret_value()
     try:
         verify_webhook(
-            secret=secret,
+            secret=secret.get_secret_value(),
             timestamp=incoming.headers.get("x-formcall-timestamp"),
             signatures=incoming.headers.getlist("x-formcall-signature"),
             body=incoming.body,

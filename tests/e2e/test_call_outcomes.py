@@ -288,7 +288,7 @@ def test_a_stale_follow_up_claim_is_not_matched_to_the_previous_call(info, conn,
     under a minute in production) whose create-call got no answer: Vapi never placed it, so the
     reconciliation must release it, not take the form's previous call (still within its one
     minute of clock slack) for it."""
-    from formcall import clients
+    from formcall import clients, settings
     from formcall.sweep import reconcile_stale_calls
 
     number = "+15550200006"
@@ -313,7 +313,12 @@ def test_a_stale_follow_up_claim_is_not_matched_to_the_previous_call(info, conn,
     clients.reset()
     try:
         # The sweep would do this once the claim is older than its 15-minute lease.
-        outcome = reconcile_stale_calls(store=clients.store(), vapi=clients.vapi(), lease_seconds=0)
+        config = settings.load(settings.CheckFormsSettings)
+        outcome = reconcile_stale_calls(
+            store=clients.store(config),
+            vapi=clients.vapi(config),
+            lease_seconds=0,
+        )
     finally:
         clients.reset()
     assert outcome == {"found": 0, "released": 1, "unresolved": 0}

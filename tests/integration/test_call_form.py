@@ -10,7 +10,7 @@ import jwt
 import pytest
 from helpers import DOMAIN, call_form_event, invoke
 
-from formcall import clients
+from formcall import clients, settings
 from formcall.signatures import body_hash, sign
 from formcall.sweep import reconcile_stale_calls
 from formcall_dev.events import http_event
@@ -444,7 +444,12 @@ def test_unknown_outcome_is_never_retried_blindly(env, vapi, conn, due_form, key
     assert len(placed) == 1
 
     # Once the claim is stale the sweep finds the call in Vapi's list and records it.
-    outcome = reconcile_stale_calls(store=clients.store(), vapi=clients.vapi(), lease_seconds=0)
+    config = settings.load(settings.CheckFormsSettings)
+    outcome = reconcile_stale_calls(
+        store=clients.store(config),
+        vapi=clients.vapi(config),
+        lease_seconds=0,
+    )
     assert outcome == {"found": 1, "released": 0, "unresolved": 0}
     row = form_row(conn, due_form)
     assert (row["call_status"], row["vapi_call_id"]) == ("called", placed[0]["id"])
@@ -464,7 +469,12 @@ def test_claim_that_never_reached_vapi_is_released_by_reconciliation(
 ):
     # The process died between the claim and the call: the row is 'calling', Vapi has nothing.
     conn.execute("select claim_form_call(%s)", (due_form,))
-    outcome = reconcile_stale_calls(store=clients.store(), vapi=clients.vapi(), lease_seconds=0)
+    config = settings.load(settings.CheckFormsSettings)
+    outcome = reconcile_stale_calls(
+        store=clients.store(config),
+        vapi=clients.vapi(config),
+        lease_seconds=0,
+    )
     assert outcome == {"found": 0, "released": 1, "unresolved": 0}
     assert form_row(conn, due_form)["call_status"] == "pending"
     answer = invoke("call_form", call_form_event(due_form, key=keys.current_key))

@@ -11,7 +11,7 @@ from conftest import wait_until
 from helpers import DOMAIN, invoke
 from qstash import QStash
 
-from formcall import clients
+from formcall import clients, settings
 from formcall.schedule import sync_form_schedule
 from formcall.signatures import sign
 from formcall.sweep import CHECK_FORMS_SCHEDULE_ID
@@ -196,15 +196,16 @@ def test_sweep_racing_the_deadline_jobs_gives_one_call_per_form(stack_env, vapi,
     past = datetime.now(UTC) - timedelta(seconds=1)
     forms = [create_form(conn, patient_id=patient, deadline=past) for _ in range(20)]
     vapi.configure(latency=0.05, concurrency_limit=100)
-    publisher = clients.publisher()
+    publisher = clients.publisher(settings.load(settings.CheckFormsSettings))
 
     def deadline_job(form_id):
+        config = settings.load(settings.CheckFormsSettings)
         return sync_form_schedule(
             form_id,
-            store=clients.store(),
+            store=clients.store(config),
             publisher=publisher,
             call_form_url=stack_env["CALL_FORM_URL"],
-            window=clients.window(),
+            window=clients.window(config),
         )
 
     with ThreadPoolExecutor(8) as pool:
@@ -284,12 +285,13 @@ def test_sweep_with_nothing_overdue_never_builds_a_publisher(stack_env, vapi):
     def no_publisher():
         raise AssertionError("nothing to enqueue: the QStash client must not be built")
 
+    config = settings.load(settings.CheckFormsSettings)
     report = sweep_overdue_forms(
-        store=clients.store(),
-        vapi=clients.vapi(),
+        store=clients.store(config),
+        vapi=clients.vapi(config),
         publisher=no_publisher,
         call_form_url=stack_env["CALL_FORM_URL"],
-        window=clients.window(),
+        window=clients.window(config),
     )
     assert (report.found, report.enqueued, report.failed) == (0, 0, 0)
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from formcall import clients
+from formcall import clients, settings
 from formcall.signatures import sign
 from formcall_dev import supabase_rpc
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
@@ -49,7 +49,7 @@ def deliver(url: str, form_id: str, key: str) -> httpx.Response:
 
 
 def test_supabase_path_really_goes_through_the_rpc_stand_in(data_path, keys, supabase_server):
-    store = clients.store()
+    store = clients.store(settings.load(settings.CheckFormsSettings))
     assert type(store._rpc).__name__ == (
         "SupabaseRpc" if data_path == "supabase" else "PostgresRpc"
     )

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from conftest import qstash_message
 
-from formcall import clients
+from formcall import clients, settings
 from formcall.schedule import sync_form_schedule
 from formcall_dev.seed import create_form, create_patient, form_row
 
@@ -98,14 +98,15 @@ def two_clinics(clinic, stack_env, conn):
     )
     own = create_form(conn, patient_id=own_patient, deadline=deadline)
     victim = create_form(conn, patient_id=victim_patient, deadline=deadline)
+    config = settings.load(settings.CheckFormsSettings)
     for form in (own, victim):
         assert (
             sync_form_schedule(
                 form,
-                store=clients.store(),
-                publisher=clients.publisher(),
+                store=clients.store(config),
+                publisher=clients.publisher(config),
                 call_form_url=stack_env["CALL_FORM_URL"],
-                window=clients.window(),
+                window=clients.window(config),
             ).action
             == "scheduled"
         )
@@ -131,12 +132,13 @@ def test_a_clinic_user_cannot_point_their_form_at_another_patients_message(
         as_clinic_user(db, attacker, "update forms set submitted_at = now() where id = %s", (own,))
         == 1
     )
+    config = settings.load(settings.CheckFormsSettings)
     result = sync_form_schedule(
         own,
-        store=clients.store(),
-        publisher=clients.publisher(),
+        store=clients.store(config),
+        publisher=clients.publisher(config),
         call_form_url=stack_env["CALL_FORM_URL"],
-        window=clients.window(),
+        window=clients.window(config),
     )
 
     assert (result.action, result.message_id) == ("cancelled", own_message)

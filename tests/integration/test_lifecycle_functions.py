@@ -10,7 +10,7 @@ import pytest
 from conftest import qstash_message
 from helpers import DOMAIN, call_form_event, failure_event, invoke
 
-from formcall import clients
+from formcall import clients, settings
 from formcall.signatures import sign
 from formcall_dev.events import http_event, webhook_headers
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
@@ -266,6 +266,39 @@ def test_delivery_outside_the_window_is_deferred_to_its_opening(
     queued = message(hook_env, keys, stored["qstash_message_id"])
     assert queued["url"] == hook_env["CALL_FORM_URL"]  # the configured call-form URL only
     assert queued["notBefore"] // 1000 == int(until.timestamp())
+
+
+def call_form_loads() -> tuple[dict[str, int], dict[str, int]]:
+    """settings' load and validation counts, less call-events': the fake Vapi reports each call
+    to the function server in this process."""
+    return tuple(  # type: ignore[return-value]
+        {k: n for k, n in counts.items() if k != "CallEventsSettings"}
+        for counts in (settings.loads, settings.validations)
+    )
+
+
+def test_a_call_form_request_loads_its_settings_once(hook_env, conn, keys, vapi, monkeypatch):
+    """The edge loads call-form's model once a request; every client is built from that one."""
+    now = datetime.now(UTC)
+    # A called form: the store, the Vapi client and the window.
+    form = create_form(conn, patient_id=create_patient(conn), deadline=now - timedelta(minutes=1))
+    clients.reset()
+    assert (
+        invoke("call_form", call_form_event(form, key=keys.current_key)).body["status"] == "called"
+    )
+    assert call_form_loads() == ({"CallFormSettings": 1}, {"CallFormSettings": 1})
+
+    # Deferred forms: the publisher too; the second request validates nothing again.
+    window, zone, _ = closed_window(now)
+    monkeypatch.setenv("CALL_WINDOW", window)
+    clients.reset()
+    patient = create_patient(conn, timezone=zone)
+    for loaded in (1, 2):
+        form = create_form(conn, patient_id=patient, deadline=now - timedelta(minutes=1))
+        answer = invoke("call_form", call_form_event(form, key=keys.current_key))
+        assert answer.body["status"] == "deferred"
+        assert call_form_loads() == ({"CallFormSettings": loaded}, {"CallFormSettings": 1})
+    assert len(vapi.requests) == 1
 
 
 def test_invalid_time_zone_is_treated_as_utc(hook_env, conn, keys, vapi, monkeypatch):

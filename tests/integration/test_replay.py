@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from helpers import DOMAIN, call_form_event, invoke
 
-from formcall import clients
+from formcall import clients, settings
 from formcall.signatures import TOKEN_LIFETIME, sign
 from formcall_dev.events import http_event, sign_event
 from formcall_dev.seed import form_events, form_row
@@ -43,7 +43,10 @@ def test_a_delivery_replayed_six_times_while_vapi_fails_leaves_the_form_callable
     assert form_events(conn, due_form) == ["delivered", "claimed", "released"]
     assert len(vapi.requests) == 1
     # The sweep still sees the form as due.
-    assert [f.id for f in clients.store().overdue_page(limit=10)] == [due_form]
+    assert [
+        f.id
+        for f in clients.store(settings.load(settings.CheckFormsSettings)).overdue_page(limit=10)
+    ] == [due_form]
 
     # QStash's retry is signed afresh, and Vapi is back: the patient gets exactly one call.
     vapi.clear_rules()
@@ -142,7 +145,7 @@ def test_a_token_without_a_usable_jti_or_iat_is_refused(env, vapi, conn, due_for
 
 
 def test_concurrent_uses_of_one_token_accept_exactly_one(env, conn):
-    store = clients.store()
+    store = clients.store(settings.load(settings.CheckFormsSettings))
     until = datetime.now(UTC) + timedelta(minutes=5)
     results: list[bool] = []
     start = threading.Barrier(20)
@@ -163,7 +166,7 @@ def test_expired_tokens_are_pruned_and_a_live_one_is_kept(env, conn):
     conn.execute("delete from qstash_tokens")
     past = datetime.now(UTC) - timedelta(seconds=1)
     conn.execute("insert into qstash_tokens values ('jwt_old', %s)", (past,))
-    store = clients.store()
+    store = clients.store(settings.load(settings.CheckFormsSettings))
     assert store.accept_qstash_token("jwt_new", expires_at=past + timedelta(minutes=6))
     kept = {r[0] for r in conn.execute("select jti from qstash_tokens").fetchall()}
     assert kept == {"jwt_new"}

@@ -99,7 +99,11 @@ ENVIRONMENT = {
     | LEDGER
     | {"CLAIM_LEASE_SECONDS"},
     "SetupFunction": {"QSTASH_URL", "CHECK_FORMS_URL"},
-    "ScheduleFormFunction": {"QSTASH_URL"} | DATABASE | {"CALL_FORM_URL"} | POLICY,
+    "ScheduleFormFunction": {"QSTASH_URL"}
+    | DATABASE
+    | {"CALL_FORM_URL"}
+    | POLICY
+    | {"VAPI_LINE_LEDGER"},
     "FailureCallbackFunction": DATABASE | {"FAILURE_CALLBACK_URL"},
     "CallEventsFunction": DATABASE
     | {"QSTASH_URL", "VAPI_SERVER_CREDENTIAL_ID", "CALL_FORM_URL_PARAMETER"}
@@ -425,6 +429,28 @@ def test_function_gets_only_the_plain_settings_it_reads(template, name):
     assert f"{name}Url" not in json.dumps(variables)
 
 
+# Settings every deployment leaves at their defaults: no function is given them.
+DEFAULT_ONLY = {"MAX_CALL_ATTEMPTS", "QSTASH_CLOCK_TOLERANCE", "VAPI_TIMEOUT_SECONDS"}
+
+
+@pytest.mark.sam
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_a_functions_settings_model_is_what_the_template_gives_it(template, name):
+    """Every variable and secret key a function is given is a field of its model, and back."""
+    from formcall.settings import FUNCTION_SETTINGS
+
+    model = FUNCTION_SETTINGS[FUNCTIONS[name][0]]
+    variables = set(template["Resources"][name]["Properties"]["Environment"]["Variables"])
+    given = {v.removesuffix("_PARAMETER") for v in variables - {"FORMCALL_SECRET_ARNS"}}
+    given |= {key for secret in FUNCTION_SECRETS[name] for key in SECRET_GROUPS[secret]}
+    fields = set(model.model_fields)
+    required = {n for n, field in model.model_fields.items() if field.is_required()}
+
+    assert given <= fields, f"{name} is given settings its model ignores"
+    assert required <= given, f"{name} is not given settings its model requires"
+    assert fields - given <= DEFAULT_ONLY, f"{name}'s model reads settings it is not given"
+
+
 @pytest.mark.sam
 def test_functions_learn_each_others_urls(template):
     resources = template["Resources"]
@@ -467,7 +493,7 @@ def test_functions_learn_each_others_urls(template):
 )
 def test_behind_the_edge_a_function_verifies_the_edge_url_as_subject(template, name, setting):
     # QStash signs the URL it was given: behind CloudFront that is the edge's, so the function
-    # accepts it as the subject (PublicUrlSettings); without an edge it needs none.
+    # accepts it as the subject (its settings' public_url); without an edge it needs none.
     variables = template["Resources"][name]["Properties"]["Environment"]["Variables"]
     assert variables[setting] == {
         "Fn::If": [
@@ -514,9 +540,13 @@ def test_plain_settings_come_from_parameters(template):
     assert used | {"AlarmTopicArn", "LogRetentionDays"} | limits | edge == set(parameters)
     assert parameters["QStashUrl"]["Default"] == "https://qstash.upstash.io"
     assert parameters["VapiBaseUrl"]["Default"] == "https://api.vapi.ai"
-    from formcall.settings import CallPolicySettings
+    from formcall.settings import CallWindowSettings, FlowControlSettings
 
-    defaults = {name: field.default for name, field in CallPolicySettings.model_fields.items()}
+    defaults = {
+        name: field.default
+        for model in (CallWindowSettings, FlowControlSettings)
+        for name, field in model.model_fields.items()
+    }
     assert parameters["CallWindow"]["Default"] == defaults["CALL_WINDOW"]
     assert (
         parameters["VapiMaxConcurrency"]["Default"],

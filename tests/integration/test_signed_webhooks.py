@@ -21,7 +21,7 @@ import pytest
 from conftest import qstash_message
 from helpers import DOMAIN, invoke
 
-from formcall import clients
+from formcall import clients, settings
 from formcall.schedule import sync_form_schedule
 from formcall.signatures import verify_webhook
 from formcall_dev import webhooks
@@ -58,12 +58,13 @@ def scheduled_form(conn, env, *, phone="+15550100021") -> tuple[str, str]:
         patient_id=create_patient(conn, phone=phone),
         deadline=datetime.now(UTC) + timedelta(hours=2),
     )
+    config = settings.load(settings.CheckFormsSettings)
     result = sync_form_schedule(
         form,
-        store=clients.store(),
-        publisher=clients.publisher(),
+        store=clients.store(config),
+        publisher=clients.publisher(config),
         call_form_url=env["CALL_FORM_URL"],
-        window=clients.window(),
+        window=clients.window(config),
     )
     return form, result.message_id
 
@@ -250,12 +251,13 @@ def test_a_row_pointing_at_another_forms_message_is_cleared_without_cancelling_i
         "update forms set qstash_message_id = %s, submitted_at = now() where id = %s",
         (message, mine),
     )
+    config = settings.load(settings.CheckFormsSettings)
     result = sync_form_schedule(
         mine,
-        store=clients.store(),
-        publisher=clients.publisher(),
+        store=clients.store(config),
+        publisher=clients.publisher(config),
         call_form_url=hook_env["CALL_FORM_URL"],
-        window=clients.window(),
+        window=clients.window(config),
     )
     assert result.action == "cancelled"
     assert queued(hook_env, message) is not None
