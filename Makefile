@@ -69,8 +69,12 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# Three pytest processes (pytest-xdist), each taking whole files so a file's fixtures (a local
+# QStash, a stack) start once: most tests wait on stacks and timers, not on a CPU.
+TEST_WORKERS ?= 3
 test: $(VENV)/.installed $(SAM_VENV)/.installed browser-deps lint
-	SAM_CLI=$(abspath $(SAM)) PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/pytest $(ARGS)
+	SAM_CLI=$(abspath $(SAM)) PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/pytest \
+		-n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 unit: $(VENV)/.installed
 	$(VENV)/bin/pytest tests/unit $(ARGS)

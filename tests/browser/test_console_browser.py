@@ -93,6 +93,11 @@ def wait(driver, condition, timeout: float = TIMEOUT):
     ).until(condition)
 
 
+def read(driver, look):
+    """What `look` reads off the page; a live region swapped mid-read is read again."""
+    return wait(driver, lambda d: (look(d),))[0]
+
+
 def timeline(driver) -> list[tuple[str, str]]:
     return [
         (row.get_attribute("data-source"), row.get_attribute("data-what"))
@@ -159,15 +164,15 @@ def test_a_forms_journey_shows_a_deadline_call_end_to_end(stack, browser, conn):
         f"\njourney showed the call placed, ended and recorded "
         f"{time.monotonic() - clicked:.2f} s after Create (deadline 3 s, call 2 s)"
     )
-    entries = timeline(browser)
+    entries = read(browser, timeline)
     audit = [what for source, what in entries if source == "formcall"]
     assert audit == ["scheduled", "delivered", "claimed", "called", "call ended"]
     assert [event.replace("_", " ") for event in form_events(conn, form)] == audit
     states = [what.split(" · ")[0] for source, what in entries if source == "QStash"]
     assert states[0] == "published" and "delivered" in states
     assert ("Vapi", "call created") in entries and ("Vapi", "call ended") in entries
-    assert browser.find_element(By.ID, "call-status").text == "called"
-    assert browser.find_element(By.ID, "call-outcome").text == "reached"
+    assert read(browser, lambda d: d.find_element(By.ID, "call-status").text) == "called"
+    assert read(browser, lambda d: d.find_element(By.ID, "call-outcome").text) == "reached"
     screenshot(browser, "console-journey.png")
 
 
@@ -187,9 +192,14 @@ def test_dlq_retry_redelivers(stack, browser, conn):
     )
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed", timeout=TIMEOUT)
     browser.get(f"{stack.console_url}/qstash")
-    rows = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "tr[data-dlq-id]"))
-    assert len(rows) == 1 and "489" in rows[0].text
-    assert "formcall-check-forms" in browser.find_element(By.ID, "schedules").text
+    rows = wait(
+        browser,
+        lambda d: [row.text for row in d.find_elements(By.CSS_SELECTOR, "tr[data-dlq-id]")],
+    )
+    assert len(rows) == 1 and "489" in rows[0]
+    assert "formcall-check-forms" in read(
+        browser, lambda d: d.find_element(By.ID, "schedules").text
+    )
     screenshot(browser, "console-qstash.png")
     delivered = form_events(conn, form).count("delivered")
     click(browser, "tr[data-dlq-id] button.retry")
@@ -234,14 +244,31 @@ def test_dont_answer_leads_to_a_scheduled_follow_up(stack, browser, conn):
             (form,),
         ).fetchone()
         next_call = datetime.fromisoformat(scheduled).astimezone(UTC)
-        rows = browser.find_elements(By.CSS_SELECTOR, '#timeline tr[data-what="call ended"]')
-        assert any("no_answer (customer-did-not-answer)" in row.text for row in rows)
-        follow_up = browser.find_element(
-            By.CSS_SELECTOR, '#timeline tr[data-what="follow up scheduled"]'
+        # The page's live regions are swapped as it refreshes: each read is a wait, so an
+        # element replaced mid-read is looked up again (and a wrong text still fails).
+        wait(
+            browser,
+            lambda d: any(
+                "no_answer (customer-did-not-answer)" in row.text
+                for row in d.find_elements(By.CSS_SELECTOR, '#timeline tr[data-what="call ended"]')
+            ),
         )
-        assert f"next_call_at {scheduled}" in follow_up.text
-        ended = browser.find_element(By.CSS_SELECTOR, f'tr[data-call-id="{call_id}"]')
-        assert "customer-did-not-answer" in ended.text
+        wait(
+            browser,
+            lambda d: (
+                f"next_call_at {scheduled}"
+                in d.find_element(
+                    By.CSS_SELECTOR, '#timeline tr[data-what="follow up scheduled"]'
+                ).text
+            ),
+        )
+        wait(
+            browser,
+            lambda d: (
+                "customer-did-not-answer"
+                in d.find_element(By.CSS_SELECTOR, f'tr[data-call-id="{call_id}"]').text
+            ),
+        )
         if next_call - datetime.now(UTC) < timedelta(seconds=TIMEOUT):
             # The dev stack's follow-up delay is seconds: the follow-up call rings; answer it.
             again = wait(
@@ -266,8 +293,12 @@ def test_dont_answer_leads_to_a_scheduled_follow_up(stack, browser, conn):
         else:
             # A follow-up a day away: the form waits for it, pending, its next call shown.
             wait(browser, lambda d: d.find_element(By.ID, "call-status").text == "pending")
-            assert browser.find_element(By.ID, "next-call").text == next_call.strftime(
-                "%Y-%m-%d %H:%M:%S UTC"
+            wait(
+                browser,
+                lambda d: (
+                    d.find_element(By.ID, "next-call").text
+                    == next_call.strftime("%Y-%m-%d %H:%M:%S UTC")
+                ),
             )
     finally:
         browser.get(f"{stack.console_url}/act")
