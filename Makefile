@@ -80,10 +80,10 @@ build: $(SAM_VENV)/.installed $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(SAM) build
 
 bench: $(VENV)/.installed $(SAM_VENV)/.installed
-	SAM_CLI=$(abspath $(SAM)) PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m formcall_dev.bench $(if $(QUICK),--quick) $(ARGS)
+	SAM_CLI=$(abspath $(SAM)) PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m formcall_dev.tools.bench $(if $(QUICK),--quick) $(ARGS)
 
 chaos: $(VENV)/.installed
-	$(VENV)/bin/python -m formcall_dev.chaos --write BENCHMARKS.md $(ARGS)
+	$(VENV)/bin/python -m formcall_dev.tools.chaos --write BENCHMARKS.md $(ARGS)
 
 # Needs PyPI's per-release vulnerability data (pip-audit); run where it is reachable (the
 # GitHub workflow). Fails, rather than passes, when the data cannot be read.

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import httpx
 
-from formcall_dev import webhooks
-from formcall_dev.postgres import apply_migrations, start_embedded_postgres
 from formcall_dev.servers import free_port
+from formcall_dev.supabase import webhooks
+from formcall_dev.supabase.postgres import apply_migrations, start_embedded_postgres
 
 DEFAULT_DIR = Path(".dev")
 STATE_FILE = "stack.json"
@@ -113,7 +113,7 @@ def load_info(data_dir: Path = DEFAULT_DIR) -> StackInfo | None:
 
 def _credentials(data_dir: Path) -> dict[str, str]:
     """Dev credentials: generated on first run, kept so a restart keeps verifying old messages."""
-    from formcall_dev.qstash_server import generate_dev_credentials
+    from formcall_dev.qstash.server import generate_dev_credentials
 
     path = data_dir / "credentials.json"
     kept = json.loads(path.read_text()) if path.exists() else {}

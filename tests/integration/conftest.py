@@ -11,10 +11,10 @@ import pytest
 from helpers import DOMAIN, EVENTS_DOMAIN
 
 from formcall import clients
-from formcall_dev.fake_vapi import FakeVapi
 from formcall_dev.polling import wait_until  # noqa: F401  (tests import it from here)
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
+from formcall_dev.vapi.fake import FakeVapi
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def due_form(conn):
 @pytest.fixture(scope="module")
 def local_qstash(pg_dsn, keys, request):
     """The local QStash server (real HTTP, its queue in Postgres), backoff 100x faster."""
-    from formcall_dev import qstash_server
+    from formcall_dev.qstash import server as qstash_server
 
     schema = "qstash_" + request.module.__name__.rsplit(".", 1)[-1]
     app = qstash_server.create_app(

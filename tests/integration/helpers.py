@@ -9,7 +9,7 @@ import secrets
 from dataclasses import dataclass
 
 from formcall.signatures import sign
-from formcall_dev.events import http_event, sign_event
+from formcall_cli.events import http_event, sign_event
 from formcall_dev.functions_server import load_function
 
 DOMAIN = "abc123.lambda-url.us-east-1.on.aws"

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from formcall.publisher import flow_control
-from formcall_dev.bench import plots, report
-from formcall_dev.bench.__main__ import BENCHMARKS, main, run
-from formcall_dev.bench.common import REPO_ROOT, SMOKE, machine, percentile
+from formcall_dev.tools.bench import plots, report
+from formcall_dev.tools.bench.__main__ import BENCHMARKS, main, run
+from formcall_dev.tools.bench.common import REPO_ROOT, SMOKE, machine, percentile
 
 
 def test_percentile_is_nearest_rank():

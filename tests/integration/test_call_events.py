@@ -20,10 +20,10 @@ from conftest import qstash_message
 from helpers import EVENTS_DOMAIN, call_form_event, invoke
 
 from formcall import clients
-from formcall_dev.events import http_event, webhook_headers
+from formcall_cli.events import http_event, webhook_headers
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
-from formcall_dev.vapi_spec import validate
+from formcall_dev.vapi.spec import validate
 
 NOW = datetime.now(UTC)
 

@@ -13,7 +13,7 @@ from helpers import DOMAIN, call_form_event, invoke
 from formcall import clients
 from formcall.signatures import body_hash, sign
 from formcall.sweep import reconcile_stale_calls
-from formcall_dev.events import http_event
+from formcall_cli.events import http_event
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 

@@ -15,7 +15,7 @@ from formcall import clients
 from formcall.schedule import sync_form_schedule
 from formcall.signatures import sign
 from formcall.sweep import CHECK_FORMS_SCHEDULE_ID
-from formcall_dev.events import http_event
+from formcall_cli.events import http_event
 from formcall_dev.seed import create_form, create_patient, form_row
 
 

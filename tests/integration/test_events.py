@@ -11,7 +11,7 @@ import pytest
 from helpers import invoke
 from typer.testing import CliRunner
 
-from formcall_dev.cli import app as cli
+from formcall_cli.main import app as cli
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_row
 

@@ -12,7 +12,7 @@ from helpers import DOMAIN, call_form_event, failure_event, invoke
 
 from formcall import clients
 from formcall.signatures import sign
-from formcall_dev.events import http_event, webhook_headers
+from formcall_cli.events import http_event, webhook_headers
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 
 WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"

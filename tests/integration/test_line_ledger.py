@@ -120,7 +120,7 @@ def test_qstash_giving_up_never_fails_a_form_waiting_for_a_line(lines, vapi, con
 
     from helpers import DOMAIN, invoke
 
-    from formcall_dev.events import http_event, sign_event
+    from formcall_cli.events import http_event, sign_event
 
     env = lines(1)
     vapi.configure(hold=True)

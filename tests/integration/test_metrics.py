@@ -16,7 +16,7 @@ from helpers import DOMAIN, failure_event, invoke
 
 from formcall import clients
 from formcall.observability import metrics
-from formcall_dev.events import http_event
+from formcall_cli.events import http_event
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_row
 

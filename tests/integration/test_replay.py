@@ -19,7 +19,7 @@ from helpers import DOMAIN, call_form_event, invoke
 
 from formcall import clients
 from formcall.signatures import TOKEN_LIFETIME, sign
-from formcall_dev.events import http_event, sign_event
+from formcall_cli.events import http_event, sign_event
 from formcall_dev.seed import form_events, form_row
 
 REPLAYED = {"error": "replayed token"}

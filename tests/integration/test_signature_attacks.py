@@ -26,7 +26,7 @@ from helpers import DOMAIN, invoke
 
 from formcall import clients
 from formcall.signatures import body_hash, sign
-from formcall_dev.events import http_event
+from formcall_cli.events import http_event
 from formcall_dev.seed import form_events, form_row
 
 ENDPOINTS = {

@@ -24,9 +24,9 @@ from helpers import DOMAIN, invoke
 from formcall import clients
 from formcall.schedule import sync_form_schedule
 from formcall.signatures import verify_webhook
-from formcall_dev import webhooks
-from formcall_dev.events import http_event, webhook_headers
+from formcall_cli.events import http_event, webhook_headers
 from formcall_dev.seed import create_form, create_patient, form_row
+from formcall_dev.supabase import webhooks
 
 SECRET = "webhook-secret-for-signed-tests-0123"
 

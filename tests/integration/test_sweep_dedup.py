@@ -20,7 +20,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from formcall import clients
-from formcall_dev.events import http_event
+from formcall_cli.events import http_event
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_row
 from formcall_dev.servers import serve_in_thread

@@ -729,7 +729,7 @@ def check_database(target: Target) -> list[Finding]:
 
 
 def migration_files() -> list[str]:
-    from formcall_dev.postgres import MIGRATIONS_DIR
+    from formcall_dev.supabase.postgres import MIGRATIONS_DIR
 
     return sorted(p.name for p in MIGRATIONS_DIR.glob("*.sql"))
 
@@ -739,7 +739,7 @@ def _check_migrations(target: Target, dsn: str) -> list[Finding]:
 
     fix = (
         "apply them: `supabase db push` (Supabase), or "
-        "`python -c 'from formcall_dev.postgres import apply_migrations as a; "
+        "`python -c 'from formcall_dev.supabase.postgres import apply_migrations as a; "
         'a("$DATABASE_URL")\'` (plain Postgres)'
     )
     try:

@@ -16,7 +16,7 @@ import httpx
 
 from formcall_dev.stack import Stack
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[4]
 
 
 @dataclass(frozen=True)

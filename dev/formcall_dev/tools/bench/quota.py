@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from formcall_dev.bench.common import BenchStack, fake_vapi, qstash
 from formcall_dev.polling import wait_until
+from formcall_dev.tools.bench.common import BenchStack, fake_vapi, qstash
 
 SUBMITTED, MOVED = 0.6, 0.15
 SWEEPS_PER_DAY = 24

@@ -172,7 +172,7 @@ _ALPHANUMERIC_NUMBER = re.compile(r"^\+?[a-zA-Z0-9]+$")
 _LIST_FILTERS = {
     f"{f}{op}": (f, op) for f in ("createdAt", "updatedAt") for op in ("Gt", "Lt", "Ge", "Le")
 }
-_TRANSPORT_KEY = "formcall_dev.fake_vapi.transport"
+_TRANSPORT_KEY = "formcall_dev.vapi.fake.transport"
 
 
 def iso(moment: datetime) -> str:

@@ -238,7 +238,7 @@ def formcall_command(subcommand: str, data_dir: Path) -> str:
         except ValueError:
             command = shlex.quote(str(script))
     else:
-        command = f"{shlex.quote(sys.executable)} -m formcall_dev.cli"
+        command = f"{shlex.quote(sys.executable)} -m formcall_cli"
     command += f" {subcommand}"
     if data_dir != Path(".dev"):
         command += f" --data-dir {shlex.quote(str(data_dir))}"
@@ -284,7 +284,7 @@ def sign_event(
     ] = None,
 ) -> None:
     """Re-sign the QStash-signed files in events/ (signatures expire after 5 minutes)."""
-    from formcall_dev.events import sign_event_files
+    from formcall_cli.events import sign_event_files
 
     key = key or os.environ.get("QSTASH_CURRENT_SIGNING_KEY")
     if not key:
@@ -310,7 +310,7 @@ def status(
     limit: int = 20,
 ) -> None:
     """The schedule, queued messages, DLQ entries and each form's call state."""
-    from formcall_dev import status as report
+    from formcall_cli import status as report
 
     dsn = setting("DATABASE_URL", data_dir)
     qstash_url = setting("QSTASH_URL", data_dir)
@@ -342,7 +342,7 @@ def doctor(
     data_dir: DataDir = Path(".dev"),
 ) -> None:
     """Check a deployed or local stack: settings, schedule, URLs, signing keys, migrations."""
-    from formcall_dev import doctor as checks
+    from formcall_cli import doctor as checks
 
     try:
         target = checks.find_target(
