@@ -14,6 +14,8 @@
 SHELL := /bin/bash
 VENV := .venv
 SAM_VENV := .venv-sam
+# The operator CLI alone (the cli extra): what the deploy job runs `formcall doctor` with.
+CLI_VENV := .venv-cli
 SAM := $(SAM_VENV)/bin/sam
 
 # Lambda runs python3.12, so everything here does too. pyenv's shim only answers when
@@ -44,6 +46,11 @@ LAYER_EXPORT := export --frozen --no-dev --no-emit-project --format requirements
 $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 is required (Lambda's python3.12 runtime): install it, e.g. 'pyenv install 3.12'" >&2; exit 1; }
 	$(UV) sync --frozen --extra dev --python $(PYTHON312)
+	touch $@
+
+$(CLI_VENV)/.installed: pyproject.toml uv.lock | $(UV)
+	@test -n "$(PYTHON312)" || { echo "Python 3.12 is required (Lambda's python3.12 runtime): install it, e.g. 'pyenv install 3.12'" >&2; exit 1; }
+	UV_PROJECT_ENVIRONMENT=$(CLI_VENV) $(UV) sync --frozen --extra cli --python $(PYTHON312)
 	touch $@
 
 $(SAM_VENV)/.installed: layers/sam-requirements.txt | $(UV)
@@ -97,4 +104,4 @@ lock: | $(UV)
 		--output-file layers/sam-requirements.txt
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) .uv .aws-sam .dev
+	rm -rf $(VENV) $(SAM_VENV) $(CLI_VENV) .uv .aws-sam .dev

