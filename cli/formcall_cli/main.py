@@ -16,6 +16,9 @@ import typer
 from formcall_cli.local_stack import load_info
 from formcall_cli.output import DataDir, console, fail
 
+# Upstash's QStash, when neither QSTASH_URL nor a local stack says otherwise.
+QSTASH_API = "https://qstash.upstash.io"
+
 app = typer.Typer(
     help="formcall: deadline-driven patient calls.",
     no_args_is_help=True,
@@ -97,16 +100,38 @@ def status(
     data_dir: DataDir = Path(".dev"),
     limit: int = 20,
 ) -> None:
-    """The schedule, queued messages, DLQ entries and each form's call state."""
+    """The schedule, DLQ entries, each form's call state and its QStash message.
+
+    Reads the database directly with DATABASE_URL, else through Supabase's REST API with
+    SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY; QStash with QSTASH_TOKEN (QSTASH_URL: Upstash's
+    unless set). Each from the environment, else from the running local stack.
+    """
     from formcall_cli import status as report
 
-    dsn = setting("DATABASE_URL", data_dir)
-    qstash_url = setting("QSTASH_URL", data_dir)
+    dsn = os.environ.get("DATABASE_URL")
+    supabase_url = os.environ.get("SUPABASE_URL")
+    key = os.environ.get("SUPABASE_SERVICE_ROLE_KEY")
+    if dsn or (supabase_url and key):  # the stack the environment names
+        qstash_url = os.environ.get("QSTASH_URL") or QSTASH_API
+    elif (local := load_info(data_dir)) is not None:
+        dsn, qstash_url = local.dsn, os.environ.get("QSTASH_URL") or local.qstash_url
+    else:
+        fail(
+            "no stack to show: export DATABASE_URL, or SUPABASE_URL and "
+            "SUPABASE_SERVICE_ROLE_KEY (with QSTASH_TOKEN), or start the local stack "
+            "(`formcall dev --serve`)"
+        )
     token = setting("QSTASH_TOKEN", data_dir)
     try:
-        report.show(
-            console, dsn=dsn, qstash_url=qstash_url, token=token, form_id=form_id, limit=limit
-        )
+        with report.reader(dsn=dsn, supabase_url=supabase_url, key=key) as forms:
+            report.show(
+                console,
+                forms=forms,
+                qstash_url=qstash_url,
+                token=token,
+                form_id=form_id,
+                limit=limit,
+            )
     except report.StatusError as exc:
         fail(str(exc))
 
