@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from helpers import DOMAIN, EVENTS_DOMAIN
 
 from formcall import clients
 from formcall_dev.polling import wait_until  # noqa: F401  (tests import it from here)
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
 from formcall_dev.vapi.fake import FakeVapi
+from tests.support.lambda_handlers import DOMAIN, EVENTS_DOMAIN
 
 
 @dataclass(frozen=True)

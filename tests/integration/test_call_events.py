@@ -17,13 +17,13 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from conftest import qstash_message
-from helpers import EVENTS_DOMAIN, call_form_event, invoke
 
 from formcall import clients
 from formcall_cli.events import http_event, webhook_headers
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
 from formcall_dev.vapi.spec import validate
+from tests.support.lambda_handlers import EVENTS_DOMAIN, call_form_event, invoke
 
 NOW = datetime.now(UTC)
 

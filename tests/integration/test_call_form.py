@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 
 import jwt
 import pytest
-from helpers import DOMAIN, call_form_event, invoke
 
 from formcall import clients
 from formcall.signatures import body_hash, sign
@@ -16,6 +15,7 @@ from formcall.sweep import reconcile_stale_calls
 from formcall_cli.events import http_event
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from tests.support.lambda_handlers import DOMAIN, call_form_event, invoke
 
 
 def vapi_requests(vapi):

@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from conftest import wait_until
-from helpers import DOMAIN, invoke
 from qstash import QStash
 
 from formcall import clients
@@ -17,6 +16,7 @@ from formcall.signatures import sign
 from formcall.sweep import CHECK_FORMS_SCHEDULE_ID
 from formcall_cli.events import http_event
 from formcall_dev.seed import create_form, create_patient, form_row
+from tests.support.lambda_handlers import DOMAIN, invoke
 
 
 @pytest.fixture(autouse=True)

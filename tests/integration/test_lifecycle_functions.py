@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 from conftest import qstash_message
-from helpers import DOMAIN, call_form_event, failure_event, invoke
 
 from formcall import clients
 from formcall.signatures import sign
 from formcall_cli.events import http_event, webhook_headers
 from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from tests.support.lambda_handlers import DOMAIN, call_form_event, failure_event, invoke
 
 WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
 

@@ -118,9 +118,8 @@ def test_without_the_ledger_only_flow_control_limits_calls(lines, vapi, conn, ke
 def test_qstash_giving_up_never_fails_a_form_waiting_for_a_line(lines, vapi, conn, keys):
     import base64
 
-    from helpers import DOMAIN, invoke
-
     from formcall_cli.events import http_event, sign_event
+    from tests.support.lambda_handlers import DOMAIN, invoke
 
     env = lines(1)
     vapi.configure(hold=True)

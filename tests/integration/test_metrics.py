@@ -12,13 +12,13 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import DOMAIN, failure_event, invoke
 
 from formcall import clients
 from formcall.observability import metrics
 from formcall_cli.events import http_event
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_row
+from tests.support.lambda_handlers import DOMAIN, failure_event, invoke
 
 
 @pytest.fixture

@@ -15,12 +15,12 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import DOMAIN, call_form_event, invoke
 
 from formcall import clients
 from formcall.signatures import TOKEN_LIFETIME, sign
 from formcall_cli.events import http_event, sign_event
 from formcall_dev.seed import form_events, form_row
+from tests.support.lambda_handlers import DOMAIN, call_form_event, invoke
 
 REPLAYED = {"error": "replayed token"}
 

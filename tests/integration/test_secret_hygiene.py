@@ -30,7 +30,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import DOMAIN, hashed_requirements, invoke
 
 from formcall import clients
 from formcall.signatures import sign
@@ -38,6 +37,7 @@ from formcall_cli.events import http_event, webhook_headers
 from formcall_dev.seed import create_form, create_patient, form_row
 from formcall_dev.servers import serve_in_thread
 from formcall_dev.vapi.fake import FakeVapi
+from tests.support.lambda_handlers import DOMAIN, hashed_requirements, invoke
 
 ROOT = Path(__file__).resolve().parents[2]
 PATIENT_NAME = "Zebulon Quixote-Hygiene"

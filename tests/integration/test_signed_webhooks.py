@@ -19,7 +19,6 @@ import httpx
 import psycopg
 import pytest
 from conftest import qstash_message
-from helpers import DOMAIN, invoke
 
 from formcall import clients
 from formcall.schedule import sync_form_schedule
@@ -27,6 +26,7 @@ from formcall.signatures import verify_webhook
 from formcall_cli.events import http_event, webhook_headers
 from formcall_dev.seed import create_form, create_patient, form_row
 from formcall_dev.supabase import webhooks
+from tests.support.lambda_handlers import DOMAIN, invoke
 
 SECRET = "webhook-secret-for-signed-tests-0123"
 

@@ -13,7 +13,6 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 import time_machine
-from helpers import DOMAIN, invoke
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -24,6 +23,7 @@ from formcall_cli.events import http_event
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient, form_row
 from formcall_dev.servers import serve_in_thread
+from tests.support.lambda_handlers import DOMAIN, invoke
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Helpers for integration tests: run a function's Lambda handler on an event, build signed events."""
+"""Run a function's Lambda handler on an event, and build the signed events the tests send."""
 
 from __future__ import annotations
 
