@@ -10,8 +10,9 @@ import psycopg
 import pytest
 
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from formcall_dev.seed import create_form, create_patient
 from formcall_dev.stack import DEV_CALL_RULES, Stack
+from tests.support.reads import form_events, form_row
 
 FOLLOW_UP_DELAY = int(DEV_CALL_RULES["FOLLOW_UP_DELAY_SECONDS"])
 

@@ -10,7 +10,6 @@ import psycopg
 import pytest
 
 from formcall import clients
-from formcall_dev.polling import wait_until  # noqa: F401  (tests import it from here)
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
 from formcall_dev.vapi.fake import FakeVapi
@@ -172,13 +171,3 @@ def stack_env(env, monkeypatch, local_qstash, function_server):
         monkeypatch.setenv(name, value)
     clients.reset()
     return {**env, **values}
-
-
-def qstash_message(url: str, token: str, message_id: str) -> dict | None:
-    """A message as the local QStash holds it (None once delivered, cancelled or unknown)."""
-    import httpx
-
-    answer = httpx.get(
-        f"{url}/v2/messages/{message_id}", headers={"Authorization": f"Bearer {token}"}
-    )
-    return answer.json() if answer.status_code == 200 else None

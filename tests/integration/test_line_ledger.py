@@ -16,7 +16,8 @@ import pytest
 from formcall import clients
 from formcall.signatures import sign
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_forms_one_patient_each, form_events, form_row
+from formcall_dev.seed import create_forms_one_patient_each
+from tests.support.reads import form_events, form_row
 
 
 def deliver(url: str, form_id: str, key: str) -> httpx.Response:

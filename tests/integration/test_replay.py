@@ -19,8 +19,8 @@ import pytest
 from formcall import clients
 from formcall.signatures import TOKEN_LIFETIME, sign
 from formcall_cli.events import http_event, sign_event
-from formcall_dev.seed import form_events, form_row
 from tests.support.lambda_handlers import DOMAIN, call_form_event, invoke
+from tests.support.reads import form_events, form_row
 
 REPLAYED = {"error": "replayed token"}
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from formcall import secrets as formcall_secrets
-from tests.support.lambda_handlers import hashed_requirements
+from tests.support.requirements import hashed_requirements
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"

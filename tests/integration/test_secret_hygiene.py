@@ -34,10 +34,12 @@ import pytest
 from formcall import clients
 from formcall.signatures import sign
 from formcall_cli.events import http_event, webhook_headers
-from formcall_dev.seed import create_form, create_patient, form_row
+from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
 from formcall_dev.vapi.fake import FakeVapi
-from tests.support.lambda_handlers import DOMAIN, hashed_requirements, invoke
+from tests.support.lambda_handlers import DOMAIN, invoke
+from tests.support.reads import form_row
+from tests.support.requirements import hashed_requirements
 
 ROOT = Path(__file__).resolve().parents[2]
 PATIENT_NAME = "Zebulon Quixote-Hygiene"

@@ -26,8 +26,8 @@ import pytest
 from formcall import clients
 from formcall.signatures import body_hash, sign
 from formcall_cli.events import http_event
-from formcall_dev.seed import form_events, form_row
 from tests.support.lambda_handlers import DOMAIN, invoke
+from tests.support.reads import form_events, form_row
 
 ENDPOINTS = {
     # function: (path, body for a form)

@@ -21,9 +21,10 @@ from starlette.routing import Route
 from formcall import clients
 from formcall_cli.events import http_event
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_row
+from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
 from tests.support.lambda_handlers import DOMAIN, invoke
+from tests.support.reads import form_row
 
 
 @pytest.fixture
