@@ -10,6 +10,7 @@
 #   make audit   pip-audit of the pinned dependencies
 #   make lock    re-resolve uv.lock after editing a pin, re-export the layer's and SAM's requirements
 #   make clean   remove the venvs, the SAM build and the local stack's state (.dev)
+#   make .venv-cli/.installed   the operator CLI alone (the cli extra), as the deploy jobs install it
 
 SHELL := /bin/bash
 VENV := .venv
