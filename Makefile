@@ -10,10 +10,13 @@
 #   make audit   pip-audit of the pinned dependencies
 #   make lock    re-resolve uv.lock after editing a pin, re-export the layer's and SAM's requirements
 #   make clean   remove the venvs, the SAM build and the local stack's state (.dev)
+#   make .venv-cli/.installed   the operator CLI alone (the cli extra), as the deploy jobs install it
 
 SHELL := /bin/bash
 VENV := .venv
 SAM_VENV := .venv-sam
+# The operator CLI alone (the cli extra): what the deploy job runs `formcall doctor` with.
+CLI_VENV := .venv-cli
 SAM := $(SAM_VENV)/bin/sam
 
 # Lambda runs python3.12, so everything here does too. pyenv's shim only answers when
@@ -44,6 +47,11 @@ LAYER_EXPORT := export --frozen --no-dev --no-emit-project --format requirements
 $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	@test -n "$(PYTHON312)" || { echo "Python 3.12 is required (Lambda's python3.12 runtime): install it, e.g. 'pyenv install 3.12'" >&2; exit 1; }
 	$(UV) sync --frozen --extra dev --python $(PYTHON312)
+	touch $@
+
+$(CLI_VENV)/.installed: pyproject.toml uv.lock | $(UV)
+	@test -n "$(PYTHON312)" || { echo "Python 3.12 is required (Lambda's python3.12 runtime): install it, e.g. 'pyenv install 3.12'" >&2; exit 1; }
+	UV_PROJECT_ENVIRONMENT=$(CLI_VENV) $(UV) sync --frozen --extra cli --python $(PYTHON312)
 	touch $@
 
 $(SAM_VENV)/.installed: layers/sam-requirements.txt | $(UV)
@@ -84,10 +92,10 @@ build: $(SAM_VENV)/.installed $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(SAM) build
 
 bench: $(VENV)/.installed $(SAM_VENV)/.installed
-	SAM_CLI=$(abspath $(SAM)) PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m formcall_dev.bench $(if $(QUICK),--quick) $(ARGS)
+	SAM_CLI=$(abspath $(SAM)) PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/python -m formcall_dev.tools.bench $(if $(QUICK),--quick) $(ARGS)
 
 chaos: $(VENV)/.installed
-	$(VENV)/bin/python -m formcall_dev.chaos --write BENCHMARKS.md $(ARGS)
+	$(VENV)/bin/python -m formcall_dev.tools.chaos --write BENCHMARKS.md $(ARGS)
 
 # Needs PyPI's per-release vulnerability data (pip-audit); run where it is reachable (the
 # GitHub workflow). Fails, rather than passes, when the data cannot be read.
@@ -101,4 +109,4 @@ lock: | $(UV)
 		--output-file layers/sam-requirements.txt
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) .uv .aws-sam .dev
+	rm -rf $(VENV) $(SAM_VENV) $(CLI_VENV) .uv .aws-sam .dev

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from formcall_dev.postgres import apply_migrations, start_embedded_postgres
+from formcall_dev.supabase.postgres import apply_migrations, start_embedded_postgres
 
 # Nothing in the test session may reach a real AWS account.
 for _name, _value in {

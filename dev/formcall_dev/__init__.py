@@ -1,1 +1,1 @@
-"""formcall_dev: the local stack (local QStash, fake Vapi, function server) and the formcall CLI."""
+"""formcall_dev: the local stack (never deployed): its fakes, the function server, the demo, the console, tools."""

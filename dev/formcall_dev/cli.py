@@ -1,4 +1,7 @@
-"""The `formcall` command: run the local stack, inspect state, trigger the sweep, re-sign events."""
+"""`formcall dev`: start the local stack and play the demo, or keep it running (`--serve`).
+
+The `formcall` command (formcall_cli.main) adds it when the dev extra is installed.
+"""
 
 from __future__ import annotations
 
@@ -9,39 +12,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-app = typer.Typer(
-    help="formcall: deadline-driven patient calls.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-# soft_wrap: a long id, token or URL is printed whole on one line (a terminal folds it for the
-# eye, and a pipe or log gets it unbroken), never cut or wrapped mid-way.
-console = Console(soft_wrap=True)
-DataDir = Annotated[Path, typer.Option("--data-dir", help="Where the local stack keeps its state.")]
+from formcall_cli.local_stack import StackInfo
+from formcall_cli.output import DataDir, console, fail
 
 
-def fail(message: str) -> None:
-    console.print(f"[red]error:[/] {message}")
-    raise typer.Exit(2)
-
-
-def setting(name: str, data_dir: Path = Path(".dev")) -> str:
-    """A setting from the environment, else from a running local stack."""
-    from formcall_dev.stack import load_info
-
-    if os.environ.get(name):
-        return os.environ[name]
-    info = load_info(data_dir)
-    if info and name in info.env():
-        return info.env()[name]
-    fail(f"{name} is not set (export it, or start the local stack with `formcall dev --serve`)")
-    return ""
-
-
-@app.command()
 def dev(
     serve: Annotated[
         bool, typer.Option("--serve", help="Keep the stack running for manual use.")
@@ -204,7 +179,7 @@ def compressed_time_note(rules: dict[str, str], ring_seconds: float, call_second
     )
 
 
-def print_serve_help(info, data_dir: Path) -> None:
+def print_serve_help(info: StackInfo, data_dir: Path) -> None:
     """The stack's URLs, settings and commands to try, each whole and runnable as printed."""
     rows = [
         ("console", info.console_url),
@@ -244,189 +219,8 @@ def formcall_command(subcommand: str, data_dir: Path) -> str:
         except ValueError:
             command = shlex.quote(str(script))
     else:
-        command = f"{shlex.quote(sys.executable)} -m formcall_dev.cli"
+        command = f"{shlex.quote(sys.executable)} -m formcall_cli"
     command += f" {subcommand}"
     if data_dir != Path(".dev"):
         command += f" --data-dir {shlex.quote(str(data_dir))}"
     return command
-
-
-@app.command("env")
-def env_command(data_dir: DataDir = Path(".dev")) -> None:
-    """Print the running local stack's settings as NAME=value lines."""
-    from formcall_dev.stack import load_info
-
-    info = load_info(data_dir)
-    if info is None:
-        fail("no local stack is running (start one with `formcall dev --serve`)")
-    for name, value in info.env().items():
-        print(f"{name}={value}")
-
-
-@app.command()
-def trigger(data_dir: DataDir = Path(".dev")) -> None:
-    """Run the sweep now (GET check-forms with the bearer secret)."""
-    import httpx
-
-    url = setting("CHECK_FORMS_URL", data_dir)
-    secret = setting("CRON_SECRET", data_dir)
-    try:
-        answer = httpx.get(url, headers={"Authorization": f"Bearer {secret}"}, timeout=300)
-    except httpx.HTTPError as exc:
-        fail(f"could not reach {url}: {type(exc).__name__}")
-    console.print(f"{answer.status_code} {answer.text}")
-    raise typer.Exit(0 if answer.is_success else 1)
-
-
-@app.command("sign-event")
-def sign_event(
-    files: Annotated[list[Path], typer.Argument(help="Event files to re-sign in place.")],
-    key: Annotated[
-        str | None, typer.Option(help="Signing key (default: QSTASH_CURRENT_SIGNING_KEY).")
-    ] = None,
-    url: Annotated[
-        str | None,
-        typer.Option(help="Subject URL (default: https://{domainName}{rawPath} of each event)."),
-    ] = None,
-) -> None:
-    """Re-sign the QStash-signed files in events/ (signatures expire after 5 minutes)."""
-    from formcall_dev.events import sign_event_files
-
-    key = key or os.environ.get("QSTASH_CURRENT_SIGNING_KEY")
-    if not key:
-        fail("give --key or set QSTASH_CURRENT_SIGNING_KEY")
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        fail(f"no such file: {', '.join(missing)}")
-    try:
-        changed = sign_event_files(files, key=key, url=url)
-    except (ValueError, KeyError) as exc:
-        fail(f"not a Lambda HTTP event: {exc}")
-    for path in changed:
-        console.print(f"signed {path}")
-    console.print(
-        f"{len(changed)} of {len(files)} files carry a QStash signature; valid for 5 minutes"
-    )
-
-
-@app.command()
-def status(
-    form_id: Annotated[str | None, typer.Argument(help="Show one form's call history.")] = None,
-    data_dir: DataDir = Path(".dev"),
-    limit: int = 20,
-) -> None:
-    """The schedule, queued messages, DLQ entries and each form's call state."""
-    from formcall_dev import status as report
-
-    dsn = setting("DATABASE_URL", data_dir)
-    qstash_url = setting("QSTASH_URL", data_dir)
-    token = setting("QSTASH_TOKEN", data_dir)
-    try:
-        report.show(
-            console, dsn=dsn, qstash_url=qstash_url, token=token, form_id=form_id, limit=limit
-        )
-    except report.StatusError as exc:
-        fail(str(exc))
-
-
-@app.command()
-def doctor(
-    stack_json: Annotated[
-        str | None,
-        typer.Option(
-            "--stack-json",
-            help="A deployed stack: the output of `aws cloudformation describe-stacks --stack-name NAME`, as a file or - for standard input.",
-        ),
-    ] = None,
-    smoke: Annotated[
-        bool,
-        typer.Option(
-            "--smoke",
-            help="Only check that every function URL refuses an unauthenticated request (the deploy pipeline's smoke check).",
-        ),
-    ] = False,
-    data_dir: DataDir = Path(".dev"),
-) -> None:
-    """Check a deployed or local stack: settings, schedule, URLs, signing keys, migrations."""
-    from formcall_dev import doctor as checks
-
-    try:
-        target = checks.find_target(
-            stack_json=checks.read_stack_json(stack_json, sys.stdin.read),
-            data_dir=data_dir,
-            read_secret=not smoke,
-        )
-    except checks.DoctorError as exc:
-        fail(str(exc))
-    findings = checks.run(target, smoke=smoke)
-    checks.show(console, target, findings)
-    raise typer.Exit(1 if checks.problems(findings) else 0)
-
-
-@app.command()
-def schedule(
-    form_id: Annotated[str, typer.Argument(help="The form whose call message to sync.")],
-    data_dir: DataDir = Path(".dev"),
-) -> None:
-    """Publish, move or cancel a form's one-time call message to match the form (as schedule-form does)."""
-    import uuid
-
-    from formcall import clients, settings
-    from formcall.errors import FormcallError
-    from formcall.observability import logger
-    from formcall.schedule import sync_form_schedule
-
-    class ScheduleSettings(
-        settings.DatabaseSettings,
-        settings.PublisherSettings,
-        settings.FlowControlSettings,
-        settings.CallWindowSettings,
-        settings.CallFormUrlSettings,
-        settings.FailureCallbackUrlSettings,
-    ):
-        """schedule-form's concerns less its webhook secret: this command is no webhook."""
-
-    logger.setLevel("WARNING")  # the function's JSON logs are for CloudWatch, not this terminal
-
-    try:
-        uuid.UUID(form_id)
-    except ValueError:
-        fail(f"{form_id!r} is not a form id (a UUID)")
-    for name in ("DATABASE_URL", "QSTASH_URL", "QSTASH_TOKEN", "CALL_FORM_URL"):
-        if not os.environ.get("SUPABASE_URL") or name != "DATABASE_URL":
-            os.environ[name] = setting(name, data_dir)
-    for name in ("FAILURE_CALLBACK_URL", "CALL_WINDOW"):
-        if not os.environ.get(name):
-            from formcall_dev.stack import load_info
-
-            info = load_info(data_dir)
-            if info:
-                os.environ[name] = info.env()[name]
-    clients.reset()
-    try:
-        # schedule-form's work, without its webhook secret: the concerns it uses.
-        config = settings.load(ScheduleSettings)
-        result = sync_form_schedule(
-            form_id,
-            store=clients.store(config),
-            publisher=clients.publisher(config),
-            call_form_url=config.CALL_FORM_URL,
-            window=clients.window(config),
-        )
-    except FormcallError as exc:
-        fail(exc.public_message)
-    if result.action == "gone":
-        fail(f"no form {form_id}")
-    when = f" for {result.not_before.isoformat()}" if result.not_before else ""
-    console.print(f"{result.action}{when} (message {result.message_id or '-'})")
-
-
-def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.exit(130)
-
-
-if __name__ == "__main__":
-    main()

@@ -21,9 +21,9 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from formcall_cli.status import as_text, print_table
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.stack import StackInfo
-from formcall_dev.status import as_text, print_table
 
 
 @dataclass

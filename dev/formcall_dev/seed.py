@@ -1,4 +1,4 @@
-"""Insert patients and forms (tests, the dev demo, benchmarks)."""
+"""Insert patients and forms (the dev demo, chaos, benchmarks, tests)."""
 
 from __future__ import annotations
 
@@ -43,20 +43,6 @@ def create_form(
         (form_id, patient_id, title, deadline, submitted_at),
     ).fetchone()
     return str(row[0])
-
-
-def form_row(conn, form_id: str) -> dict:
-    from psycopg.rows import dict_row
-
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute("select * from forms where id = %s", (form_id,)).fetchone()
-
-
-def form_events(conn, form_id: str) -> list[str]:
-    rows = conn.execute(
-        "select event from form_call_events where form_id = %s order by id", (form_id,)
-    ).fetchall()
-    return [r[0] for r in rows]
 
 
 def create_forms_one_patient_each(conn, *, count: int, title: str, deadline: datetime) -> list[str]:

@@ -16,7 +16,7 @@ import uvicorn
 def build(name: str):
     env = os.environ
     if name == "qstash":
-        from formcall_dev.qstash_server import create_app
+        from formcall_dev.qstash.server import create_app
 
         return create_app(
             dsn=env["FORMCALL_DEV_DSN"],
@@ -28,7 +28,7 @@ def build(name: str):
     if name == "vapi":
         import json
 
-        from formcall_dev.fake_vapi import FakeVapi
+        from formcall_dev.vapi.fake import FakeVapi
 
         mix = env.get("FORMCALL_DEV_VAPI_OUTCOME_MIX")
         return FakeVapi(
@@ -42,7 +42,7 @@ def build(name: str):
             outcome_mix=json.loads(mix) if mix else None,
         ).app
     if name == "webhooks":
-        from formcall_dev.webhooks import forward
+        from formcall_dev.supabase.webhooks import forward
 
         forward(env["FORMCALL_DEV_DSN"])
         raise SystemExit(0)

@@ -13,17 +13,16 @@ import secrets
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
 
-from formcall_dev import webhooks
-from formcall_dev.postgres import apply_migrations, start_embedded_postgres
+from formcall_cli.local_stack import DEFAULT_DIR, STATE_FILE, StackInfo
 from formcall_dev.servers import free_port
+from formcall_dev.supabase import webhooks
+from formcall_dev.supabase.postgres import apply_migrations, start_embedded_postgres
 
-DEFAULT_DIR = Path(".dev")
-STATE_FILE = "stack.json"
 LOCK_FILE = "stack.lock"
 
 
@@ -47,73 +46,9 @@ DEV_CALL_RULES = {
 DEV_CREDENTIAL_ID = "dev-hmac-credential"
 
 
-@dataclass
-class StackInfo:
-    """What a user (or `formcall status`) needs to reach a running stack."""
-
-    dsn: str
-    qstash_url: str
-    functions_url: str
-    vapi_url: str
-    credentials: dict[str, str]
-    real_vapi: bool = False
-    # The dev stack calls at any hour unless told otherwise (`formcall dev --call-window`).
-    call_window: str = "00:00-23:59:59"
-    call_rules: dict[str, str] = field(default_factory=lambda: dict(DEV_CALL_RULES))
-    # The local console (formcall_dev.console), on 127.0.0.1.
-    console_url: str = ""
-    pids: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def call_form_url(self) -> str:
-        return f"{self.functions_url}/api/jobs/call-form"
-
-    @property
-    def check_forms_url(self) -> str:
-        return f"{self.functions_url}/api/cron/check-forms"
-
-    @property
-    def setup_url(self) -> str:
-        return f"{self.functions_url}/api/setup-qstash"
-
-    @property
-    def schedule_form_url(self) -> str:
-        return f"{self.functions_url}/api/webhooks/forms"
-
-    @property
-    def failure_callback_url(self) -> str:
-        return f"{self.functions_url}/api/jobs/failed"
-
-    @property
-    def call_events_url(self) -> str:
-        return f"{self.functions_url}/api/webhooks/vapi"
-
-    def env(self) -> dict[str, str]:
-        """The formcall settings for this stack, as the functions read them."""
-        return {
-            "DATABASE_URL": self.dsn,
-            "QSTASH_URL": self.qstash_url,
-            "CALL_FORM_URL": self.call_form_url,
-            "CHECK_FORMS_URL": self.check_forms_url,
-            "FAILURE_CALLBACK_URL": self.failure_callback_url,
-            "CALL_EVENTS_URL": self.call_events_url,
-            "VAPI_BASE_URL": self.vapi_url,
-            "CALL_WINDOW": self.call_window,
-            **self.call_rules,
-            **self.credentials,
-        }
-
-
-def load_info(data_dir: Path = DEFAULT_DIR) -> StackInfo | None:
-    path = data_dir / STATE_FILE
-    if not path.exists():
-        return None
-    return StackInfo(**json.loads(path.read_text()))
-
-
 def _credentials(data_dir: Path) -> dict[str, str]:
     """Dev credentials: generated on first run, kept so a restart keeps verifying old messages."""
-    from formcall_dev.qstash_server import generate_dev_credentials
+    from formcall_dev.qstash.server import generate_dev_credentials
 
     path = data_dir / "credentials.json"
     kept = json.loads(path.read_text()) if path.exists() else {}

@@ -22,8 +22,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from formcall_dev.seed import create_form, create_patient
 from formcall_dev.stack import Stack
+from tests.support.reads import form_events, form_row
 
 pytestmark = pytest.mark.browser
 DOCS = Path(__file__).resolve().parents[2] / "docs"

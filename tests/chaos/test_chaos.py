@@ -7,7 +7,7 @@ import pytest
 
 from formcall.errors import DatabaseUnavailable
 from formcall.store import PostgresRpc
-from formcall_dev.chaos import QUICK, ChaosConfig, format_figures, run
+from formcall_dev.tools.chaos import QUICK, ChaosConfig, format_figures, run
 
 
 def test_a_connection_dropped_while_idle_costs_no_request(pg_dsn):

@@ -10,8 +10,9 @@ import psycopg
 import pytest
 
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from formcall_dev.seed import create_form, create_patient
 from formcall_dev.stack import DEV_CALL_RULES, Stack
+from tests.support.reads import form_events, form_row
 
 FOLLOW_UP_DELAY = int(DEV_CALL_RULES["FOLLOW_UP_DELAY_SECONDS"])
 
@@ -234,7 +235,7 @@ def test_a_lost_report_is_recorded_by_the_sweeps_lookup(info, conn):
 def test_status_shows_a_forms_calls_and_outcomes(info, conn, monkeypatch):
     from typer.testing import CliRunner
 
-    from formcall_dev.cli import app as cli
+    from formcall_cli.main import app as cli
 
     number = "+15550200005"
     fake(info, "POST", "/configure", json={"scripts": {number: ["voicemail", "reached"]}})
@@ -268,7 +269,7 @@ def test_status_shows_a_forms_calls_and_outcomes(info, conn, monkeypatch):
 def test_dev_help_names_the_compressed_times():
     from typer.testing import CliRunner
 
-    from formcall_dev.cli import app as cli
+    from formcall_cli.main import app as cli
 
     text = " ".join(
         CliRunner().invoke(cli, ["dev", "--help"], env={"COLUMNS": "250"}).output.split()

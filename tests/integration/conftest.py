@@ -8,13 +8,12 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from helpers import DOMAIN, EVENTS_DOMAIN
 
 from formcall import clients
-from formcall_dev.fake_vapi import FakeVapi
-from formcall_dev.polling import wait_until  # noqa: F401  (tests import it from here)
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
+from formcall_dev.vapi.fake import FakeVapi
+from tests.support.lambda_handlers import DOMAIN, EVENTS_DOMAIN
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,7 @@ def due_form(conn):
 @pytest.fixture(scope="module")
 def local_qstash(pg_dsn, keys, request):
     """The local QStash server (real HTTP, its queue in Postgres), backoff 100x faster."""
-    from formcall_dev import qstash_server
+    from formcall_dev.qstash import server as qstash_server
 
     schema = "qstash_" + request.module.__name__.rsplit(".", 1)[-1]
     app = qstash_server.create_app(
@@ -172,13 +171,3 @@ def stack_env(env, monkeypatch, local_qstash, function_server):
         monkeypatch.setenv(name, value)
     clients.reset()
     return {**env, **values}
-
-
-def qstash_message(url: str, token: str, message_id: str) -> dict | None:
-    """A message as the local QStash holds it (None once delivered, cancelled or unknown)."""
-    import httpx
-
-    answer = httpx.get(
-        f"{url}/v2/messages/{message_id}", headers={"Authorization": f"Bearer {token}"}
-    )
-    return answer.json() if answer.status_code == 200 else None

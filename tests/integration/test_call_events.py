@@ -16,14 +16,14 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from conftest import qstash_message
-from helpers import EVENTS_DOMAIN, call_form_event, invoke
 
 from formcall import clients
-from formcall_dev.events import http_event, webhook_headers
+from formcall_cli.events import http_event, webhook_headers
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_events, form_row
-from formcall_dev.vapi_spec import validate
+from formcall_dev.seed import create_form, create_patient
+from formcall_dev.vapi.spec import validate
+from tests.support.lambda_handlers import EVENTS_DOMAIN, call_form_event, invoke
+from tests.support.reads import form_events, form_row, qstash_message
 
 NOW = datetime.now(UTC)
 
@@ -542,7 +542,7 @@ def test_an_opt_out_recorded_by_the_clinic_is_honoured_by_the_claim(rules, vapi,
 
 
 def _insert_webhook(conn, form_id):
-    from formcall_dev.seed import form_row as read
+    from tests.support.reads import form_row as read
 
     record = {
         k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in read(conn, form_id).items()

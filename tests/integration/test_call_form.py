@@ -8,14 +8,15 @@ from datetime import UTC, datetime, timedelta
 
 import jwt
 import pytest
-from helpers import DOMAIN, call_form_event, invoke
 
 from formcall import clients, settings
 from formcall.signatures import body_hash, sign
 from formcall.sweep import reconcile_stale_calls
-from formcall_dev.events import http_event
+from formcall_cli.events import http_event
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from formcall_dev.seed import create_form, create_patient
+from tests.support.lambda_handlers import DOMAIN, call_form_event, invoke
+from tests.support.reads import form_events, form_row
 
 
 def vapi_requests(vapi):

@@ -7,16 +7,17 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from conftest import wait_until
-from helpers import DOMAIN, invoke
 from qstash import QStash
 
 from formcall import clients, settings
 from formcall.schedule import sync_form_schedule
 from formcall.signatures import sign
 from formcall.sweep import CHECK_FORMS_SCHEDULE_ID
-from formcall_dev.events import http_event
-from formcall_dev.seed import create_form, create_patient, form_row
+from formcall_cli.events import http_event
+from formcall_dev.polling import wait_until
+from formcall_dev.seed import create_form, create_patient
+from tests.support.lambda_handlers import DOMAIN, invoke
+from tests.support.reads import form_row
 
 
 @pytest.fixture(autouse=True)

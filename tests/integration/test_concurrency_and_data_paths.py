@@ -11,9 +11,10 @@ import pytest
 
 from formcall import clients, settings
 from formcall.signatures import sign
-from formcall_dev import supabase_rpc
-from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
+from formcall_dev.supabase import rest as supabase_rpc
+from tests.support.reads import form_events, form_row
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from qstash import QStash
 
 from formcall_dev.console import ConsoleConfig, create_app
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import free_port, serve_in_thread
+from tests.support.reads import form_events, form_row
 
 
 @pytest.fixture(scope="module")

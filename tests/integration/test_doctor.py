@@ -14,8 +14,8 @@ from qstash import QStash
 from typer.testing import CliRunner
 
 from formcall.secrets import SECRET_SETTINGS
-from formcall_dev import doctor
-from formcall_dev.cli import app as cli
+from formcall_cli import doctor
+from formcall_cli.main import app as cli
 from formcall_dev.stack import Stack
 
 MISSING_SECRET = "arn:aws:secretsmanager:us-east-1:123456789012:secret:formcall-gone-AbCdEf"

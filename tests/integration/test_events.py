@@ -8,12 +8,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from helpers import invoke
 from typer.testing import CliRunner
 
-from formcall_dev.cli import app as cli
+from formcall_cli.main import app as cli
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_row
+from formcall_dev.seed import create_form, create_patient
+from tests.support.lambda_handlers import invoke
+from tests.support.reads import form_row
 
 EVENTS = sorted((Path(__file__).resolve().parents[2] / "events").glob("*.json"))
 FORM_ID = "0b0e5f2c-5d43-4a59-9a33-3c1a6a1d2f10"

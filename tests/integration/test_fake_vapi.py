@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from formcall_dev.fake_vapi import CONCURRENCY_ENDED_REASON, INVALID_KEY_MESSAGE, FakeVapi
 from formcall_dev.servers import serve_in_thread
+from formcall_dev.vapi.fake import CONCURRENCY_ENDED_REASON, INVALID_KEY_MESSAGE, FakeVapi
 
 KEY = "test-private-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -15,10 +15,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from formcall_dev import vapi_spec
-from formcall_dev.fake_vapi import END_OUTCOMES, CallAlreadyEnded, FakeVapi
 from formcall_dev.polling import wait_until
 from formcall_dev.servers import free_port, serve_in_thread
+from formcall_dev.vapi import spec as vapi_spec
+from formcall_dev.vapi.fake import END_OUTCOMES, CallAlreadyEnded, FakeVapi
 
 KEY = "test-private-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from formcall_dev import vapi_spec
-from formcall_dev.fake_vapi import CONCURRENCY_ENDED_REASON, FakeVapi, line_series
 from formcall_dev.polling import wait_until
 from formcall_dev.servers import serve_in_thread
+from formcall_dev.vapi import spec as vapi_spec
+from formcall_dev.vapi.fake import CONCURRENCY_ENDED_REASON, FakeVapi, line_series
 
 KEY = "test-private-key-lines"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -14,11 +14,11 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from conftest import qstash_message
 
 from formcall import clients, settings
 from formcall.schedule import sync_form_schedule
-from formcall_dev.seed import create_form, create_patient, form_row
+from formcall_dev.seed import create_form, create_patient
+from tests.support.reads import form_row, qstash_message
 
 GUARDED = [
     "call_status",

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from formcall import clients
 from formcall.signatures import sign
-from formcall_dev.events import webhook_headers
+from formcall_cli.events import webhook_headers
 from formcall_dev.seed import create_form, create_patient
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,13 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
-from conftest import qstash_message
-from helpers import DOMAIN, call_form_event, failure_event, invoke
 
 from formcall import clients, settings
 from formcall.signatures import sign
-from formcall_dev.events import http_event, webhook_headers
-from formcall_dev.seed import create_form, create_patient, form_events, form_row
+from formcall_cli.events import http_event, webhook_headers
+from formcall_dev.seed import create_form, create_patient
+from tests.support.lambda_handlers import DOMAIN, call_form_event, failure_event, invoke
+from tests.support.reads import form_events, form_row, qstash_message
 
 WEBHOOK_SECRET = "webhook-secret-for-tests-0123456789"
 

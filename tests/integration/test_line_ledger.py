@@ -16,7 +16,8 @@ import pytest
 from formcall import clients
 from formcall.signatures import sign
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_forms_one_patient_each, form_events, form_row
+from formcall_dev.seed import create_forms_one_patient_each
+from tests.support.reads import form_events, form_row
 
 
 def deliver(url: str, form_id: str, key: str) -> httpx.Response:
@@ -118,9 +119,8 @@ def test_without_the_ledger_only_flow_control_limits_calls(lines, vapi, conn, ke
 def test_qstash_giving_up_never_fails_a_form_waiting_for_a_line(lines, vapi, conn, keys):
     import base64
 
-    from helpers import DOMAIN, invoke
-
-    from formcall_dev.events import http_event, sign_event
+    from formcall_cli.events import http_event, sign_event
+    from tests.support.lambda_handlers import DOMAIN, invoke
 
     env = lines(1)
     vapi.configure(hold=True)

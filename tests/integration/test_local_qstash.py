@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from formcall_dev.qstash_server import create_app, generate_dev_credentials
+from formcall_dev.qstash.server import create_app, generate_dev_credentials
 from formcall_dev.servers import serve_in_thread
 
 # QStash's first retry waits e^2.5 = 12 s; scaled, it is 12 ms (the second 148 ms, the third 1.8 s).

@@ -12,13 +12,14 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import DOMAIN, failure_event, invoke
 
 from formcall import clients
 from formcall.observability import metrics
-from formcall_dev.events import http_event
+from formcall_cli.events import http_event
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_row
+from formcall_dev.seed import create_form, create_patient
+from tests.support.lambda_handlers import DOMAIN, failure_event, invoke
+from tests.support.reads import form_row
 
 
 @pytest.fixture

@@ -15,12 +15,12 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from helpers import DOMAIN, call_form_event, invoke
 
 from formcall import clients, settings
 from formcall.signatures import TOKEN_LIFETIME, sign
-from formcall_dev.events import http_event, sign_event
-from formcall_dev.seed import form_events, form_row
+from formcall_cli.events import http_event, sign_event
+from tests.support.lambda_handlers import DOMAIN, call_form_event, invoke
+from tests.support.reads import form_events, form_row
 
 REPLAYED = {"error": "replayed token"}
 

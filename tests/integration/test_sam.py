@@ -15,9 +15,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import hashed_requirements
 
 from formcall import secrets as formcall_secrets
+from tests.support.requirements import hashed_requirements
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"

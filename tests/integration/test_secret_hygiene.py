@@ -30,14 +30,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import DOMAIN, hashed_requirements, invoke
 
 from formcall import clients
 from formcall.signatures import sign
-from formcall_dev.events import http_event, webhook_headers
-from formcall_dev.fake_vapi import FakeVapi
-from formcall_dev.seed import create_form, create_patient, form_row
+from formcall_cli.events import http_event, webhook_headers
+from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
+from formcall_dev.vapi.fake import FakeVapi
+from tests.support.lambda_handlers import DOMAIN, invoke
+from tests.support.reads import form_row
+from tests.support.requirements import hashed_requirements
 
 ROOT = Path(__file__).resolve().parents[2]
 PATIENT_NAME = "Zebulon Quixote-Hygiene"
@@ -78,7 +80,8 @@ def markers(pg_dsn) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def servers(markers, pg_dsn):
     """The local QStash and the fake Vapi, accepting only the marked credentials."""
-    from formcall_dev import qstash_server, supabase_rpc
+    from formcall_dev.qstash import server as qstash_server
+    from formcall_dev.supabase import rest as supabase_rpc
 
     qstash = serve_in_thread(
         qstash_server.create_app(

@@ -17,14 +17,14 @@ from pathlib import Path
 import boto3
 import botocore.handlers
 import pytest
-from helpers import call_form_event, invoke
 from moto import mock_aws
 
 from formcall import clients, settings
 from formcall.errors import ConfigurationError
 from formcall.secrets import SECRET_GROUPS, SECRET_SETTINGS
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import form_events, form_row
+from tests.support.lambda_handlers import call_form_event, invoke
+from tests.support.reads import form_events, form_row
 
 ROOT = Path(__file__).resolve().parents[2]
 

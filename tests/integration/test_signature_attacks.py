@@ -22,12 +22,12 @@ import time
 import httpx
 import jwt
 import pytest
-from helpers import DOMAIN, invoke
 
 from formcall import clients
 from formcall.signatures import body_hash, sign
-from formcall_dev.events import http_event
-from formcall_dev.seed import form_events, form_row
+from formcall_cli.events import http_event
+from tests.support.lambda_handlers import DOMAIN, invoke
+from tests.support.reads import form_events, form_row
 
 ENDPOINTS = {
     # function: (path, body for a form)

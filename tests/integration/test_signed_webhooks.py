@@ -18,15 +18,15 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import psycopg
 import pytest
-from conftest import qstash_message
-from helpers import DOMAIN, invoke
 
 from formcall import clients, settings
 from formcall.schedule import sync_form_schedule
 from formcall.signatures import verify_webhook
-from formcall_dev import webhooks
-from formcall_dev.events import http_event, webhook_headers
-from formcall_dev.seed import create_form, create_patient, form_row
+from formcall_cli.events import http_event, webhook_headers
+from formcall_dev.seed import create_form, create_patient
+from formcall_dev.supabase import webhooks
+from tests.support.lambda_handlers import DOMAIN, invoke
+from tests.support.reads import form_row, qstash_message
 
 SECRET = "webhook-secret-for-signed-tests-0123"
 

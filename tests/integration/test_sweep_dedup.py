@@ -13,17 +13,18 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 import time_machine
-from helpers import DOMAIN, invoke
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from formcall import clients
-from formcall_dev.events import http_event
+from formcall_cli.events import http_event
 from formcall_dev.polling import wait_until
-from formcall_dev.seed import create_form, create_patient, form_row
+from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
+from tests.support.lambda_handlers import DOMAIN, invoke
+from tests.support.reads import form_row
 
 
 @pytest.fixture

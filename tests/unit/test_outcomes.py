@@ -9,7 +9,7 @@ import pytest
 
 from formcall.outcomes import ENDED_REASON_OUTCOME, OUTCOMES, classify
 
-SPEC = Path(__file__).resolve().parents[2] / "dev/formcall_dev/reference/vapi-openapi.json"
+SPEC = Path(__file__).resolve().parents[2] / "dev/formcall_dev/vapi/reference/vapi-openapi.json"
 MESSAGE_SCHEMAS = ("Call", "ServerMessageStatusUpdate", "ServerMessageEndOfCallReport")
 
 

@@ -11,7 +11,7 @@ from formcall.errors import (
 from formcall.models import FormOnCall, PatientCall
 from formcall.vapi import call_request, redact, server_override
 from formcall.web import error_reply
-from formcall_dev.vapi_spec import validate
+from formcall_dev.vapi.spec import validate
 
 AT = datetime(2026, 12, 1, 9, tzinfo=UTC)
 CALL = PatientCall(

@@ -17,9 +17,9 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from formcall_dev.qstash_headers import BadRequest, MessageSpec, next_cron_time
+from formcall_dev.qstash.headers import BadRequest, MessageSpec, next_cron_time
 
-SCHEMA_SQL = Path(__file__).with_name("qstash_schema.sql")
+SCHEMA_SQL = Path(__file__).with_name("schema.sql")
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 DEDUP_WINDOW_S = 600
 LEASE_S = 30.0

@@ -16,7 +16,7 @@ import httpx
 
 from formcall_dev.stack import Stack
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[4]
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ SMOKE = Sizes(
     cold_functions=("call_form",),
     sam_build=False,
     warm_requests=20,
-    day_forms=6,
+    day_forms=12,  # the first size whose plan moves a deadline
     day_seconds=1.0,
     lines_forms=12,
     lines_compression=200.0,

@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import psycopg
 
-from formcall_dev.bench.common import BenchStack, fake_vapi, qstash
 from formcall_dev.polling import wait_until
+from formcall_dev.tools.bench.common import BenchStack, fake_vapi, qstash
 
 SUBMITTED, MOVED = 0.6, 0.15
 SWEEPS_PER_DAY = 24
@@ -117,6 +117,9 @@ def count_day(info, conn, plan: list[dict], *, design: str) -> dict:
         conn.execute("set local session_replication_role = replica")
         conn.execute("delete from form_call_events")
         conn.execute("delete from forms")
+        # The line ledger too: each design's day starts with every line free.
+        conn.execute("delete from call_forms")
+        conn.execute("delete from calls")
     fake_vapi(info, "POST", "/reset")
     qstash(info, "POST", "/_local/stats/reset")
     play_day(conn, info, plan, design=design)
@@ -149,6 +152,14 @@ def count_day(info, conn, plan: list[dict], *, design: str) -> dict:
     sweep = qstash(info, "GET", "/_local/stats")
     sweep_messages = 1 + sweep["requests"]["batchMessages"] + sweep["requests"]["publish"]
     called = conn.execute("select count(*) from forms where call_status = 'called'").fetchone()[0]
+    # What formcall recorded of its messages: a publish leaves 'scheduled' or 'rescheduled'; a
+    # cancel 'cancelled', or 'rescheduled' when a move replaced the message.
+    recorded = dict(
+        conn.execute(
+            "select event, count(*) from form_call_events"
+            " where event in ('scheduled', 'rescheduled', 'cancelled') group by 1"
+        ).fetchall()
+    )
     vapi = fake_vapi(info, "GET", "/stats")
     placed = vapi["placed"]
     forms = len(plan)
@@ -162,6 +173,8 @@ def count_day(info, conn, plan: list[dict], *, design: str) -> dict:
         "publish": requests["publish"],
         "batch_messages": requests["batchMessages"],
         "cancel": requests["cancel"],
+        "recorded_publishes": recorded.get("scheduled", 0) + recorded.get("rescheduled", 0),
+        "recorded_cancels": recorded.get("cancelled", 0) + recorded.get("rescheduled", 0),
         "deliveries": deliveries["attempted"],
         "retries": deliveries["retriesScheduled"],
         "callbacks": deliveries["callbacksQueued"],

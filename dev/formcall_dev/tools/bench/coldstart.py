@@ -23,9 +23,9 @@ from pathlib import Path
 
 import psycopg
 
-from formcall_dev.bench.common import REPO_ROOT, BenchStack, median
-from formcall_dev.events import http_event, sign_event, webhook_headers
+from formcall_cli.events import http_event, sign_event, webhook_headers
 from formcall_dev.seed import create_form, create_patient
+from formcall_dev.tools.bench.common import REPO_ROOT, BenchStack, median
 
 DOMAIN = "coldstart.lambda-url.us-east-1.on.aws"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psycopg
 
-from formcall_dev.bench.common import BenchStack, median, qstash, trigger_sweep
+from formcall_dev.tools.bench.common import BenchStack, median, qstash, trigger_sweep
 
 # Rows per 10,000 in each state besides the overdue ones (which take the first `overdue` slots).
 PENDING_AHEAD, SUBMITTED = 500, 5400

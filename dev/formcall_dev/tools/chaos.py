@@ -1,6 +1,6 @@
 """Chaos run: forms through the local stack while Vapi, the function server, the database and QStash fail.
 
-`python -m formcall_dev.chaos` (`make chaos`) starts a local stack (real processes, as `formcall
+`python -m formcall_dev.tools.chaos` (`make chaos`) starts a local stack (real processes, as `formcall
 dev`), seeds 1,000 forms (due during the run, overdue, not yet due, submitted early, deadline
 moved later, earlier or away, some inserted with no webhook; some patients have several forms
 due together, a few opt out on their call) and lets their one-time messages fire while it
@@ -44,7 +44,7 @@ import psycopg
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.stack import Stack, StackInfo
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 MUST_CALL = ("due", "overdue", "overdue_silent", "moved_later", "moved_earlier")
 MUST_NOT_CALL = ("not_due", "submitted", "moved_away")
 # Shares of the forms; the rest are due during the run.
@@ -666,7 +666,7 @@ class Chaos:
     def check(
         self, conn: psycopg.Connection, before_sweeps: dict, sweeps: list[dict], started: float
     ) -> ChaosResult:
-        from formcall_dev.fake_vapi import ENDED_REASONS, form_ids_of
+        from formcall_dev.vapi.fake import ENDED_REASONS, form_ids_of
 
         violations: list[str] = []
         by_id = {f.id: f for f in self.forms}
@@ -1100,7 +1100,7 @@ def run(config: ChaosConfig, *, data_dir: Path | None = None, log=print) -> Chao
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m formcall_dev.chaos",
+        prog="python -m formcall_dev.tools.chaos",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -1137,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
             markdown_section(
                 result.figures,
                 hostile,
-                "make chaos" if not args.quick else "python -m formcall_dev.chaos --quick",
+                "make chaos" if not args.quick else "python -m formcall_dev.tools.chaos --quick",
             ),
         )
     for violation in result.violations:

@@ -19,14 +19,14 @@ import certifi
 import httpx
 import jwt
 
-from formcall_dev.qstash_headers import (
+from formcall_dev.qstash.headers import (
     BadRequest,
     MessageSpec,
     canonical_header,
     parse_duration,
     retry_delay_ms,
 )
-from formcall_dev.qstash_store import LEASE_S, Store, to_ms
+from formcall_dev.qstash.store import LEASE_S, Store, to_ms
 
 log = logging.getLogger("formcall_dev.qstash")
 

@@ -17,7 +17,7 @@ import httpx
 import psycopg
 
 CHANNEL = "formcall_forms_webhook"
-log = logging.getLogger("formcall_dev.webhooks")
+log = logging.getLogger("formcall_dev.supabase.webhooks")
 
 
 def install(dsn: str, *, url: str, secret: str) -> None:

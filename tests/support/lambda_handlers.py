@@ -1,15 +1,14 @@
-"""Helpers for integration tests: run a function's Lambda handler on an event, build signed events."""
+"""Run a function's Lambda handler on an event, and build the signed events the tests send."""
 
 from __future__ import annotations
 
 import base64
 import json
-import re
 import secrets
 from dataclasses import dataclass
 
 from formcall.signatures import sign
-from formcall_dev.events import http_event, sign_event
+from formcall_cli.events import http_event, sign_event
 from formcall_dev.functions_server import load_function
 
 DOMAIN = "abc123.lambda-url.us-east-1.on.aws"
@@ -94,28 +93,3 @@ def failure_event(keys, form_id, *, status=503, retried=5, source="msg_src_1", b
             "upstash-signature": sign(key=keys.current_key, url=url, body=body.encode()),
         },
     )
-
-
-def hashed_requirements(text: str) -> dict[str, tuple[str, list[str]]]:
-    """A `uv export` requirements file as {normalised name: (pinned version, hashes)}.
-
-    AssertionError on any requirement that is not an exact pin followed by its hashes.
-    """
-    found: dict[str, tuple[str, list[str]]] = {}
-    name = ""
-    for line in text.splitlines():
-        line = line.split(" #", 1)[0].rstrip(" \\")
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        if line.lstrip().startswith("--hash="):
-            assert name, f"a hash before any requirement: {line}"
-            found[name][1].append(line.strip().removeprefix("--hash="))
-            continue
-        requirement = line.split(";", 1)[0].strip()
-        match = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)", requirement)
-        assert match, f"not an exact pin of one package: {line!r}"
-        name = re.sub(r"[-_.]+", "-", match[1]).lower()
-        found[name] = (match[2], [])
-    for name, (_version, hashes) in found.items():
-        assert hashes and all(h.startswith("sha256:") for h in hashes), f"{name} has no hash"
-    return found

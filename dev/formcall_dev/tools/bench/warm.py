@@ -21,9 +21,9 @@ from pathlib import Path
 
 import psycopg
 
-from formcall_dev.bench.common import REPO_ROOT, BenchStack, fake_vapi, median, percentile
-from formcall_dev.events import http_event, sign_event
+from formcall_cli.events import http_event, sign_event
 from formcall_dev.seed import create_forms_one_patient_each
+from formcall_dev.tools.bench.common import REPO_ROOT, BenchStack, fake_vapi, median, percentile
 
 WARMUP = 20
 

@@ -1,4 +1,4 @@
-"""`python -m formcall_dev.bench [--quick] [--only NAMES]`: BENCHMARKS.md and docs/bench-*.png.
+"""`python -m formcall_dev.tools.bench [--quick] [--only NAMES]`: BENCHMARKS.md and docs/bench-*.png.
 
 Benchmarks report; they never fail on a missed target. The exit status is 1 only when a
 benchmark itself could not run (its error is in BENCHMARKS.md too).
@@ -16,15 +16,15 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from formcall_dev.bench import plots, report
-from formcall_dev.bench.burst import bench_burst
-from formcall_dev.bench.coldstart import bench_coldstart
-from formcall_dev.bench.common import FULL, QUICK, REPO_ROOT, SMOKE, Sizes, machine
-from formcall_dev.bench.lines import bench_lines
-from formcall_dev.bench.quota import bench_quota
-from formcall_dev.bench.seed_design import bench_seed_design
-from formcall_dev.bench.sweep import bench_sweep
-from formcall_dev.bench.warm import bench_warm
+from formcall_dev.tools.bench import plots, report
+from formcall_dev.tools.bench.burst import bench_burst
+from formcall_dev.tools.bench.coldstart import bench_coldstart
+from formcall_dev.tools.bench.common import FULL, QUICK, REPO_ROOT, SMOKE, Sizes, machine
+from formcall_dev.tools.bench.lines import bench_lines
+from formcall_dev.tools.bench.quota import bench_quota
+from formcall_dev.tools.bench.seed_design import bench_seed_design
+from formcall_dev.tools.bench.sweep import bench_sweep
+from formcall_dev.tools.bench.warm import bench_warm
 
 # Order matters: the seed's design uses the sweep's cost per form when the sweep ran first.
 BENCHMARKS = ("coldstart", "warm", "sweep", "seed_design", "burst", "quota", "lines")
@@ -63,7 +63,7 @@ def run(names: tuple[str, ...], sizes: Sizes, work: Path, log=print) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m formcall_dev.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m formcall_dev.tools.bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, about 5 minutes")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests only
     parser.add_argument(

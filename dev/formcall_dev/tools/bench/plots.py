@@ -35,7 +35,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_burst(result: dict, path: Path) -> Path:
-    from formcall_dev.bench.burst import in_progress
+    from formcall_dev.tools.bench.burst import in_progress
 
     plt = _pyplot()
     run = result["plotted"]

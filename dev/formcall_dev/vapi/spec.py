@@ -29,7 +29,7 @@ def spec() -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"Vapi's OpenAPI spec is not at {path}: set {SPEC_ENV} or restore "
-            "dev/formcall_dev/reference/vapi-openapi.json"
+            "dev/formcall_dev/vapi/reference/vapi-openapi.json"
         )
     return json.loads(path.read_text(encoding="utf-8"))
 

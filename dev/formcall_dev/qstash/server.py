@@ -74,15 +74,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from formcall_dev.qstash_dispatcher import Dispatcher, describe
-from formcall_dev.qstash_headers import (
+from formcall_dev.qstash.dispatcher import Dispatcher, describe
+from formcall_dev.qstash.headers import (
     SCHEDULE_ID_PATTERN,
     BadRequest,
     content_dedup_key,
     parse_message_headers,
     split_cron,
 )
-from formcall_dev.qstash_store import NotFound, Store, message_json, new_schedule_id, schedule_json
+from formcall_dev.qstash.store import NotFound, Store, message_json, new_schedule_id, schedule_json
 
 MAX_BATCH = 1000
 

@@ -31,6 +31,12 @@ from formcall import settings
 from formcall.errors import ConfigurationError
 from formcall.secrets import MAX_AGE, SECRET_ARN, SECRET_ARNS, SECRET_SETTINGS, parse_secret
 
+# The checkout's supabase/migrations (cli/formcall_cli/doctor.py is three levels below it);
+# an installed formcall_cli looks in the current folder instead.
+MIGRATIONS_DIRS = (
+    Path(__file__).resolve().parents[2] / "supabase" / "migrations",
+    Path("supabase") / "migrations",
+)
 SCHEDULE_ID = "formcall-check-forms"
 SCHEDULE_CRON = "0 * * * *"
 TIMEOUT = 15.0
@@ -169,7 +175,7 @@ def find_target(*, stack_json: str | None, data_dir: Path, read_secret: bool = T
 
     The smoke check needs only URLs, so it reads no secret (the deploy role may not).
     """
-    from formcall_dev.stack import load_info
+    from formcall_cli.local_stack import load_info
 
     if stack_json is not None:
         target = target_from_stack(_parse_stack(stack_json))
@@ -735,9 +741,11 @@ def check_database(target: Target) -> list[Finding]:
 
 
 def migration_files() -> list[str]:
-    from formcall_dev.postgres import MIGRATIONS_DIR
-
-    return sorted(p.name for p in MIGRATIONS_DIR.glob("*.sql"))
+    """The repository's migrations (doctor runs from a checkout: the deploy job, an operator)."""
+    for folder in MIGRATIONS_DIRS:
+        if folder.is_dir():
+            return sorted(p.name for p in folder.glob("*.sql"))
+    return []
 
 
 def _check_migrations(target: Target, dsn: str) -> list[Finding]:
@@ -745,7 +753,7 @@ def _check_migrations(target: Target, dsn: str) -> list[Finding]:
 
     fix = (
         "apply them: `supabase db push` (Supabase), or "
-        "`python -c 'from formcall_dev.postgres import apply_migrations as a; "
+        "`python -c 'from formcall_dev.supabase.postgres import apply_migrations as a; "
         'a("$DATABASE_URL")\'` (plain Postgres)'
     )
     try:
@@ -762,6 +770,15 @@ def _check_migrations(target: Target, dsn: str) -> list[Finding]:
             )
         ]
     wanted = migration_files()
+    if not wanted:
+        return [
+            Finding(
+                "migrations",
+                False,
+                "not checked: no supabase/migrations folder here to compare with",
+                "run `formcall doctor` from the repository's folder",
+            )
+        ]
     if applied is None:
         return [
             Finding(

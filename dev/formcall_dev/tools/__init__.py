@@ -1,0 +1,1 @@
+"""Tools run against the local stack: the benchmarks (bench/) and the chaos run (chaos.py)."""
