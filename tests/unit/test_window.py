@@ -393,22 +393,24 @@ clock_times = st.builds(
 )
 
 
+# Strategies are built once, here: a composite that builds its own on every draw spends most of
+# a property's time validating them.
+window_days = st.one_of(
+    st.just(frozenset(range(7))),
+    st.just(frozenset(range(5))),
+    st.frozensets(st.integers(0, 6), min_size=1),
+)
+window_lengths = st.one_of(
+    st.sampled_from([1, 60, 1800, 3600, 5400, 7200, 11 * 3600]), st.integers(1, 86399)
+)
+
+
 @st.composite
 def windows(draw, start: time | None = None) -> CallWindow:
-    days = draw(
-        st.one_of(
-            st.just(frozenset(range(7))),
-            st.just(frozenset(range(5))),
-            st.frozensets(st.integers(0, 6), min_size=1),
-        )
-    )
+    days = draw(window_days)
     if start is None:
         start = draw(clock_times)
-    length = draw(
-        st.one_of(
-            st.sampled_from([1, 60, 1800, 3600, 5400, 7200, 11 * 3600]), st.integers(1, 86399)
-        )
-    )
+    length = draw(window_lengths)
     end_moment = datetime.combine(datetime(2000, 1, 1), start) + timedelta(seconds=length)
     end = end_moment.time() if end_moment.day == 1 else time(23, 59, 59)
     if end <= start:
@@ -420,19 +422,29 @@ def windows(draw, start: time | None = None) -> CallWindow:
 # overlap, on its edges, inside it, after it.
 JUMP_SHARES = [-1.5, -1, -0.5, 0, 0.25, 0.5, 1, 1.5, 2]
 NUDGES = [timedelta(seconds=s) for s in (0, 0, 0, -1, 1, -60, 60, -3600, 3600)]
+zones = st.sampled_from(ZONES)
+years = st.sampled_from(range(1990, 2061))
+micro_parts = st.sampled_from([0, 0, 1, 500_000, 999_999])
+where = st.sampled_from(["anywhere", "change", "change", "change"])
+year_seconds = st.integers(0, 365 * 86400)
+jump_shares = st.sampled_from(JUMP_SHARES)
+nudges = st.sampled_from(NUDGES)
+aheads = st.sampled_from([-86400, -21600, -7200, -3600, -1800, -1, 0, 1, 1800, 7200])
+jitters = st.integers(-900, 900)
+folds = st.sampled_from([0, 1])
 
 
 @st.composite
 def cases(draw) -> tuple[datetime, ZoneInfo, CallWindow]:
     """An instant, a zone and a window, mostly placed around one of the zone's clock changes."""
-    zone = ZoneInfo(draw(st.sampled_from(ZONES)))
-    year = draw(st.sampled_from(range(1990, 2061)))
-    micros = timedelta(microseconds=draw(st.sampled_from([0, 0, 1, 500_000, 999_999])))
+    zone = ZoneInfo(draw(zones))
+    year = draw(years)
+    micros = timedelta(microseconds=draw(micro_parts))
     # The caller's instant may come in any zone; only the instant matters.
     shown_in = draw(st.sampled_from([UTC, zone, NEW_YORK]))
     changes = offset_changes(zone.key, year)
-    if not changes or draw(st.sampled_from(["anywhere", "change", "change", "change"])) != "change":
-        seconds = draw(st.integers(0, 365 * 86400))
+    if not changes or draw(where) != "change":
+        seconds = draw(year_seconds)
         at = datetime(year, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds)
         return (at + micros).astimezone(shown_in), zone, draw(windows())
 
@@ -442,16 +454,16 @@ def cases(draw) -> tuple[datetime, ZoneInfo, CallWindow]:
     # The old clock's reading at the change: a spring-forward gap or a fall-back overlap
     # spans `jump` from here.
     wall = change.replace(tzinfo=None) + old
-    start = wall + jump * draw(st.sampled_from(JUMP_SHARES)) + draw(st.sampled_from(NUDGES))
+    start = wall + jump * draw(jump_shares) + draw(nudges)
     window = draw(windows(start=start.time()))
     if draw(st.booleans()):
-        ahead = draw(st.sampled_from([-86400, -21600, -7200, -3600, -1800, -1, 0, 1, 1800, 7200]))
-        at = change + timedelta(seconds=ahead + draw(st.integers(-900, 900))) + micros
+        ahead = draw(aheads)
+        at = change + timedelta(seconds=ahead + draw(jitters)) + micros
         return at.astimezone(shown_in), zone, window
     # A wall time near the change, possibly one the clocks skipped or repeated: an aware
     # datetime stands for the instant its utcoffset() gives.
-    near = wall + jump * draw(st.sampled_from(JUMP_SHARES)) + draw(st.sampled_from(NUDGES))
-    return (near + micros).replace(tzinfo=zone, fold=draw(st.sampled_from([0, 1]))), zone, window
+    near = wall + jump * draw(jump_shares) + draw(nudges)
+    return (near + micros).replace(tzinfo=zone, fold=draw(folds)), zone, window
 
 
 def swallowed_by_a_gap(day: date, zone: ZoneInfo, window: CallWindow) -> bool:
