@@ -109,4 +109,4 @@ lock: | $(UV)
 		--output-file layers/sam-requirements.txt
 
 clean:
-	rm -rf $(VENV) $(SAM_VENV) $(CLI_VENV) .uv .aws-sam .dev
+	rm -rf $(VENV) $(SAM_VENV) $(CLI_VENV) .uv .aws-sam .dev formcall.egg-info

@@ -39,7 +39,7 @@ def _text(detail) -> str:
     if not isinstance(detail, dict):
         return "" if detail is None else str(detail)
     return ", ".join(
-        f"{key}: {_text(value) if isinstance(value, dict) else value}"
+        f"{key}: {_text(value) if isinstance(value, dict) else as_text(value)}"
         for key, value in detail.items()
         if value is not None
     )
@@ -47,7 +47,7 @@ def _text(detail) -> str:
 
 def as_text(value: object) -> str:
     """JSON as readable text, not a Python repr: `name: value, ...`, nested in parentheses."""
-    if isinstance(value, dict):
+    if isinstance(value, dict) and value:
         return ", ".join(
             f"{name}: ({as_text(item)})"
             if isinstance(item, dict) and item
@@ -364,7 +364,7 @@ def _qstash_sections(console: Console, qstash: QStashReader) -> None:
             s.schedule_id,
             s.cron,
             s.destination,
-            str(s.paused),
+            as_text(s.paused),
             _ms(s.last_schedule_time),
             _ms(s.next_schedule_time),
         )
@@ -457,7 +457,11 @@ def _history(
         ("last error", form["last_call_error"] or "-"),
         (
             "QStash message",
-            f"{form['qstash_message_id'] or '-'}: {qstash.message(form['qstash_message_id'])}",
+            (
+                f"{form['qstash_message_id']}: {qstash.message(form['qstash_message_id'])}"
+                if form["qstash_message_id"]
+                else "none"
+            ),
         ),
     ):
         console.print(f"  {label}: {value}")

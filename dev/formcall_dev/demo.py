@@ -324,7 +324,11 @@ def run(info: StackInfo, console: Console, *, timeout: float = 50.0) -> bool:
         headers={"Authorization": f"Bearer {info.credentials['CRON_SECRET']}"},
     )
     console.print(f"[bold]manual sweep[/] {escape(describe_answer(trigger))}")
-    with Live(render(demo, 0, "running"), console=console, refresh_per_second=4) as live:
+    # In a terminal the journeys update in place; a pipe or log gets the final table once, whole.
+    piped = not console.is_terminal
+    with Live(
+        render(demo, 0, "running"), console=console, refresh_per_second=4, transient=piped
+    ) as live:
         while time.monotonic() - started < timeout:
             refresh(info, demo)
             elapsed = time.monotonic() - started
@@ -336,6 +340,8 @@ def run(info: StackInfo, console: Console, *, timeout: float = 50.0) -> bool:
         elapsed = time.monotonic() - started
         ok = all(settled(c, elapsed) for c in demo)
         live.update(render(demo, elapsed, "done" if ok else "TIMED OUT"))
+    if piped:
+        print_table(console, render(demo, elapsed, "done" if ok else "TIMED OUT"))
     print_table(console, outcome_table(demo))
     ok = _shared_calls(console, demo) and ok
     for case, message_id, gone in opted_out_messages(info, demo):

@@ -183,6 +183,7 @@ def test_dlq_retry_redelivers(stack, browser, conn):
         f"{stack.vapi_url}/_fake/rules",
         headers={"Authorization": f"Bearer {key}"},
         json={"customer_number": "+15550100503", "status": 400, "times": 1},
+        timeout=30,
     ).raise_for_status()
     patient = create_patient(conn, full_name="Alan Turing", phone="+15550100503")
     form = create_form(

@@ -50,6 +50,7 @@ def qstash_holds(info, message_id: str) -> bool:
     answer = httpx.get(
         f"{info.qstash_url}/v2/messages/{message_id}",
         headers={"Authorization": f"Bearer {info.credentials['QSTASH_TOKEN']}"},
+        timeout=30,
     )
     return answer.status_code == 200
 

@@ -34,6 +34,7 @@ def qstash_message(info, message_id) -> dict | None:
     answer = httpx.get(
         f"{info.qstash_url}/v2/messages/{message_id}",
         headers={"Authorization": f"Bearer {info.credentials['QSTASH_TOKEN']}"},
+        timeout=30,
     )
     return answer.json() if answer.status_code == 200 else None
 

@@ -80,13 +80,15 @@ def qstash(info) -> QStash:
 
 def test_setup_creates_exactly_one_schedule(info):
     for _ in range(3):
-        answer = httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]})
+        answer = httpx.get(
+            info.setup_url, params={"secret": info.credentials["CRON_SECRET"]}, timeout=30
+        )
         assert answer.status_code == 200
     schedules = qstash(info).schedule.list()
     assert [(s.schedule_id, s.cron, s.destination) for s in schedules] == [
         ("formcall-check-forms", "0 * * * *", info.check_forms_url)
     ]
-    assert httpx.get(info.setup_url).status_code == 401
+    assert httpx.get(info.setup_url, timeout=30).status_code == 401
     # Paused (an overwrite keeps it paused): a tick at the top of the hour would sweep in the
     # middle of the tests below.
     qstash(info).schedule.pause("formcall-check-forms")
@@ -100,9 +102,12 @@ def test_manual_trigger_needs_the_bearer_secret(info, conn):
         silent=True,
         deadline=datetime.now(UTC) - timedelta(minutes=3),
     )
-    assert httpx.get(info.check_forms_url).status_code == 401
+    assert httpx.get(info.check_forms_url, timeout=30).status_code == 401
     assert (
-        httpx.get(info.check_forms_url, headers={"Authorization": "Bearer nope"}).status_code == 401
+        httpx.get(
+            info.check_forms_url, headers={"Authorization": "Bearer nope"}, timeout=30
+        ).status_code
+        == 401
     )
     assert form_row(conn, form)["call_status"] == "pending"
     answer = httpx.get(
@@ -149,7 +154,7 @@ def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monk
         patient_id=patient,  # the webhook schedules it at once
         deadline=datetime.now(UTC) - timedelta(seconds=1),
     )
-    httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]})
+    httpx.get(info.setup_url, params={"secret": info.credentials["CRON_SECRET"]}, timeout=30)
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed")
     wait_until(lambda: qstash(info).dlq.list().messages)
     for name, value in info.env().items():
