@@ -183,16 +183,6 @@ def schedule(
     from formcall.observability import logger
     from formcall.schedule import sync_form_schedule
 
-    class ScheduleSettings(
-        settings.DatabaseSettings,
-        settings.PublisherSettings,
-        settings.FlowControlSettings,
-        settings.CallWindowSettings,
-        settings.CallFormUrlSettings,
-        settings.FailureCallbackUrlSettings,
-    ):
-        """schedule-form's concerns less its webhook secret: this command is no webhook."""
-
     logger.setLevel("WARNING")  # the function's JSON logs are for CloudWatch, not this terminal
 
     try:
@@ -209,7 +199,8 @@ def schedule(
                 os.environ[name] = info.env()[name]
     clients.reset()
     try:
-        config = settings.load(ScheduleSettings)
+        # schedule-form's concerns less its webhook secret: this command is no webhook.
+        config = settings.load(settings.FormScheduleSettings)
         result = sync_form_schedule(
             form_id,
             store=clients.store(config),

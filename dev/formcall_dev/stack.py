@@ -26,6 +26,19 @@ from formcall_dev.supabase.postgres import apply_migrations, start_embedded_post
 LOCK_FILE = "stack.lock"
 
 
+def fake_vapi(info: StackInfo, method: str, path: str, **kwargs):
+    """The fake Vapi's admin API (`/_fake/...`) on a running stack: configure, rules, stats."""
+    answer = httpx.request(
+        method,
+        f"{info.vapi_url}/_fake{path}",
+        timeout=60,
+        **kwargs,
+        headers={"Authorization": f"Bearer {info.credentials['VAPI_PRIVATE_KEY']}"},
+    )
+    answer.raise_for_status()
+    return answer.json()
+
+
 class StackBusy(Exception):
     """Another local stack holds the data folder (`make serve` while `make dev`, or twice)."""
 

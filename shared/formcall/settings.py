@@ -351,8 +351,7 @@ class SetupSettings(CronSettings, PublisherSettings, CheckFormsUrlSettings):
     CHECK_FORMS_URL: str = Field(pattern=_URL)
 
 
-class ScheduleFormSettings(
-    WebhookSettings,
+class FormScheduleSettings(
     DatabaseSettings,
     PublisherSettings,
     FlowControlSettings,
@@ -360,6 +359,10 @@ class ScheduleFormSettings(
     CallFormUrlSettings,
     FailureCallbackUrlSettings,
 ):
+    """Keeping a form's one-time call-form message in step with it (`formcall schedule` too)."""
+
+
+class ScheduleFormSettings(WebhookSettings, FormScheduleSettings):
     """schedule-form: keeps each form's one-time call-form message in step with its deadline."""
 
 

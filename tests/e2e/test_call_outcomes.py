@@ -11,25 +11,14 @@ import pytest
 
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient
-from formcall_dev.stack import DEV_CALL_RULES, Stack
+from formcall_dev.stack import DEV_CALL_RULES, Stack, fake_vapi
 from tests.support.reads import form_events, form_row
 
 FOLLOW_UP_DELAY = int(DEV_CALL_RULES["FOLLOW_UP_DELAY_SECONDS"])
 
 
-def fake(info, method, path, **kwargs):
-    answer = httpx.request(
-        method,
-        f"{info.vapi_url}/_fake{path}",
-        **kwargs,
-        headers={"Authorization": f"Bearer {info.credentials['VAPI_PRIVATE_KEY']}"},
-    )
-    answer.raise_for_status()
-    return answer.json()
-
-
 def calls_to(info, number: str) -> list[dict]:
-    return [c for c in fake(info, "GET", "/calls") if c["customer"]["number"] == number]
+    return [c for c in fake_vapi(info, "GET", "/calls") if c["customer"]["number"] == number]
 
 
 def moment(value: str) -> datetime:
@@ -84,12 +73,12 @@ def conn(info):
 @pytest.fixture(autouse=True)
 def quiet_fake(info):
     # Each test starts with the fake as the stack made it (no scripts, no faults).
-    fake(info, "POST", "/reset")
+    fake_vapi(info, "POST", "/reset")
 
 
 def test_no_answer_is_followed_up_and_the_patient_reached(info, conn):
     number = "+15550200001"
-    fake(info, "POST", "/configure", json={"scripts": {number: ["no_answer", "reached"]}})
+    fake_vapi(info, "POST", "/configure", json={"scripts": {number: ["no_answer", "reached"]}})
     form = create_form(
         conn, patient_id=create_patient(conn, phone=number), deadline=datetime.now(UTC)
     )
@@ -124,7 +113,7 @@ def test_no_answer_is_followed_up_and_the_patient_reached(info, conn):
         "call_ended",
     ]
     # Every report reached call-events signed with the HMAC credential, and was accepted.
-    reports = fake(info, "GET", "/reports")
+    reports = fake_vapi(info, "GET", "/reports")
     assert reports and all(r["signed"] and r["answer"] == 200 for r in reports)
 
 
@@ -155,7 +144,7 @@ def test_two_due_forms_of_one_patient_make_one_call(info, conn):
 
 def test_opt_out_stops_every_call_to_the_patient(info, conn):
     number = "+15550200003"
-    fake(info, "POST", "/configure", json={"scripts": {number: ["opt_out"]}})
+    fake_vapi(info, "POST", "/configure", json={"scripts": {number: ["opt_out"]}})
     patient = create_patient(conn, phone=number)
     now = datetime.now(UTC)
     called = create_form(conn, patient_id=patient, title="Travel questionnaire", deadline=now)
@@ -179,8 +168,8 @@ def test_opt_out_stops_every_call_to_the_patient(info, conn):
     sweep(info)
     time.sleep(1)  # a delivery the sweep enqueued would be claimed by now
     assert len(calls_to(info, number)) == 1
-    assert fake(info, "GET", "/requests", params={"formId": later}) == []
-    assert fake(info, "GET", "/requests", params={"formId": newer}) == []
+    assert fake_vapi(info, "GET", "/requests", params={"formId": later}) == []
+    assert fake_vapi(info, "GET", "/requests", params={"formId": newer}) == []
     for form in (called, later, newer):
         assert form_row(conn, form)["call_status"] == "opted_out"
     assert form_events(conn, newer) == ["delivered", "opted_out"]
@@ -189,7 +178,7 @@ def test_opt_out_stops_every_call_to_the_patient(info, conn):
 def test_a_lost_report_is_recorded_by_the_sweeps_lookup(info, conn):
     number = "+15550200004"
     timeout = int(DEV_CALL_RULES["CALL_OUTCOME_TIMEOUT_SECONDS"])
-    fake(
+    fake_vapi(
         info,
         "POST",
         "/configure",
@@ -203,12 +192,14 @@ def test_a_lost_report_is_recorded_by_the_sweeps_lookup(info, conn):
     wait_until(
         lambda: any(
             r["type"] == "end-of-call-report" and r["dropped"]
-            for r in fake(info, "GET", "/reports", params={"callId": first["id"]})
+            for r in fake_vapi(info, "GET", "/reports", params={"callId": first["id"]})
         ),
         timeout=15,
     )
-    fake(info, "POST", "/configure", json={"report_drop_rate": 0})
-    assert all(r["dropped"] for r in fake(info, "GET", "/reports", params={"callId": first["id"]}))
+    fake_vapi(info, "POST", "/configure", json={"report_drop_rate": 0})
+    assert all(
+        r["dropped"] for r in fake_vapi(info, "GET", "/reports", params={"callId": first["id"]})
+    )
     row = form_row(conn, form)
     assert (row["call_status"], row["call_outcome"]) == ("called", None)
     # Not before CALL_OUTCOME_TIMEOUT_SECONDS: the sweep leaves a recent call alone.
@@ -239,7 +230,7 @@ def test_status_shows_a_forms_calls_and_outcomes(info, conn, monkeypatch):
     from formcall_cli.main import app as cli
 
     number = "+15550200005"
-    fake(info, "POST", "/configure", json={"scripts": {number: ["voicemail", "reached"]}})
+    fake_vapi(info, "POST", "/configure", json={"scripts": {number: ["voicemail", "reached"]}})
     form = create_form(
         conn, patient_id=create_patient(conn, phone=number), deadline=datetime.now(UTC)
     )
@@ -294,14 +285,14 @@ def test_a_stale_follow_up_claim_is_not_matched_to_the_previous_call(info, conn,
     from formcall.sweep import reconcile_stale_calls
 
     number = "+15550200006"
-    fake(info, "POST", "/configure", json={"scripts": {number: ["no_answer", "reached"]}})
+    fake_vapi(info, "POST", "/configure", json={"scripts": {number: ["no_answer", "reached"]}})
     form = create_form(
         conn, patient_id=create_patient(conn, phone=number), deadline=datetime.now(UTC)
     )
     first = wait_until(lambda: form_row(conn, form)["next_call_at"], timeout=30)
     assert first is not None
     # The follow-up's create-call: no call is placed and no answer comes within the timeout.
-    fake(
+    fake_vapi(
         info,
         "POST",
         "/rules",

@@ -11,23 +11,12 @@ import pytest
 
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient
-from formcall_dev.stack import Stack
+from formcall_dev.stack import Stack, fake_vapi
 from tests.support.reads import form_events, form_row
 
 
-def fake(info, method, path, **kwargs):
-    answer = httpx.request(
-        method,
-        f"{info.vapi_url}/_fake{path}",
-        **kwargs,
-        headers={"Authorization": f"Bearer {info.credentials['VAPI_PRIVATE_KEY']}"},
-    )
-    answer.raise_for_status()
-    return answer.json()
-
-
 def calls_for(info, form_id) -> list[dict]:
-    return fake(info, "GET", "/calls", params={"formId": form_id})
+    return fake_vapi(info, "GET", "/calls", params={"formId": form_id})
 
 
 def qstash_message(info, message_id) -> dict | None:
@@ -102,7 +91,7 @@ def test_moved_deadline_gives_one_call_at_the_new_time(info, conn):
 
 def test_rejected_call_reaches_failure_callback_and_ends_failed(info, conn):
     patient = create_patient(conn, phone="+15550107777")
-    fake(info, "POST", "/rules", json={"customer_number": "+15550107777", "status": 400})
+    fake_vapi(info, "POST", "/rules", json={"customer_number": "+15550107777", "status": 400})
     form = create_form(conn, patient_id=patient, deadline=datetime.now(UTC))
     wait_until(lambda: "delivery_failed" in form_events(conn, form))
     assert form_row(conn, form)["call_status"] == "failed"
@@ -118,7 +107,7 @@ def test_rejected_call_reaches_failure_callback_and_ends_failed(info, conn):
 def test_transient_failures_exhausting_retries_end_failed_through_the_callback(info, conn):
     patient = create_patient(conn, phone="+15550106666")
     # 429: refused before any call was created (a 5xx is an unknown outcome: reconciled).
-    fake(info, "POST", "/rules", json={"customer_number": "+15550106666", "status": 429})
+    fake_vapi(info, "POST", "/rules", json={"customer_number": "+15550106666", "status": 429})
     form = create_form(conn, patient_id=patient, deadline=datetime.now(UTC))
     wait_until(lambda: "delivery_failed" in form_events(conn, form), timeout=30)
     row = form_row(conn, form)
@@ -126,7 +115,7 @@ def test_transient_failures_exhausting_retries_end_failed_through_the_callback(i
     # callback is recorded beside it.
     assert row["call_status"] == "failed"
     assert row["last_call_error"] == "gave up after 5 attempts; last error: Vapi answered HTTP 429"
-    requests = fake(info, "GET", "/requests", params={"formId": form})
+    requests = fake_vapi(info, "GET", "/requests", params={"formId": form})
     assert len(requests) == 5
     assert calls_for(info, form) == []
 
@@ -225,10 +214,10 @@ def test_burst_of_200_against_5_lines(tmp_path):
                 "select event, count(*) from form_call_events group by 1"
             ).fetchall()
             raise AssertionError(
-                f"not settled: forms {states}, events {events}, Vapi {fake(info, 'GET', '/stats')}"
+                f"not settled: forms {states}, events {events}, Vapi {fake_vapi(info, 'GET', '/stats')}"
             ) from None
         drained = (datetime.now(UTC) - deadline).total_seconds()
-        stats = fake(info, "GET", "/stats")
+        stats = fake_vapi(info, "GET", "/stats")
         per_form = conn.execute(
             "select count(*) filter (where event = 'called'),"
             " count(*) filter (where event = 'failed') from form_call_events"

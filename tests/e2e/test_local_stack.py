@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from formcall_cli.main import app as cli
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_form, create_patient
-from formcall_dev.stack import Stack
+from formcall_dev.stack import Stack, fake_vapi
 from tests.support.reads import form_events, form_row
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,17 +61,6 @@ def info(stack):
 def conn(info):
     with psycopg.connect(info.dsn, autocommit=True) as connection:
         yield connection
-
-
-def vapi_admin(info, method, path, **kwargs):
-    answer = httpx.request(
-        method,
-        f"{info.vapi_url}/_fake{path}",
-        **kwargs,
-        headers={"Authorization": f"Bearer {info.credentials['VAPI_PRIVATE_KEY']}"},
-    )
-    answer.raise_for_status()
-    return answer.json()
 
 
 def qstash(info) -> QStash:
@@ -124,7 +113,7 @@ def test_form_due_in_two_seconds_is_called_once_on_time(info, conn):
     deadline = datetime.now(UTC) + timedelta(seconds=2)
     form = create_form(conn, patient_id=patient, deadline=deadline)  # the webhook schedules it
     wait_until(lambda: form_row(conn, form)["call_status"] == "called", timeout=10)
-    calls = vapi_admin(info, "GET", "/calls", params={"formId": form})
+    calls = fake_vapi(info, "GET", "/calls", params={"formId": form})
     assert len(calls) == 1
     placed = datetime.fromisoformat(calls[0]["createdAt"].replace("Z", "+00:00"))
     delay = (placed - deadline).total_seconds()
@@ -147,7 +136,7 @@ def test_form_due_in_two_seconds_is_called_once_on_time(info, conn):
 
 
 def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monkeypatch):
-    vapi_admin(info, "POST", "/rules", json={"customer_number": "+15550109999", "status": 400})
+    fake_vapi(info, "POST", "/rules", json={"customer_number": "+15550109999", "status": 400})
     patient = create_patient(conn, phone="+15550109999")
     form = create_form(
         conn,
@@ -183,7 +172,7 @@ def test_status_command_shows_schedules_deliveries_and_failures(info, conn, monk
 
 def test_rejected_call_ends_failed_and_reaches_the_dlq(info, conn):
     patient = create_patient(conn, phone="+15550108888")
-    vapi_admin(info, "POST", "/rules", json={"customer_number": "+15550108888", "status": 422})
+    fake_vapi(info, "POST", "/rules", json={"customer_number": "+15550108888", "status": 422})
     form = create_form(conn, patient_id=patient, deadline=datetime.now(UTC) - timedelta(seconds=1))
     message_id = wait_until(lambda: form_row(conn, form)["qstash_message_id"])
     wait_until(lambda: form_row(conn, form)["call_status"] == "failed")
@@ -205,7 +194,7 @@ def test_qstash_restart_loses_no_waiting_message(stack, conn):
     stack_obj.restart("qstash")
     wait_until(lambda: all(form_row(conn, f)["call_status"] == "called" for f in forms), timeout=20)
     for form in forms:
-        assert len(vapi_admin(info, "GET", "/calls", params={"formId": form})) == 1
+        assert len(fake_vapi(info, "GET", "/calls", params={"formId": form})) == 1
 
 
 def test_make_dev_demo_passes_and_leaves_nothing_running(tmp_path):

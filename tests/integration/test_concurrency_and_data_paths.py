@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from formcall import clients, settings
-from formcall.signatures import sign
 from formcall_dev.seed import create_form, create_patient
 from formcall_dev.servers import serve_in_thread
 from formcall_dev.supabase import rest as supabase_rpc
+from tests.support.lambda_handlers import deliver
 from tests.support.reads import form_events, form_row
 
 
@@ -34,19 +34,6 @@ def data_path(request, env, monkeypatch, keys, supabase_server):
         monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", keys.service_role_key)
     clients.reset()
     return request.param
-
-
-def deliver(url: str, form_id: str, key: str) -> httpx.Response:
-    body = json.dumps({"formId": form_id}).encode()
-    return httpx.post(
-        url,
-        content=body,
-        timeout=30,
-        headers={
-            "content-type": "application/json",
-            "upstash-signature": sign(key=key, url=url, body=body),
-        },
-    )
 
 
 def test_supabase_path_really_goes_through_the_rpc_stand_in(data_path, keys, supabase_server):

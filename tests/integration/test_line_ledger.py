@@ -10,27 +10,13 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
-import httpx
 import pytest
 
 from formcall import clients
-from formcall.signatures import sign
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_forms_one_patient_each
+from tests.support.lambda_handlers import deliver
 from tests.support.reads import form_events, form_row
-
-
-def deliver(url: str, form_id: str, key: str) -> httpx.Response:
-    body = json.dumps({"formId": form_id}).encode()
-    return httpx.post(
-        url,
-        content=body,
-        timeout=30,
-        headers={
-            "content-type": "application/json",
-            "upstash-signature": sign(key=key, url=url, body=body),
-        },
-    )
 
 
 @pytest.fixture

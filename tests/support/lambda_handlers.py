@@ -1,4 +1,5 @@
-"""Run a function's Lambda handler on an event, and build the signed events the tests send."""
+"""Run a function's Lambda handler on an event, build the signed events the tests send, and send
+a signed call-form delivery over HTTP as QStash does."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import base64
 import json
 import secrets
 from dataclasses import dataclass
+
+import httpx
 
 from formcall.signatures import sign
 from formcall_cli.events import http_event, sign_event
@@ -91,5 +94,19 @@ def failure_event(keys, form_id, *, status=503, retried=5, source="msg_src_1", b
         headers={
             "content-type": "application/json",
             "upstash-signature": sign(key=keys.current_key, url=url, body=body.encode()),
+        },
+    )
+
+
+def deliver(url: str, form_id: str, key: str) -> httpx.Response:
+    """POST a form's call-form message to `url`, signed with `key`, as QStash delivers it."""
+    body = json.dumps({"formId": form_id}).encode()
+    return httpx.post(
+        url,
+        content=body,
+        timeout=30,
+        headers={
+            "content-type": "application/json",
+            "upstash-signature": sign(key=key, url=url, body=body),
         },
     )

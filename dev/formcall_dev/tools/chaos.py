@@ -42,7 +42,7 @@ import httpx
 import psycopg
 
 from formcall_dev.seed import create_form, create_patient
-from formcall_dev.stack import Stack, StackInfo
+from formcall_dev.stack import Stack, StackInfo, fake_vapi
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 MUST_CALL = ("due", "overdue", "overdue_silent", "moved_later", "moved_earlier")
@@ -266,15 +266,7 @@ class Chaos:
 
     def admin(self, method: str, path: str, **kwargs):
         assert self.info is not None
-        answer = httpx.request(
-            method,
-            f"{self.info.vapi_url}/_fake{path}",
-            timeout=30,
-            **kwargs,
-            headers={"Authorization": f"Bearer {self.info.credentials['VAPI_PRIVATE_KEY']}"},
-        )
-        answer.raise_for_status()
-        return answer.json()
+        return fake_vapi(self.info, method, path, **kwargs)
 
     def db(self) -> psycopg.Connection:
         assert self.info is not None

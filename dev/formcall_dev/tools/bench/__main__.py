@@ -64,7 +64,7 @@ def run(names: tuple[str, ...], sizes: Sizes, work: Path, log=print) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m formcall_dev.tools.bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, about 5 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests only
     parser.add_argument(
         "--only", default=",".join(BENCHMARKS), help=f"comma-separated, of: {', '.join(BENCHMARKS)}"

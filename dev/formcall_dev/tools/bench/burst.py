@@ -17,7 +17,8 @@ import psycopg
 
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_forms_one_patient_each
-from formcall_dev.tools.bench.common import BenchStack, fake_vapi, median, percentile, qstash
+from formcall_dev.stack import fake_vapi
+from formcall_dev.tools.bench.common import BenchStack, median, percentile, qstash
 
 
 def _at(text: str) -> datetime:

@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[4]
 
 @dataclass(frozen=True)
 class Sizes:
-    """Sizes: `full` is the issue's, `quick` runs in about 5 minutes, `smoke` is for the test."""
+    """Sizes: `full` is the issue's, `quick` is smaller, `smoke` is for the test."""
 
     name: str
     # 1. burst drain
@@ -123,20 +123,6 @@ def percentile(values, q: float) -> float:
         return float("nan")
     rank = max(1, min(len(ordered), -(-len(ordered) * q // 100)))
     return ordered[int(rank) - 1]
-
-
-def fake_vapi(info, method: str, path: str, **kwargs):
-    """The fake Vapi's admin API (`/_fake/...`) on a running stack."""
-    key = info.credentials["VAPI_PRIVATE_KEY"]
-    answer = httpx.request(
-        method,
-        f"{info.vapi_url}/_fake{path}",
-        timeout=60,
-        **kwargs,
-        headers={"Authorization": f"Bearer {key}"},
-    )
-    answer.raise_for_status()
-    return answer.json()
 
 
 def qstash(info, method: str, path: str, **kwargs):

@@ -26,7 +26,8 @@ import psycopg
 from formcall.publisher import flow_control
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_forms_one_patient_each
-from formcall_dev.tools.bench.common import BenchStack, fake_vapi, median, percentile, qstash
+from formcall_dev.stack import fake_vapi
+from formcall_dev.tools.bench.common import BenchStack, median, percentile, qstash
 
 # The mix of how outbound reminder calls end, and how long each kind holds a line (seconds,
 # ring included). BENCHMARKS.md says why these shares.

@@ -23,7 +23,8 @@ import httpx
 import psycopg
 
 from formcall_dev.polling import wait_until
-from formcall_dev.tools.bench.common import BenchStack, fake_vapi, qstash
+from formcall_dev.stack import fake_vapi
+from formcall_dev.tools.bench.common import BenchStack, qstash
 
 SUBMITTED, MOVED = 0.6, 0.15
 SWEEPS_PER_DAY = 24

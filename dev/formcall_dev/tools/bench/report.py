@@ -931,8 +931,8 @@ def render(results: dict, *, meta: dict, old: str = "") -> str:
         "Reproduce:",
         "",
         "```sh",
-        "make bench                 # the issue's sizes, about 25 minutes",
-        "make bench QUICK=1         # smaller sizes, about 5 minutes",
+        "make bench                 # the issue's sizes",
+        "make bench QUICK=1         # smaller sizes",
         "make bench ARGS='--only burst,sweep'   # some of: "
         "coldstart, warm, sweep, seed_design, burst, quota, lines",
         "```",

@@ -20,7 +20,8 @@ from formcall.store import FormStore, PostgresRpc
 from formcall.vapi import VapiClient, server_override
 from formcall_dev.polling import wait_until
 from formcall_dev.seed import create_forms_one_patient_each
-from formcall_dev.tools.bench.common import BenchStack, fake_vapi, median, trigger_sweep
+from formcall_dev.stack import fake_vapi
+from formcall_dev.tools.bench.common import BenchStack, median, trigger_sweep
 
 LAMBDA_LIMIT_S = 900
 LINES, CALL_SECONDS = 10, 0.5

@@ -23,7 +23,8 @@ import psycopg
 
 from formcall_cli.events import http_event, sign_event
 from formcall_dev.seed import create_forms_one_patient_each
-from formcall_dev.tools.bench.common import REPO_ROOT, BenchStack, fake_vapi, median, percentile
+from formcall_dev.stack import fake_vapi
+from formcall_dev.tools.bench.common import REPO_ROOT, BenchStack, median, percentile
 
 WARMUP = 20
 
